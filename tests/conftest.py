@@ -1,0 +1,55 @@
+"""Shared fixtures: reference models from diffusers/transformers, written with their own
+``save_pretrained`` so that the tests read the real Hub file layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+
+def reference_vae(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    n = len(block_out_channels)
+    return AutoencoderKL(
+        down_block_types=["DownEncoderBlock2D"] * n,
+        up_block_types=["UpDecoderBlock2D"] * n,
+        block_out_channels=list(block_out_channels),
+        layers_per_block=layers_per_block,
+        norm_num_groups=norm_num_groups,
+        latent_channels=4,
+        sample_size=512,
+    ).eval()
+
+
+def reference_text_encoder(hidden_size=768, intermediate_size=3072, layers=12, heads=12):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    config = CLIPTextConfig(
+        vocab_size=49408, hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=77,
+        hidden_act="quick_gelu", attn_implementation="eager",
+    )
+    return CLIPTextModel(config).eval()
+
+
+@pytest.fixture(scope="session")
+def sd_vae_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path]:
+    """The full SD v1 VAE with random weights, as diffusers writes it."""
+    folder = tmp_path_factory.mktemp("vae")
+    model = reference_vae()
+    model.save_pretrained(folder)
+    return model, folder
+
+
+@pytest.fixture(scope="session")
+def sd_text_encoder_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path]:
+    """The full CLIP ViT-L/14 text tower with random weights, as transformers writes it."""
+    folder = tmp_path_factory.mktemp("text_encoder")
+    model = reference_text_encoder()
+    model.save_pretrained(folder)
+    return model, folder
