@@ -2,10 +2,7 @@
 
 from .clip import CLIPTextEncoder, CLIPTextOutput
 from .config import TINY_CLIP, TINY_VAE, CLIPTextConfig, VAEConfig
-try:
-    from .tokenizer import CLIPTokenizer, load_tokenizer
-except ImportError:
-    pass
+from .tokenizer import CLIPTokenizer, load_tokenizer
 from .vae import AutoencoderKL, DiagonalGaussian
 from .weights import DEFAULT_REPO, WeightsError, load_text_encoder, load_vae
 

@@ -21,8 +21,8 @@ class VAEConfig:
     block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
     layers_per_block: int = 2  # residual blocks per encoder level (the decoder has one more)
     norm_num_groups: int = 32
-    # Multiplies latents before the UNet sees them, bringing them to roughly unit variance. SD v1.5's
-    # config.json has no such key, so the default is the value SD v1 was trained with.
+    # Multiplies latents before the UNet sees them, bringing them to roughly unit variance.
+    # SD v1.5's config.json has no such key, so the default is the value SD v1 was trained with.
     scaling_factor: float = 0.18215
 
     @classmethod
@@ -78,7 +78,9 @@ def _check_supported(config: dict, supported: dict) -> None:
         actual = config[key]
         ok = set(actual) <= set(value) if isinstance(value, tuple) else actual == value
         if not ok:
-            raise ValueError(f"unsupported VAE config: {key}={actual!r} (this package builds {value!r})")
+            raise ValueError(
+                f"unsupported VAE config: {key}={actual!r} (this package builds {value!r})"
+            )
 
 
 TINY_VAE = VAEConfig(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8)

@@ -48,11 +48,14 @@ BUNDLED_VOCAB_FILE = Path(__file__).with_name("bpe_simple_vocab_16e6.txt.gz")
 # of which 2 * 256 are byte symbols and 2 are special tokens, which leaves 48,894 merges.
 BUNDLED_MERGE_COUNT = 49408 - 2 * 256 - 2
 
-# CLIP's pre-tokenizer: the special tokens, English contractions, runs of letters, single digits
-# (so "2024" is four tokens), and runs of anything else that is not whitespace.
+# Special tokens typed into a prompt are cut out first, as transformers does. CLIP instead lists
+# them in its pre-tokenizer regex, which then reads ",<|endoftext|>" as the punctuation run ",<|"
+# followed by letters.
+_SPECIAL_TOKENS = regex.compile(r"(<\|startoftext\|>|<\|endoftext\|>)")
+# CLIP's pre-tokenizer: English contractions, runs of letters, single digits (so "2024" is four
+# tokens), and runs of anything else that is not whitespace.
 _PRE_TOKENIZER = regex.compile(
-    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
-    regex.IGNORECASE,
+    r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE
 )
 _WHITESPACE = regex.compile(r"\s+")
 # Words seen before are looked up rather than merged again; the cache is emptied when it reaches
@@ -119,11 +122,12 @@ class CLIPTokenizer:
     def tokenize(self, text: str) -> list[str]:
         """The BPE pieces of ``text``, e.g. ``['a</w>', 'photo</w>']``, without BOS and EOS."""
         pieces: list[str] = []
-        for word in _PRE_TOKENIZER.findall(clean_text(text)):
-            if word in (BOS_TOKEN, EOS_TOKEN):
-                # Typed out in a prompt, the special tokens stay whole, as in CLIP.
-                pieces.append(word)
-            else:
+        # Splitting on a captured pattern keeps the special tokens, at the odd positions.
+        for n, chunk in enumerate(_SPECIAL_TOKENS.split(clean_text(text))):
+            if n % 2 == 1:
+                pieces.append(chunk)
+                continue
+            for word in _PRE_TOKENIZER.findall(chunk):
                 pieces.extend(self._bpe("".join(BYTE_TO_UNICODE[b] for b in word.encode("utf-8"))))
         return pieces
 

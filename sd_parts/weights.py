@@ -17,8 +17,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from huggingface_hub import hf_hub_download
 from huggingface_hub import errors as hub_errors
+from huggingface_hub import hf_hub_download
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
@@ -63,7 +63,10 @@ def fetch_files(
     ``default_subfolder`` (``vae``, ``text_encoder``, ``tokenizer``), so that both a standalone
     repo (``stabilityai/sd-vae-ft-mse``) and a full pipeline repo work without extra arguments.
     """
-    candidates = [subfolder] if subfolder is not None else list(dict.fromkeys(["", default_subfolder]))
+    if subfolder is not None:
+        candidates = [subfolder]
+    else:
+        candidates = list(dict.fromkeys(["", default_subfolder]))
     tried: list[str] = []
     for folder in candidates:
         found = _fetch_from(source, filenames, folder, revision, tried)
@@ -142,9 +145,8 @@ def load_state_dict_strict(
                 if drop(new_key):
                     continue
                 if new_key in renamed_from:
-                    raise WeightsError(
-                        f"{path}: keys {renamed_from[new_key]!r} and {key!r} both map to {new_key!r}"
-                    )
+                    first = renamed_from[new_key]
+                    raise WeightsError(f"{path}: {first!r} and {key!r} both map to {new_key!r}")
                 renamed_from[new_key] = key
                 if new_key in expected:
                     tensor = f.get_tensor(key)

@@ -43,7 +43,8 @@ def test_hub_prefix_and_position_ids_load(sd_text_encoder_folder, tmp_path):
     save_file(state, tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text((folder / "config.json").read_text())
     encoder = load_text_encoder(str(tmp_path))
-    assert_matches(encoder, reference, torch.tensor([[49406, 320, 1125, 539, 320, 2368] + [49407] * 71]))
+    ids = torch.tensor([[49406, 320, 1125, 539, 320, 2368] + [49407] * 71])
+    assert_matches(encoder, reference, ids)
 
 
 def test_full_clip_checkpoint_loads_text_tower(tmp_path):

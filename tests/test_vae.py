@@ -1,4 +1,4 @@
-"""The VAE: parity with diffusers on full-size random weights, and its behaviour on a tiny config."""
+"""The VAE: parity with diffusers on full-size random weights, and behaviour on a tiny config."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ def test_matches_diffusers(sd_vae_folder, size):
         torch.testing.assert_close(posterior.logvar, expected.logvar, atol=TOL, rtol=0)
         torch.testing.assert_close(posterior.std, expected.std, atol=TOL, rtol=0)
         decoded = vae.decode(posterior.mean)
-        torch.testing.assert_close(decoded, reference.decode(expected.mean).sample, atol=TOL, rtol=0)
+        expected_images = reference.decode(expected.mean).sample
+        torch.testing.assert_close(decoded, expected_images, atol=TOL, rtol=0)
     assert decoded.shape == images.shape
 
 
@@ -81,8 +82,8 @@ def test_seeded_sampling_is_reproducible(tiny_vae):
     assert torch.equal(a, b) and not torch.equal(a, c)
     # z = mean + std * eps: the noise that was added is exactly standard normal draws
     eps = (a - posterior.mean) / posterior.std
-    torch.testing.assert_close(eps, torch.randn(a.shape, generator=torch.Generator().manual_seed(7)),
-                               atol=1e-4, rtol=1e-4)
+    expected = torch.randn(a.shape, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(eps, expected, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("shape", [(3, 16, 16), (1, 4, 16, 16), (1, 3, 13, 16)])

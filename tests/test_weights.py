@@ -50,7 +50,8 @@ def test_extra_tensor_is_named(tiny_vae_folder, tmp_path):
 def test_wrong_shape_is_named(tiny_vae_folder, tmp_path):
     state = load_file(tiny_vae_folder / VAE_FILE)
     state["quant_conv.weight"] = torch.zeros(8, 8, 3, 3)
-    with pytest.raises(WeightsError, match=r"wrong shapes: quant_conv\.weight: file \(8, 8, 3, 3\)"):
+    message = r"wrong shapes: quant_conv\.weight: file \(8, 8, 3, 3\)"
+    with pytest.raises(WeightsError, match=message):
         load_vae(str(copy_with_state(tiny_vae_folder, tmp_path, state)))
 
 
@@ -100,7 +101,8 @@ def test_variant_dtype_and_config_scaling_factor(tiny_vae_folder, tmp_path):
     vae = load_vae(str(tmp_path), variant="fp16")
     assert vae.config.scaling_factor == 0.13025
     assert vae.decoder.conv_out.weight.dtype == torch.float32
-    torch.testing.assert_close(vae.decoder.conv_out.weight, state["decoder.conv_out.weight"].float())
+    expected = state["decoder.conv_out.weight"].float()
+    torch.testing.assert_close(vae.decoder.conv_out.weight, expected)
     with pytest.raises(WeightsError, match=r"diffusion_pytorch_model\.safetensors"):
         load_vae(str(tmp_path))  # no fp32 file there
 
