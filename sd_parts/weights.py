@@ -14,6 +14,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -195,6 +196,44 @@ def _not_text_tower(key: str) -> bool:
     return key == "embeddings.position_ids" or key.split(".")[0] in _NOT_TEXT_TOWER
 
 
+@dataclass(frozen=True)
+class CheckpointLayout:
+    """How one model is stored on the Hub: folder, file stem, config and key conventions."""
+
+    default_subfolder: str
+    weights_stem: str
+    config_class: type
+    model_class: type[nn.Module]
+    rename_rules: Sequence[RenameRule]
+    drop: Callable[[str], bool] = lambda key: False
+
+
+VAE_LAYOUT = CheckpointLayout("vae", "diffusion_pytorch_model", VAEConfig, AutoencoderKL,
+                              VAE_RENAME_RULES)
+TEXT_ENCODER_LAYOUT = CheckpointLayout("text_encoder", "model", CLIPTextConfig, CLIPTextEncoder,
+                                       TEXT_ENCODER_RENAME_RULES, _not_text_tower)
+
+
+def load_model(
+    layout: CheckpointLayout,
+    source: str,
+    subfolder: str | None,
+    revision: str | None,
+    variant: str | None,
+    dtype: torch.dtype,
+    device: str | torch.device,
+) -> nn.Module:
+    """Fetch ``config.json`` + weights, build the module from the config, load it strictly."""
+    weights = weights_filename(layout.weights_stem, variant)
+    files = fetch_files(source, ["config.json", weights], subfolder, layout.default_subfolder,
+                        revision)
+    config = _parse_config(layout.config_class, files["config.json"])
+    with torch.device("meta"):  # no memory is allocated until the weights are assigned
+        model = layout.model_class(config)
+    load_state_dict_strict(model, files[weights], layout.rename_rules, layout.drop, dtype)
+    return model.to(device).eval().requires_grad_(False)
+
+
 def load_vae(
     source: str = DEFAULT_REPO,
     subfolder: str | None = None,
@@ -204,13 +243,7 @@ def load_vae(
     device: str | torch.device = "cpu",
 ) -> AutoencoderKL:
     """The VAE from a diffusers-layout folder (``config.json`` + ``diffusion_pytorch_model``)."""
-    weights = weights_filename("diffusion_pytorch_model", variant)
-    files = fetch_files(source, ["config.json", weights], subfolder, "vae", revision)
-    config = _parse_config(VAEConfig, files["config.json"])
-    with torch.device("meta"):
-        vae = AutoencoderKL(config)
-    load_state_dict_strict(vae, files[weights], VAE_RENAME_RULES, dtype=dtype)
-    return vae.to(device).eval().requires_grad_(False)
+    return load_model(VAE_LAYOUT, source, subfolder, revision, variant, dtype, device)
 
 
 def load_text_encoder(
@@ -222,17 +255,10 @@ def load_text_encoder(
     device: str | torch.device = "cpu",
 ) -> CLIPTextEncoder:
     """The CLIP text encoder from a transformers-layout folder (``config.json`` + ``model``)."""
-    weights = weights_filename("model", variant)
-    files = fetch_files(source, ["config.json", weights], subfolder, "text_encoder", revision)
-    config = _parse_config(CLIPTextConfig, files["config.json"])
-    with torch.device("meta"):
-        encoder = CLIPTextEncoder(config)
-    load_state_dict_strict(encoder, files[weights], TEXT_ENCODER_RENAME_RULES,
-                           drop=_not_text_tower, dtype=dtype)
-    return encoder.to(device).eval().requires_grad_(False)
+    return load_model(TEXT_ENCODER_LAYOUT, source, subfolder, revision, variant, dtype, device)
 
 
-def _parse_config(cls: type, path: Path):
+def _parse_config(cls: type, path: Path) -> object:
     try:
         return cls.from_dict(read_config(path))
     except (TypeError, ValueError) as exc:
