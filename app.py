@@ -10,18 +10,23 @@ UI only: every picture, table and metric comes from a pure function in ``sd_part
 from __future__ import annotations
 
 import argparse
+import ctypes
 import functools
 import html
 import os
+import re
 import sys
 import tempfile
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote
 
 import gradio as gr
 import torch
+from starlette.middleware import Middleware
+from starlette.responses import PlainTextResponse
 
 import sd_parts
 from sd_parts import figures, images
@@ -51,7 +56,6 @@ MODEL_CARDS = {
     "CLIP ViT-L/14": "https://huggingface.co/openai/clip-vit-large-patch14",
 }
 OUTPUT_DIR = Path(tempfile.mkdtemp(prefix="sd-parts-"))
-OUTPUT_MAX_AGE_S = 15 * 60
 
 
 @dataclass(frozen=True)
@@ -61,7 +65,8 @@ class Settings:
     text_encoder: str = sd_parts.DEFAULT_REPO
     tokenizer: str | None = None  # None: the vocabulary bundled with sd_parts
     default_size: int = 384  # the longer side; 384 px round-trips in a few seconds on 2 cores
-    queue_size: int = 16
+    queue_size: int = 16  # requests waiting at most; one more gets "busy, try again"
+    cache_max_age: int = 3600  # seconds an upload or a served output is kept on disk
 
     @property
     def random(self) -> bool:
@@ -77,6 +82,16 @@ class Settings:
     def clip_config(self) -> sd_parts.CLIPTextConfig:
         return sd_parts.TINY_CLIP if self.weights == "tiny" else sd_parts.CLIPTextConfig()
 
+    @property
+    def delete_cache(self) -> tuple[int, int]:
+        """Gradio's (how often, how old) for removing uploads and served copies of outputs."""
+        return max(1, self.cache_max_age // 6), self.cache_max_age
+
+    @property
+    def output_max_age(self) -> int:
+        # Gradio copies each download into its cache as it serves it, so ours can go sooner.
+        return max(1, self.cache_max_age // 4)
+
 
 def parse_settings(argv: list[str]) -> Settings:
     """Command-line flags, each defaulting to an environment variable (for Spaces)."""
@@ -91,6 +106,8 @@ def parse_settings(argv: list[str]) -> Settings:
     parser.add_argument("--default-size", type=int, choices=SIZES,
                         default=int(env("SD_PARTS_DEFAULT_SIZE", "384")))
     parser.add_argument("--queue-size", type=int, default=int(env("SD_PARTS_QUEUE_SIZE", "16")))
+    parser.add_argument("--cache-max-age", type=int,
+                        default=int(env("SD_PARTS_CACHE_MAX_AGE", "3600")))
     return Settings(**vars(parser.parse_args(argv)))
 
 
@@ -100,7 +117,7 @@ def parse_settings(argv: list[str]) -> Settings:
 
 def user_error(message: str, title: str = "Error") -> gr.Error:
     # Gradio renders error messages as HTML; these may quote file names the user chose.
-    return gr.Error(html.escape(message), title=title, print_exception=False)
+    return gr.Error(html.escape(message, quote=False), title=title, print_exception=False)
 
 
 def _as_gr_error(exc: sd_parts.WeightsError) -> gr.Error:
@@ -140,12 +157,15 @@ def get_tokenizer(settings: Settings) -> sd_parts.CLIPTokenizer:
         raise _as_gr_error(exc) from None
 
 
-def output_path(name: str) -> Path:
-    """A fresh file for a download; files older than OUTPUT_MAX_AGE_S are removed first."""
+def output_path(name: str, max_age_s: int) -> Path:
+    """A fresh file for a download; files older than max_age_s are removed first."""
     now = time.time()
     for old in OUTPUT_DIR.iterdir():
-        if now - old.stat().st_mtime > OUTPUT_MAX_AGE_S:
-            old.unlink(missing_ok=True)
+        try:
+            if now - old.stat().st_mtime > max_age_s:
+                old.unlink()
+        except FileNotFoundError:  # removed meanwhile by a request in another session
+            pass
     return OUTPUT_DIR / f"{uuid.uuid4().hex[:12]}-{name}"
 
 
@@ -166,8 +186,13 @@ IMAGE_OUTPUTS = ["size", "vae_input", "preview", "fitted_preview", "channels", "
 
 
 def image_outputs(**values: object) -> tuple:
-    """The outputs of encode_image in order; those not given are left as they are."""
-    return tuple(values.get(name, gr.skip()) for name in IMAGE_OUTPUTS)
+    """The outputs of encode_image in order; those not given are cleared.
+
+    Clearing (None) rather than gr.skip(): the previous image's reconstruction should not stand
+    beside the new latent, and an update from gr.skip() makes Gradio keep a per-session copy of
+    the component whose later files its delete_cache never removes.
+    """
+    return tuple(values.get(name) for name in IMAGE_OUTPUTS)
 
 
 def encode_image(settings: Settings, path: str | None, choice: str, max_side: int, fit: str,
@@ -217,8 +242,8 @@ def encode_image(settings: Settings, path: str | None, choice: str, max_side: in
     psnr = images.psnr(fitted, reconstruction)
     psnr_text = "∞ (identical)" if psnr == float("inf") else f"{psnr:.2f} dB"
     latent_file = images.latent_to_safetensors(
-        latent, factor, fitted.size, output_path("latent.safetensors"))
-    png_file = output_path("reconstruction.png")
+        latent, factor, fitted.size, output_path("latent.safetensors", settings.output_max_age))
+    png_file = output_path("reconstruction.png", settings.output_max_age)
     reconstruction.save(png_file)
     fitted_map = images.fit_latent_to_rgb(latent, fitted, factor)
     # the last yield carries every output, so an API client gets the complete result
@@ -312,7 +337,7 @@ def inspect_prompt(settings: Settings, prompt: str, layer: int, head: str, paddi
     real = labels[: encoded.n_real]
     embeddings_file = images.embeddings_to_safetensors(
         last, torch.tensor([row[2] for row in encoded.rows]),
-        output_path("embeddings.safetensors"), prompt=prompt or "")
+        output_path("embeddings.safetensors", settings.output_max_age), prompt=prompt or "")
     return (
         highlights, "\n\n".join(n for n in notes if n), encoded.rows,
         figures.embedding_heatmap_figure(last, labels, encoded.n_real),
@@ -380,7 +405,12 @@ def build_demo(settings: Settings) -> gr.Blocks:
               f"real ({settings.weights} configuration); start without `--weights` to use the "
               "real checkpoints.")
     clip = settings.clip_config
-    with gr.Blocks(title="Inside Stable Diffusion v1", delete_cache=(600, 3600)) as demo:
+    # The example images are served from assets/ as they are. Copies in Gradio's cache would be
+    # removed by delete_cache after cache_max_age, and the examples would then stop working.
+    gr.set_static_paths([ASSETS])
+    # No telemetry: Gradio would otherwise report each start to its own servers.
+    with gr.Blocks(title="Inside Stable Diffusion v1", delete_cache=settings.delete_cache,
+                   analytics_enabled=False) as demo:
         gr.Markdown("# Inside Stable Diffusion v1\nSee how the VAE turns an image into a latent "
                     "and back, and how CLIP reads a prompt.")
         with gr.Tab("Image → latent → image"):
@@ -486,9 +516,46 @@ def build_demo(settings: Settings) -> gr.Blocks:
     return demo
 
 
+# Gradio's file route fetches any public web address it is given and streams it back (asking a
+# public DNS service about hosts it cannot resolve), and its proxy route serves apps loaded with
+# gr.load. This app serves only its own files, so both are refused before Gradio sees them.
+OFF_SITE_ROUTE = re.compile(r"/(file[=/]\s*[a-z][a-z0-9+.-]+:|proxy=)", re.IGNORECASE)
+
+
+class RefuseOffSiteRequests:
+    """ASGI middleware: 404 for requests that would make the server reach another host."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and OFF_SITE_ROUTE.search(unquote(scope["path"])):
+            await PlainTextResponse("Not found", status_code=404)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def limit_malloc_arenas(arenas: int = 2) -> None:
+    """Keep the server's memory flat under load (Linux with glibc; elsewhere nothing happens).
+
+    glibc gives each thread that allocates its own memory arena, up to 8 per core, and seldom
+    hands their freed pages back. Gradio runs handlers on a pool of threads, so without a limit
+    the resident memory creeps up by about 1 MB a request until every arena has grown. A
+    MALLOC_ARENA_MAX set in the environment wins.
+    """
+    if sys.platform != "linux" or "MALLOC_ARENA_MAX" in os.environ:
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-8, arenas)  # -8 is M_ARENA_MAX in glibc's malloc.h
+    except (OSError, AttributeError):  # another C library
+        pass
+
+
 def launch(demo: gr.Blocks, **overrides: object) -> None:
     """Start the server with the app's security settings (tests pass a port and no blocking)."""
     torch.set_num_threads(len(os.sched_getaffinity(0)))
+    limit_malloc_arenas()
     options = dict(
         server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
         server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
@@ -501,6 +568,7 @@ def launch(demo: gr.Blocks, **overrides: object) -> None:
         mcp_server=False,
         css=CSS,
         footer_links=[],
+        app_kwargs={"middleware": [Middleware(RefuseOffSiteRequests)]},
     )
     demo.launch(**(options | overrides))
 

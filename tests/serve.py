@@ -1,0 +1,184 @@
+"""Run ``app.py`` as its own server process on a free loopback port, as a person would start it.
+
+The browser, robustness and load tests talk to this server over HTTP, so they see exactly what a
+visitor sees: the real launch settings, the real queue, the real upload folder and a process whose
+memory can be measured. The server gets fresh folders for Gradio's uploads and cache
+(``GRADIO_TEMP_DIR``) and for everything else (``TMPDIR``, where the app writes its downloads), no
+Hub token, and a proxy that leads nowhere: any request the app tries to make to another host lands
+in ``Server.outbound``, so a test can prove that nothing leaves the machine.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+START_TIMEOUT_S = 120  # importing torch and gradio on a busy 2-core machine takes a while
+STOP_TIMEOUT_S = 15
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class OutboundTrap:
+    """A loopback listener used as the server's HTTP(S) proxy: it records and drops every request.
+
+    Every outgoing request of the app that honours the proxy variables (httpx, requests, urllib,
+    huggingface_hub) reaches this socket instead of the network.
+    """
+
+    def __init__(self) -> None:
+        self.requests: list[str] = []
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(8)
+        self._sock.settimeout(0.2)
+        self.port = self._sock.getsockname()[1]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(1.0)
+                try:
+                    first_line = conn.recv(1024).split(b"\r\n", 1)[0]
+                except OSError:
+                    first_line = b"(nothing read)"
+                self.requests.append(first_line.decode("latin-1"))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._sock.close()
+        self._thread.join(timeout=2)
+
+
+@dataclass
+class Server:
+    url: str  # ends with "/"
+    process: subprocess.Popen
+    folder: Path  # everything the server writes lives under here
+    log: Path
+    outbound: list[str] = field(default_factory=list)  # first lines of requests to other hosts
+
+    @property
+    def upload_dir(self) -> Path:
+        """GRADIO_TEMP_DIR: uploaded files and Gradio's copies of every served output."""
+        return self.folder / "gradio"
+
+    @property
+    def tmp_dir(self) -> Path:
+        """TMPDIR: the app's own download folder (OUTPUT_DIR) is made in here."""
+        return self.folder / "tmp"
+
+    def rss(self) -> int:
+        """Resident memory of the server process in bytes."""
+        return psutil.Process(self.process.pid).memory_info().rss
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+def folder_bytes(folder: Path) -> tuple[int, int]:
+    """(number of files, total bytes) under a folder, skipping files that vanish while we look."""
+    count = total = 0
+    for path in folder.rglob("*"):
+        try:
+            if path.is_file():
+                count += 1
+                total += path.stat().st_size
+        except FileNotFoundError:
+            pass
+    return count, total
+
+
+def server_env(folder: Path, proxy_port: int, extra: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "GRADIO_SERVER_NAME")}
+    proxy = f"http://127.0.0.1:{proxy_port}"
+    env |= {
+        "GRADIO_TEMP_DIR": str(folder / "gradio"),
+        "TMPDIR": str(folder / "tmp"),
+        "HF_HOME": str(folder / "hf-home"),  # empty: no saved token, no cached weights
+        "HF_HUB_OFFLINE": "1",
+        "MPLCONFIGDIR": str(folder / "matplotlib"),
+        "HTTP_PROXY": proxy, "HTTPS_PROXY": proxy, "ALL_PROXY": proxy,
+        "http_proxy": proxy, "https_proxy": proxy, "all_proxy": proxy,
+        "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
+        "PYTHONUNBUFFERED": "1",
+    }
+    return env | extra
+
+
+@contextmanager
+def serve(folder: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[Server]:
+    """Start ``python app.py --weights tiny *args`` and yield once it answers; stop it afterwards.
+
+    Gradio prints "Running on" before the server accepts requests, so readiness is a successful
+    ``GET /gradio_api/info``, polled for at most START_TIMEOUT_S.
+    """
+    for name in ("gradio", "tmp", "hf-home", "matplotlib"):
+        (folder / name).mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    trap = OutboundTrap()
+    log = folder / "server.log"
+    process_env = server_env(folder, trap.port, (env or {}) | {"GRADIO_SERVER_PORT": str(port)})
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, str(ROOT / "app.py"), "--weights", "tiny", *args],
+            cwd=ROOT, env=process_env, stdout=out, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    server = Server(f"http://127.0.0.1:{port}/", process, folder, log, trap.requests)
+    try:
+        wait_until_ready(server)
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=STOP_TIMEOUT_S)
+        trap.close()
+
+
+def wait_until_ready(server: Server) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    with httpx.Client(timeout=5, trust_env=False) as http:
+        while time.monotonic() < deadline:
+            if not server.alive():
+                raise RuntimeError(f"the app exited during start-up:\n{server.log_text()[-4000:]}")
+            try:
+                if http.get(server.url + "gradio_api/info").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.25)
+    raise RuntimeError(f"the app did not answer within {START_TIMEOUT_S} s:\n"
+                       f"{server.log_text()[-4000:]}")

@@ -1,0 +1,284 @@
+"""The app in a real browser: Playwright drives Debian's Chromium through what a person does.
+
+Each step saves a screenshot to ``test-output/screenshots/``. With ``SD_PARTS_SCREENSHOTS=DIR``
+set, the screenshots of each tab that the README shows are also written to DIR:
+
+    SD_PARTS_SCREENSHOTS=docs/screenshots python -m pytest tests/test_browser.py
+
+Chromium comes from the system (``apt-get install chromium``), not from Playwright's download.
+Without it these tests skip on a developer's machine and fail under ``CI=true``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from corpus import IMG_ONERROR, SCRIPT
+from PIL import Image
+from safetensors import safe_open
+from serve import ROOT, serve
+
+CHROMIUM = os.environ.get("SD_PARTS_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run"]
+SHOTS = ROOT / "test-output" / "screenshots"
+README_SHOTS = os.environ.get("SD_PARTS_SCREENSHOTS")
+WAIT_MS = 60_000  # one tiny-weights round trip takes a few seconds on 2 busy cores
+IMAGE_TAB = "Image → latent → image"
+PROMPT_TAB = "Prompt → tokens → embeddings → attention"
+
+
+def require_chromium() -> None:
+    problem = None
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        problem = "the playwright package is not installed (pip install -r requirements-dev.txt)"
+    if problem is None and not (Path(CHROMIUM).is_file() or shutil.which(CHROMIUM)):
+        problem = f"no Chromium at {CHROMIUM} (apt-get install -y chromium)"
+    if problem:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"browser tests cannot run in CI: {problem}", pytrace=False)
+        pytest.skip(problem)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    require_chromium()
+    with serve(tmp_path_factory.mktemp("browser-server")) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def page(server) -> Iterator:
+    """One page for the whole walk-through, in a fresh profile; a JavaScript dialog fails it."""
+    from playwright.sync_api import sync_playwright
+
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile, \
+            sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            profile, executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
+            viewport={"width": 1280, "height": 900}, accept_downloads=True)
+        context.set_default_timeout(WAIT_MS)
+        page = context.pages[0] if context.pages else context.new_page()
+        page.dialogs = []  # alert(), confirm() ...: markup that ran as code
+        page.on("dialog", lambda dialog: (page.dialogs.append(dialog.message), dialog.dismiss()))
+        # the browser may fetch only from the app itself
+        page.foreign = []
+        page.on("request", lambda request: None if request.url.startswith(server.url)
+                or request.url.startswith("data:") or request.url.startswith("blob:")
+                else page.foreign.append(request.url))
+        page.goto(server.url)
+        page.locator("#image-input").wait_for()
+        try:
+            yield page
+        finally:
+            context.close()
+    assert page.dialogs == []
+    assert page.foreign == []
+
+
+def shot(page, name: str, readme: bool = False) -> None:
+    path = SHOTS / f"{name}.png"
+    page.screenshot(path=path, full_page=True)
+    if readme and README_SHOTS:
+        # the README's copy: 128 colours keep a full page to a few hundred KB
+        folder = Path(README_SHOTS)
+        folder.mkdir(parents=True, exist_ok=True)
+        small = Image.open(path).convert("RGB").quantize(128, method=Image.Quantize.FASTOCTREE,
+                                                         dither=Image.Dither.NONE)
+        small.save(folder / f"{name}.png", optimize=True)
+
+
+def png_bytes(size: tuple[int, int], colour: tuple[int, int, int]) -> bytes:
+    buffer = io.BytesIO()
+    image = Image.new("RGB", size, colour)
+    for x in range(size[0] // 4):  # a diagonal stripe, so the picture is not flat
+        image.putpixel((x, x * size[1] // size[0]), (255, 255, 255))
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def loaded_image(page, selector: str) -> dict:
+    """Wait until the <img> in ``selector`` has a decoded picture; return its src and size."""
+    image = page.locator(f"{selector} img").first
+    image.wait_for(state="attached")
+    image.scroll_into_view_if_needed()
+    page.wait_for_function(
+        "s => { const i = document.querySelector(s + ' img'); return i && i.complete"
+        " && i.naturalWidth > 0; }", arg=selector)
+    return image.evaluate("i => ({src: i.src, width: i.naturalWidth, height: i.naturalHeight})")
+
+
+def changed_image(page, selector: str, old_src: str) -> dict:
+    page.wait_for_function(
+        "([s, old]) => { const i = document.querySelector(s + ' img');"
+        " return i && i.src !== old && i.complete && i.naturalWidth > 0; }",
+        arg=[selector, old_src])
+    return loaded_image(page, selector)
+
+
+def clear_upload(page) -> None:
+    clear = page.locator("#image-input button[aria-label=Clear]")
+    if clear.count():
+        clear.click()
+    page.locator("#image-input input[type=file]").wait_for(state="attached")
+
+
+def upload(page, name: str, data: bytes, mime: str = "image/png") -> None:
+    clear_upload(page)
+    page.locator("#image-input input[type=file]").set_input_files(
+        files=[{"name": name, "mimeType": mime, "buffer": data}])
+
+
+def toast_text(page, naming: str) -> str:
+    """The text of the error message that names ``naming`` (once it appears)."""
+    toast = page.locator("[data-testid=toast-body]").filter(has_text=naming).last
+    toast.wait_for()
+    return toast.inner_text()
+
+
+def close_toasts(page) -> None:
+    for close in page.locator("[data-testid=toast-close]").all():
+        close.click()
+
+
+def open_tab(page, name: str) -> None:
+    page.get_by_role("tab", name=name).click()
+
+
+# ---------------------------------------------------------------------------------------------
+# Image → latent → image
+
+
+def test_upload_shows_latent_channels_and_reconstruction(page):
+    upload(page, "stripes-96x64.png", png_bytes((96, 64), (30, 120, 200)))
+    reconstruction = loaded_image(page, "#reconstruction")
+    assert (reconstruction["width"], reconstruction["height"]) == (96, 64)
+    channels = loaded_image(page, "#latent-channels")
+    assert channels["width"] > 200  # a figure, not a placeholder icon
+    assert "PSNR" in page.get_by_text("PSNR").first.inner_text()
+    shot(page, "1-upload")
+
+
+def test_click_an_example(page):
+    before = loaded_image(page, "#reconstruction")["src"]
+    clear_upload(page)
+    page.get_by_role("button", name="cat.png").click()
+    reconstruction = changed_image(page, "#reconstruction", before)
+    cat = Image.open(ROOT / "assets" / "cat.png")
+    assert max(reconstruction["width"], reconstruction["height"]) <= 384  # the default size
+    assert abs(reconstruction["width"] / reconstruction["height"] - cat.width / cat.height) < 0.1
+    page.locator("#image-input").get_by_text("cat", exact=False).first.wait_for()
+    shot(page, "image-tab", readme=True)
+
+
+def test_switch_between_posterior_mean_and_sample(page):
+    mean = loaded_image(page, "#reconstruction")["src"]
+    page.locator("#latent-kind").get_by_text("seeded sample").click()
+    sample = changed_image(page, "#reconstruction", mean)["src"]
+    shot(page, "2-sample")
+    page.locator("#latent-kind").get_by_text("posterior mean").click()
+    again = changed_image(page, "#reconstruction", sample)["src"]
+    # outputs are stored under a hash of their bytes: the same mean gives the same picture
+    assert again.rsplit("/", 2)[-2] == mean.rsplit("/", 2)[-2]
+
+
+def test_download_the_latent(page, tmp_path):
+    link = page.locator("a[download$='latent.safetensors']").first
+    with page.expect_download() as download:
+        link.click()
+    saved = tmp_path / "latent.safetensors"
+    download.value.save_as(saved)
+    reconstruction = loaded_image(page, "#reconstruction")
+    with safe_open(str(saved), framework="pt") as f:
+        latent = f.get_tensor("latent")
+        metadata = f.metadata()
+    # tiny weights downsample by 2 (SD v1 by 8)
+    assert latent.shape == (1, 4, reconstruction["height"] // 2, reconstruction["width"] // 2)
+    assert float(metadata["scaling_factor"]) > 0
+
+
+def test_non_image_upload_shows_a_readable_error(page):
+    upload(page, "notes.png", b"this is a text file with an image's name\n")
+    message = toast_text(page, "notes.png")
+    assert "'notes.png' is not an image Pillow can read" in message
+    assert "Traceback" not in message
+    shot(page, "3-not-an-image")
+    close_toasts(page)
+
+
+def test_markup_in_a_file_name_is_shown_as_text(page):
+    """Gradio drops < and > from uploaded names; entities would still become markup unescaped."""
+    upload(page, f"&lt;b&gt;bold&lt;i&gt; {IMG_ONERROR}.png", b"not an image either")
+    message = toast_text(page, "onerror")
+    assert "'&lt;b&gt;bold&lt;i&gt; img src=x onerror=alert(1).png' is not an image" in message
+    assert page.locator("[data-testid=toast-body] :is(b, i), img[src=x]").count() == 0
+    assert page.dialogs == []
+    close_toasts(page)
+    clear_upload(page)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt → tokens → attention
+
+
+def inspect(page, prompt: str) -> None:
+    box = page.locator("#prompt-input textarea")
+    box.fill(prompt)
+    box.press("Enter")
+
+
+def test_prompt_shows_tokens_and_an_attention_map(page):
+    open_tab(page, PROMPT_TAB)
+    inspect(page, "a photograph of an astronaut riding a zebra")
+    tokens = page.locator("#token-view")
+    tokens.get_by_text("zebra", exact=False).first.wait_for()
+    text = tokens.inner_text()
+    assert "<|startoftext|>" in text and "astronaut" in text
+    attention = loaded_image(page, "#attention-map")
+    assert attention["width"] > 100
+    shot(page, "prompt-tab", readme=True)
+
+
+def test_layer_and_head_change_the_map(page):
+    first = loaded_image(page, "#attention-map")["src"]
+    page.get_by_label("Head").click()
+    page.get_by_role("option", name="head 2", exact=True).click()
+    by_head = changed_image(page, "#attention-map", first)["src"]
+    layer = page.get_by_label("number input for Layer")
+    layer.fill("2")
+    layer.press("Tab")  # the slider reports its "release" when the number box loses focus
+    by_layer = changed_image(page, "#attention-map", by_head)["src"]
+    assert len({first, by_head, by_layer}) == 3
+    shot(page, "4-layer-2-head-2")
+
+
+def test_markup_in_a_prompt_is_shown_as_text(page):
+    """In the tokens, and in the note that names the words cut off after 75 tokens."""
+    before = loaded_image(page, "#attention-map")["src"]
+    inspect(page, f"{SCRIPT} {IMG_ONERROR} " + "cat " * 70 + IMG_ONERROR)
+    changed_image(page, "#attention-map", before)
+    tokens = page.locator("#token-view")
+    tokens.get_by_text("alert", exact=False).first.wait_for()
+    assert "script" in tokens.inner_text() and "<" in tokens.inner_text()
+    note = page.get_by_text("never sees these words", exact=False)
+    assert "“<”, “img”, “src”, “=”, “x”, “onerror”" in note.inner_text()
+    assert page.locator("script:not([src]):not([type])").evaluate_all(
+        "scripts => scripts.filter(s => s.textContent.includes('alert(1)')).length") == 0
+    assert page.locator("img[src=x], img[onerror]").count() == 0
+    assert page.dialogs == []
+    shot(page, "5-markup-prompt")
+
+
+def test_how_it_works_tab(page):
+    open_tab(page, "How it works")
+    page.get_by_text("How Stable Diffusion v1 makes an image").wait_for()
+    shot(page, "how-it-works-tab", readme=True)
