@@ -10,13 +10,23 @@ Parameter names equal the keys of the Hub's ``vae/diffusion_pytorch_model.safete
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import VAEConfig
+from .runtime import run_with_fallback
 
 GROUP_NORM_EPS = 1e-6
+# Tiled processing (for big images): tile side and overlap between neighbouring tiles, in latent
+# positions (one latent is 8x8 pixels). Decoding a 96-latent (768-pixel) tile peaks at about 2 GB
+# in float32, whatever the size of the whole image; bigger tiles would need more, smaller ones would
+# spend more time on overlaps (2048 pixels: 1.27x the untiled work with 96, 1.56x with 64).
+TILE_SIZE = 96
+TILE_OVERLAP = 16
 
 
 def group_norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -38,10 +48,12 @@ class ResnetBlock2D(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        # SiLU and the residual sum work in place on tensors this block has just made: at 512x512
+        # each spared allocation is a 128 MB buffer that would otherwise be written and freed.
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))
+        h = self.conv2(F.silu(self.norm2(h), inplace=True))
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        return skip + h
+        return h.add_(skip)
 
 
 class AttentionBlock(nn.Module):
@@ -61,10 +73,11 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
-        h = self.group_norm(x).view(B, C, H * W).transpose(1, 2)  # (B, HW, C)
-        q, k, v = (p(h).unsqueeze(1) for p in (self.to_q, self.to_k, self.to_v))  # (B, 1, HW, C)
-        h = F.scaled_dot_product_attention(q, k, v).squeeze(1)
-        h = self.to_out[0](h).transpose(1, 2).reshape(B, C, H, W)
+        # one token per position; in channels-last memory this reshape is a view, not a copy
+        h = self.group_norm(x).permute(0, 2, 3, 1).reshape(B, 1, H * W, C)  # (B, 1, HW, C)
+        q, k, v = (p(h) for p in (self.to_q, self.to_k, self.to_v))
+        h = F.scaled_dot_product_attention(q, k, v)
+        h = self.to_out[0](h).view(B, H, W, C).permute(0, 3, 1, 2)  # (B, C, H, W), channels-last
         return x + h
 
 
@@ -79,13 +92,48 @@ class Downsample2D(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
+# Upsampling by 2 repeats every pixel in a 2x2 block, so a 3x3 window on the upsampled image
+# covers only 2 distinct input rows. Which kernel rows fall on which input row depends on the parity
+# (phase) of the output row: an even row 2i sees input rows (i-1, i) through kernel rows (0 | 1+2),
+# an odd row 2i+1 sees rows (i, i+1) through (0+1 | 2). Columns work the same way.
+PHASE_TAPS = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]],
+                           [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])  # (phase, input row, kernel row)
+# So each of the four 2x2 kernels (row phase a, column phase b) is a fixed sum of the 9 taps:
+# one (9, 16) matrix maps a 3x3 kernel to all of them, indexed (i, j) -> (a, b, p, q).
+PHASE_MAP = torch.einsum("api,bqj->ijabpq", PHASE_TAPS, PHASE_TAPS).reshape(9, 16)
+
+
 class Upsample2D(nn.Module):
+    """Nearest-neighbour 2x upsampling, then a 3x3 conv: ``conv(interpolate(x, scale_factor=2))``.
+
+    It is computed without building the upsampled image: summing the taps that fall on the same
+    input pixel gives one 2x2 kernel per output phase (row and column parity), run on ``x``
+    itself. That is 16 multiply-adds per input pixel and channel pair instead of 36, the same
+    result up to float rounding, and 15% less work for the whole decoder.
+    """
+
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        B, C_in, H, W = x.shape
+        weight = self.conv.weight
+        C = weight.shape[0]
+        # the phase kernels, summed in float32 and rounded once, ordered (a, b, out, in, p, q)
+        kernels = weight.float().reshape(C * C_in, 9) @ PHASE_MAP.to(weight.device)
+        kernels = kernels.view(C, C_in, 2, 2, 2, 2).permute(2, 3, 0, 1, 4, 5)
+        kernels = kernels.reshape(4 * C, C_in, 2, 2).to(weight.dtype)
+        # with padding 1, output row r sees input rows r-1 and r: phase 0 of row i is at r = i,
+        # phase 1 at r = i + 1
+        phases = F.conv2d(x, kernels, self.conv.bias.repeat(4), padding=1)  # (B, 4C, H+1, W+1)
+        out = torch.empty(B, C, 2 * H, 2 * W, dtype=x.dtype, device=x.device,
+                          memory_format=torch.channels_last)
+        for a in (0, 1):
+            for b in (0, 1):
+                phase = phases[:, (2 * a + b) * C:(2 * a + b + 1) * C]
+                out[:, :, a::2, b::2] = phase[:, :, a:a + H, b:b + W]
+        return out
 
 
 class DownEncoderBlock2D(nn.Module):
@@ -156,7 +204,7 @@ class Encoder(nn.Module):
         for block in self.down_blocks:
             x = block(x)
         x = self.mid_block(x)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+        return self.conv_out(F.silu(self.conv_norm_out(x), inplace=True))
 
 
 class Decoder(nn.Module):
@@ -179,7 +227,7 @@ class Decoder(nn.Module):
         x = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
             x = block(x)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+        return self.conv_out(F.silu(self.conv_norm_out(x), inplace=True))
 
 
 class DiagonalGaussian:
@@ -199,7 +247,13 @@ class DiagonalGaussian:
 
 
 class AutoencoderKL(nn.Module):
-    """SD v1's VAE: ``encode`` gives a posterior over latents, ``decode`` gives images back."""
+    """SD v1's VAE: ``encode`` gives a posterior over latents, ``decode`` gives images back.
+
+    Both run in the dtype of the weights (float32: exact mode; bfloat16 or float16: fast mode, see
+    ``sd_parts.fast_dtype``) and return tensors in the caller's dtype. Activations are kept
+    channels-last, the layout in which the CPU and GPU convolution kernels run fastest. With
+    ``tiled=True`` a big image goes through in overlapping tiles, so memory stays bounded.
+    """
 
     def __init__(self, config: VAEConfig = VAEConfig()):
         super().__init__()
@@ -209,20 +263,114 @@ class AutoencoderKL(nn.Module):
         latent = config.latent_channels
         self.quant_conv = nn.Conv2d(2 * latent, 2 * latent, 1)
         self.post_quant_conv = nn.Conv2d(latent, latent, 1)
+        # tile side and overlap in latent positions, used with tiled=True
+        self.tile_size = TILE_SIZE
+        self.tile_overlap = TILE_OVERLAP
 
     @property
     def downscale(self) -> int:
         return 2 ** (len(self.config.block_out_channels) - 1)
 
-    def encode(self, images: torch.Tensor) -> DiagonalGaussian:
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, tiled: bool = False) -> DiagonalGaussian:
         """images (B, 3, H, W) in [-1, 1], H and W multiples of 8 -> posterior over latents."""
         _check_shape(images, self.config.in_channels, self.downscale, "images")
-        return DiagonalGaussian(self.quant_conv(self.encoder(images)))
+        if tiled:  # the tile grid is laid out in latent positions, each 8x8 image pixels
+            moments = blend_tiles(self._encode_moments, images, self.tile_size, self.tile_overlap,
+                                  in_scale=self.downscale, out_scale=1)
+        else:
+            moments = self._encode_moments(images)
+        return DiagonalGaussian(moments)
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, tiled: bool = False) -> torch.Tensor:
         """Unscaled latents (B, 4, h, w) -> images (B, 3, 8h, 8w), roughly in [-1, 1]."""
         _check_shape(latents, self.config.latent_channels, 1, "latents")
-        return self.decoder(self.post_quant_conv(latents))
+        if tiled:
+            return blend_tiles(self._decode_images, latents, self.tile_size, self.tile_overlap,
+                               in_scale=1, out_scale=self.downscale)
+        return self._decode_images(latents)
+
+    def _encode_moments(self, images: torch.Tensor) -> torch.Tensor:
+        return run_with_fallback(self, lambda x: self.quant_conv(self.encoder(x)), images)
+
+    def _decode_images(self, latents: torch.Tensor) -> torch.Tensor:
+        return run_with_fallback(self, lambda z: self.decoder(self.post_quant_conv(z)), latents)
+
+
+def tile_spans(length: int, tile: int, overlap: int) -> list[tuple[int, int]]:
+    """(start, end) of the fewest equal tiles of at most ``tile`` that cover ``range(length)``
+    with at least ``overlap`` shared between neighbours (one span if the length fits a tile)."""
+    if not 0 < overlap < tile:
+        raise ValueError(f"tile overlap must be in [1, tile size); got {overlap} for {tile}")
+    if length <= tile:
+        return [(0, length)]
+    count = math.ceil((length - overlap) / (tile - overlap))
+    size = math.ceil((length + (count - 1) * overlap) / count)  # shrink tiles to what is needed
+    starts = [round(i * (length - size) / (count - 1)) for i in range(count)]
+    return [(start, start + size) for start in starts]
+
+
+def blend_ramp(spans: list[tuple[int, int]], i: int, scale: int) -> torch.Tensor:
+    """The 1-D blending weight of tile ``i``, at ``scale`` pixels per grid step: 1 inside, rising
+    across the overlap with the previous tile and falling across the overlap with the next one."""
+    start, end = spans[i]
+    position = torch.arange(start * scale, end * scale) + 0.5  # pixel centres
+    weight = torch.ones(len(position))
+    if i > 0:
+        weight = weight.minimum(_rise(position, start * scale, spans[i - 1][1] * scale))
+    if i < len(spans) - 1:  # the mirror image of a rise
+        weight = weight.minimum(_rise(-position, -end * scale, -spans[i + 1][0] * scale))
+    return weight
+
+
+def _rise(position: torch.Tensor, begin: float, end: float) -> torch.Tensor:
+    """A weight that goes from 0 to 1 across the overlap [begin, end).
+
+    It stays 0 over the outer quarter, where the tile is distorted by the zero padding at its
+    border, and 1 over the inner quarter; in between it follows a raised cosine, whose smooth ends
+    leave no visible crease. The rise of one tile and the fall of its neighbour add up to 1.
+    """
+    margin = (end - begin) / 4
+    t = ((position - begin - margin) / (end - begin - 2 * margin)).clamp(0, 1)
+    return 0.5 - 0.5 * torch.cos(math.pi * t)
+
+
+def blend_tiles(
+    network: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    tile: int,
+    overlap: int,
+    in_scale: int,
+    out_scale: int,
+) -> torch.Tensor:
+    """Apply ``network`` to overlapping tiles of ``x`` and blend the results.
+
+    Tiles are laid out on a grid whose one step is ``in_scale`` pixels of ``x`` and ``out_scale``
+    pixels of the output. Each tile sees only itself, so its GroupNorm statistics and mid-block
+    attention differ a little from those of the whole image; the blending ramps spread that
+    difference over the overlap instead of leaving an edge. One tile: exactly ``network(x)``.
+    """
+    rows = tile_spans(x.shape[2] // in_scale, tile, overlap)
+    cols = tile_spans(x.shape[3] // in_scale, tile, overlap)
+    if len(rows) == len(cols) == 1:
+        return network(x)
+    height, width = x.shape[2] // in_scale * out_scale, x.shape[3] // in_scale * out_scale
+    out = None
+    # the ramps of two neighbours add up to 1; where three tiles overlap (an overlap of more than
+    # half a tile) they do not, and dividing by the summed weights keeps that case right too
+    total = torch.zeros(height, width, device=x.device)
+    for i, (top, bottom) in enumerate(rows):
+        for j, (left, right) in enumerate(cols):
+            y = network(x[:, :, top * in_scale:bottom * in_scale, left * in_scale:right * in_scale])
+            if out is None:  # the output's channel count is known once the first tile is done
+                out = x.new_zeros(x.shape[0], y.shape[1], height, width, dtype=torch.float32)
+            where = (slice(top * out_scale, bottom * out_scale),
+                     slice(left * out_scale, right * out_scale))
+            weight = torch.outer(blend_ramp(rows, i, out_scale), blend_ramp(cols, j, out_scale))
+            out[:, :, where[0], where[1]] += y * weight.to(x.device)
+            total[where] += weight.to(x.device)
+    return (out / total).to(x.dtype)
 
 
 def _check_shape(x: torch.Tensor, channels: int, multiple: int, name: str) -> None:
