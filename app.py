@@ -17,6 +17,7 @@ import os
 import re
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -552,10 +553,45 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
         pass
 
 
+def remove_old_files(folder: Path, max_age_s: float) -> None:
+    """Delete files under folder created more than max_age_s ago, then folders left empty."""
+    now = time.time()
+    for path in sorted(folder.rglob("*"), reverse=True):  # a folder's files before the folder
+        try:
+            if now - path.lstat().st_ctime <= max_age_s:
+                continue
+            if path.is_dir():
+                path.rmdir()  # only when empty; an OSError says it is not
+            else:
+                path.unlink()
+        except OSError:  # in use, not empty, or removed meanwhile
+            pass
+
+
+def start_cache_cleaner(max_age_s: int) -> None:
+    """Every max_age_s / 6 seconds, remove what is older than max_age_s from Gradio's folder.
+
+    Gradio's own delete_cache misses the empty temporary file each upload leaves, and under
+    concurrent requests its clean-up task can stop for good (it iterates a set that requests
+    add to). Everything in this folder is an upload or an output: the examples are served from
+    assets/. Point GRADIO_TEMP_DIR at a folder of this app's own.
+    """
+    folder = Path(gr.utils.get_upload_folder())
+
+    def clean() -> None:
+        while True:
+            time.sleep(max(1, max_age_s // 6))
+            if folder.is_dir():
+                remove_old_files(folder, max_age_s)
+
+    threading.Thread(target=clean, name="cache-cleaner", daemon=True).start()
+
+
 def launch(demo: gr.Blocks, **overrides: object) -> None:
     """Start the server with the app's security settings (tests pass a port and no blocking)."""
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     limit_malloc_arenas()
+    start_cache_cleaner(demo.delete_cache[1])
     options = dict(
         server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
         server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),

@@ -3,8 +3,9 @@ queue bound gives a clear "busy" answer, and memory and disk use stay bounded.
 
 One server with tiny random weights takes 300 requests from 16 concurrent clients: 20 to warm
 up, 200 checked one by one, 80 more. Its resident memory after 300 must be within 20% of that
-after 20, and no file it keeps may be older than its cache age (set to 30 s here). The figures are
-written to ``test-output/load.json`` (the README's Reliability section quotes them).
+after 20, and no file it keeps may be older than its cache age (set to 30 s here) plus one
+clean-up interval. The figures are written to ``test-output/load.json`` (the README's
+Reliability section quotes them).
 """
 
 from __future__ import annotations
@@ -123,8 +124,16 @@ def kept_files(server) -> dict[str, tuple[int, int]]:
 
 
 def old_files(folder: Path, age_s: float) -> list[Path]:
+    """Files created more than age_s ago (the clean-up may remove some while we look)."""
     now = time.time()
-    return [p for p in folder.rglob("*") if p.is_file() and now - p.stat().st_ctime > age_s]
+    found = []
+    for path in folder.rglob("*"):
+        try:
+            if path.is_file() and now - path.stat().st_ctime > age_s:
+                found.append(path)
+        except FileNotFoundError:
+            pass
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -160,14 +169,9 @@ def test_many_clients_memory_and_disk(server, tmp_path):
     assert figures["rss_after_300_mb"] <= 1.2 * figures["rss_after_20_mb"]
     # Gradio removes uploads and served copies older than the cache age every age/6 seconds;
     # the app removes its own downloads older than age/4 at each request.
-    # Gradio 6.31 leaves one empty temporary file per upload behind; it is counted here and
-    # listed in docs/RELIABILITY.md. Any other file older than the bound is a regression.
+    # Gradio's folder (uploads and served outputs) and the app's downloads are both pruned
     slack = 10
-    stale = old_files(server.upload_dir, CACHE_MAX_AGE_S + CACHE_MAX_AGE_S / 6 + slack)
-    missed = [p for p in stale if p.name.startswith("tmp") and p.stat().st_size == 0]
-    assert sorted(stale) == sorted(missed)
-    figures["gradio_empty_files_left"] = len(missed)
-    FIGURES.write_text(json.dumps(figures, indent=2))
+    assert old_files(server.upload_dir, CACHE_MAX_AGE_S + CACHE_MAX_AGE_S / 6 + slack) == []
     output_dir = next(server.tmp_dir.glob("sd-parts-*"))
     assert old_files(output_dir, CACHE_MAX_AGE_S / 4 + slack + REQUEST_TIMEOUT_S / 10) == []
     # the examples outlive the cache age: they are served from assets/, not from the cache

@@ -255,6 +255,18 @@ def test_launch_settings(monkeypatch):
     assert demo.analytics_enabled is False
 
 
+def test_remove_old_files(tmp_path):
+    """The clean-up behind the cache age: files first, then the folders they leave empty."""
+    nested = tmp_path / "0a1b" / "image.png"
+    nested.parent.mkdir()
+    nested.write_bytes(b"png")
+    (tmp_path / "tmp-upload").write_bytes(b"")
+    app.remove_old_files(tmp_path, max_age_s=3600)
+    assert nested.exists() and (tmp_path / "tmp-upload").exists()
+    app.remove_old_files(tmp_path, max_age_s=-1)  # everything is older than that
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_no_share_monitoring_history_or_token(server, http):
     config = http.get("/config").json()
     assert config["run_history"] is False and config["show_error"] is False
