@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-import zlib
 from pathlib import Path
 
 import pytest
@@ -13,14 +11,9 @@ from PIL import Image
 from safetensors import safe_open
 
 import app
+from tests.serve import free_port
 
 TINY = "tiny random weights"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -75,37 +68,6 @@ def test_sample_differs_from_mean_and_is_seeded(client):
         z_mean, z_sample, z_again = (f.get_tensor("latent") for f in (a, b, c))
     assert not z_mean.equal(z_sample)
     assert z_sample.equal(z_again)
-
-
-def bomb_png(path: Path, width: int = 50_000, height: int = 50_000) -> Path:
-    """A PNG whose header claims width x height pixels but holds almost no data."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        body = kind + data
-        return len(data).to_bytes(4, "big") + body + zlib.crc32(body).to_bytes(4, "big")
-    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
-    rows = zlib.compress(b"\x00" * (1 + 3 * width) * 4)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows)
-                     + chunk(b"IEND", b""))
-    return path
-
-
-@pytest.mark.parametrize("name, content, message", [
-    ("notes.png", b"this is not an image", "image"),
-    ("empty.png", b"", "empty"),
-])
-def test_bad_files_give_clear_errors(client, tmp_path, name, content, message):
-    path = tmp_path / name
-    path.write_bytes(content)
-    with pytest.raises(AppError, match=f"(?i){message}"):
-        encode(client, path)
-
-
-def test_decompression_bomb_is_refused(client, tmp_path):
-    path = bomb_png(tmp_path / "bomb.png")
-    assert path.stat().st_size < 100_000
-    with pytest.raises(AppError, match="(?i)pixels"):
-        encode(client, path)
-    assert as_dict(encode(client, app.EXAMPLE_IMAGES[0]))["reconstruction"]  # still serving
 
 
 def inspect(client: Client, prompt: str, layer: int = 1, head: str = app.MEAN_OVER_HEADS,

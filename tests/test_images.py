@@ -9,9 +9,7 @@ from __future__ import annotations
 import io
 import math
 import re
-import struct
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -37,27 +35,10 @@ from sd_parts.images import (
     ssim,
     tensor_to_image,
 )
+from tests.corpus import bomb_png
 
 MAX_PIXELS = 16_000_000
 SCALE = 0.18215
-
-
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    checksum = zlib.crc32(kind + data) & 0xFFFFFFFF
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", checksum)
-
-
-def _bomb_png(width: int, height: int) -> bytes:
-    """A PNG header declaring a huge 1-bit image, followed by only a few rows of zeros."""
-    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    rows = zlib.compress(b"\x00" * ((width + 7) // 8 + 1) * 4)
-    signature = b"\x89PNG\r\n\x1a\n"
-    return (
-        signature
-        + _png_chunk(b"IHDR", header)
-        + _png_chunk(b"IDAT", rows)
-        + _png_chunk(b"IEND", b"")
-    )
 
 
 def _noise(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -93,9 +74,9 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "xml_drawing.png": b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg"/>',
         "truncated.png": pngs[: len(pngs) // 2],
         "truncated.jpg": jpeg[: len(jpeg) // 2],
-        "bomb_huge.png": _bomb_png(50_000, 50_000),
-        "bomb_large.png": _bomb_png(6_000, 6_000),
-        "bomb_over_pillow.png": _bomb_png(10_000, 10_000),
+        "bomb_huge.png": bomb_png(50_000, 50_000),
+        "bomb_large.png": bomb_png(6_000, 6_000),
+        "bomb_over_pillow.png": bomb_png(10_000, 10_000),
         "one.png": _save(Image.new("RGB", (1, 1), (10, 20, 30)), "PNG"),
         "small.png": _save(_noise(7, 13), "PNG"),
         "strip.png": _save(_noise(10_000, 10), "PNG"),
