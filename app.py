@@ -199,7 +199,10 @@ def image_outputs(**values: object) -> tuple:
 def encode_image(settings: Settings, path: str | None, choice: str, max_side: int, fit: str,
                  latent_kind: str, seed: int, shared_scale: bool, exact: bool,
                  progress: gr.Progress = gr.Progress(track_tqdm=True)):
-    """Generator: the latent views first (with the instant preview), then the reconstruction."""
+    """Generator: the latent views first (with the instant preview), then the reconstruction.
+
+    Tensors stay float32 here: the VAE casts to its own dtype (bfloat16 in fast mode) and back.
+    """
     if not path:
         raise user_error("Upload an image or click one of the examples first.")
     try:
@@ -209,17 +212,16 @@ def encode_image(settings: Settings, path: str | None, choice: str, max_side: in
     fitted, size_note = images.fit_for_vae(image, int(max_side), mode=fit)
     progress(0.05, desc="Loading the VAE")
     vae = get_vae(settings, choice, bool(exact))
-    dtype = next(vae.parameters()).dtype
     tiled = fitted.width * fitted.height > TILE_ABOVE_PIXELS
     progress(0.2, desc="Encoding")
     start = time.perf_counter()
-    posterior = vae.encode(images.image_to_tensor(fitted).to(dtype), tiled=tiled)
+    posterior = vae.encode(images.image_to_tensor(fitted), tiled=tiled)
     if latent_kind == SAMPLE:
         latent = posterior.sample(torch.Generator().manual_seed(int(seed)))
     else:
         latent = posterior.mean
     encode_s = time.perf_counter() - start
-    latent = latent[0].float()
+    latent = latent[0]
     factor = vae.config.scaling_factor
     shape = "x".join(str(n) for n in latent.shape)
     latent_info = (f"{size_note} The latent is {shape} (channels x height x width): "
@@ -232,14 +234,14 @@ def encode_image(settings: Settings, path: str | None, choice: str, max_side: in
         channels=figures.latent_channels_figure(latent, shared_scale),
         stats=images.channel_stats(latent, factor),
         histogram=figures.latent_histogram_figure(latent, factor),
-        std=figures.std_map_figure(posterior.std[0].float(), shared_scale),
+        std=figures.std_map_figure(posterior.std[0], shared_scale),
     )
     yield image_outputs(**latent_views, metrics=f"Encoded in {encode_s:.2f} s. Decoding...")
     progress(0.6, desc="Decoding")
     start = time.perf_counter()
-    decoded = vae.decode(latent[None].to(dtype), tiled=tiled)
+    decoded = vae.decode(latent[None], tiled=tiled)
     decode_s = time.perf_counter() - start
-    reconstruction = images.tensor_to_image(decoded[0].float())
+    reconstruction = images.tensor_to_image(decoded[0])
     psnr = images.psnr(fitted, reconstruction)
     psnr_text = "∞ (identical)" if psnr == float("inf") else f"{psnr:.2f} dB"
     latent_file = images.latent_to_safetensors(
