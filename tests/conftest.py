@@ -37,6 +37,47 @@ def reference_text_encoder(hidden_size=768, intermediate_size=3072, layers=12, h
     return CLIPTextModel(config).eval()
 
 
+# The tiny noise predictor of sd_parts.unet.TINY_UNET, as diffusers arguments:
+# reference_unet(**TINY_UNET_OVERRIDES) builds the same network with diffusers' names.
+TINY_UNET_OVERRIDES = {
+    "block_out_channels": (32, 64),
+    "layers_per_block": 1,
+    "cross_attention_dim": 32,
+    "norm_num_groups": 8,
+    "attention_head_dim": 2,
+    "sample_size": 8,
+}
+
+
+def reference_unet(**overrides):
+    """diffusers' UNet2DConditionModel, seeded, in SD v1.5's unet/config.json unless overridden.
+
+    The block types follow the number of resolutions, as in SD v1: cross-attention in every down
+    block but the last and every up block but the first."""
+    from diffusers import UNet2DConditionModel
+
+    config = {
+        "sample_size": 64,
+        "in_channels": 4,
+        "out_channels": 4,
+        "block_out_channels": (320, 640, 1280, 1280),
+        "layers_per_block": 2,
+        "cross_attention_dim": 768,
+        "attention_head_dim": 8,
+        "norm_num_groups": 32,
+        "norm_eps": 1e-5,
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+    }
+    config.update(overrides)
+    n = len(config["block_out_channels"])
+    config["block_out_channels"] = list(config["block_out_channels"])
+    config.setdefault("down_block_types", ["CrossAttnDownBlock2D"] * (n - 1) + ["DownBlock2D"])
+    config.setdefault("up_block_types", ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (n - 1))
+    torch.manual_seed(0)
+    return UNet2DConditionModel(**config).eval()
+
+
 @pytest.fixture(scope="session")
 def sd_vae_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path]:
     """The full SD v1 VAE with random weights, as diffusers writes it."""
@@ -51,5 +92,14 @@ def sd_text_encoder_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[ob
     """The full CLIP ViT-L/14 text tower with random weights, as transformers writes it."""
     folder = tmp_path_factory.mktemp("text_encoder")
     model = reference_text_encoder()
+    model.save_pretrained(folder)
+    return model, folder
+
+
+@pytest.fixture(scope="session")
+def sd_unet_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path]:
+    """The full SD v1.5 noise predictor (UNet) with random weights, as diffusers writes it."""
+    folder = tmp_path_factory.mktemp("unet")
+    model = reference_unet()
     model.save_pretrained(folder)
     return model, folder
