@@ -16,6 +16,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from huggingface_hub import errors as hub_errors
@@ -117,22 +118,69 @@ def weights_filename(stem: str, variant: str | None) -> str:
     return f"{stem}.{variant}.safetensors" if variant else f"{stem}.safetensors"
 
 
-RenameRule = tuple[str, str]
-"""(pattern, replacement): a regex applied to each key; patterns match whole dot-separated
-segments (anchored with ``(^|\\.)`` and ``(\\.|$)``) so ``key`` never matches inside ``monkey``."""
+Reshape = Callable[[torch.Tensor], torch.Tensor]
+
+
+class RenameRule(NamedTuple):
+    """One step from a checkpoint's key to a module's parameter name.
+
+    ``pattern`` is a regex matched on whole dot-separated segments (anchored with ``^``, ``(^|\\.)``
+    and ``(\\.|$)``), so ``key`` never matches inside ``monkey``. ``replacement`` is what
+    ``re.sub`` takes: a string with group references, or a function of the match, which is how a
+    rule remaps an index (the original LDM layout numbers blocks differently from diffusers).
+    ``reshape``, if given, is applied to the tensor of every key the rule matched (LDM stores some
+    linear layers as 1x1 convolutions). A plain ``(pattern, replacement)`` pair is a rule too.
+    """
+
+    pattern: str
+    replacement: str | Callable[[re.Match[str]], str]
+    reshape: Reshape | None = None
+
+
+def rename_key(
+    key: str, rules: Sequence[RenameRule | tuple[str, str]]
+) -> tuple[str, tuple[Reshape, ...]]:
+    """Apply ``rules`` in order to ``key``: the new key and the reshapes its tensor needs."""
+    reshapes: list[Reshape] = []
+    for rule in rules:
+        rule = RenameRule(*rule)
+        key, count = re.subn(rule.pattern, rule.replacement, key)
+        if count and rule.reshape is not None:
+            reshapes.append(rule.reshape)
+    return key, tuple(reshapes)
+
+
+def squeeze_1x1(tensor: torch.Tensor) -> torch.Tensor:
+    """A 1x1 convolution's weight (out, in, 1, 1) as the equal linear weight (out, in).
+
+    Any other tensor is returned as it is, so that a real mismatch still fails the shape check.
+    """
+    if tensor.ndim > 2 and all(size == 1 for size in tensor.shape[2:]):
+        return tensor.reshape(tensor.shape[:2])
+    return tensor
+
+
+def _name_list(names: Sequence[str], separator: str = ", ", limit: int = 40) -> str:
+    """Names joined for an error message; a long list (a whole model missing) is cut short."""
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return separator.join(names[:limit]) + more
 
 
 def load_state_dict_strict(
     model: nn.Module,
     path: Path,
-    rename_rules: Sequence[RenameRule] = (),
+    rename_rules: Sequence[RenameRule | tuple[str, str]] = (),
     drop: Callable[[str], bool] = lambda key: False,
     dtype: torch.dtype = torch.float32,
+    prefix: str = "",
 ) -> None:
     """Load a safetensors file into ``model`` after renaming its keys; every mismatch is an error.
 
     ``model`` may live on the ``meta`` device: tensors are then assigned, not copied, so loading
-    needs no memory beyond the weights themselves (each tensor is cast as it is read).
+    needs no memory beyond the weights themselves (each tensor is reshaped and cast as it is read).
+    With a ``prefix`` (a file holding several models), only the keys under it are this model's;
+    the prefix is removed before the rules run. ``drop`` sees the renamed key. Errors name a
+    tensor by its key in the file and, where a rule changed it, by the name it was given.
     """
     expected = {k: v.shape for k, v in model.state_dict().items()}
     state: dict[str, torch.Tensor] = {}
@@ -140,9 +188,9 @@ def load_state_dict_strict(
     try:
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():
-                new_key = key
-                for pattern, replacement in rename_rules:
-                    new_key = re.sub(pattern, replacement, new_key)
+                if not key.startswith(prefix):
+                    continue
+                new_key, reshapes = rename_key(key.removeprefix(prefix), rename_rules)
                 if drop(new_key):
                     continue
                 if new_key in renamed_from:
@@ -151,29 +199,37 @@ def load_state_dict_strict(
                 renamed_from[new_key] = key
                 if new_key in expected:
                     tensor = f.get_tensor(key)
+                    for reshape in reshapes:
+                        tensor = reshape(tensor)
                     state[new_key] = tensor if tensor.dtype == dtype else tensor.to(dtype)
     except SafetensorError as exc:
         raise WeightsError(
             f"{path} is not a valid safetensors file ({exc}). It may be truncated or in another"
             " format (pickled .bin/.ckpt files are never loaded); delete it and download again."
         ) from exc
+
+    def named(new_key: str) -> str:  # the file's key, and the model's name where they differ
+        key = renamed_from[new_key]
+        return key if key == new_key else f"{key} (as {new_key})"
+
     missing = sorted(set(expected) - set(renamed_from))
-    unexpected = sorted(renamed_from[k] for k in set(renamed_from) - set(expected))
+    unexpected = sorted(named(k) for k in set(renamed_from) - set(expected))
     wrong_shape = sorted(
-        f"{renamed_from[k]}: file {tuple(v.shape)}, model {tuple(expected[k])}"
+        f"{named(k)}: file {tuple(v.shape)}, model {tuple(expected[k])}"
         for k, v in state.items()
         if v.shape != expected[k]
     )
     problems = []
     if missing:
-        problems.append(f"missing tensors: {', '.join(missing)}")
+        problems.append(f"missing tensors: {_name_list(missing)}")
     if unexpected:
-        problems.append(f"unexpected tensors: {', '.join(unexpected)}")
+        problems.append(f"unexpected tensors: {_name_list(unexpected)}")
     if wrong_shape:
-        problems.append(f"wrong shapes: {'; '.join(wrong_shape)}")
+        problems.append(f"wrong shapes: {_name_list(wrong_shape, '; ')}")
     if problems:
+        subject = f"{path} (its keys under {prefix!r})" if prefix else str(path)
         raise WeightsError(
-            f"{path} does not match {type(model).__name__} (is it the right model and config?): "
+            f"{subject} does not match {type(model).__name__} (is it the right model and config?): "
             + " | ".join(problems)
         )
     model.load_state_dict(state, strict=True, assign=True)
@@ -181,12 +237,12 @@ def load_state_dict_strict(
 
 # Old diffusers files (SD v1.5's own VAE, sd-vae-ft-mse) name the mid-block attention like this.
 VAE_RENAME_RULES: list[RenameRule] = [
-    (rf"(^|\.){old}(\.|$)", rf"\g<1>{new}\g<2>")
+    RenameRule(rf"(^|\.){old}(\.|$)", rf"\g<1>{new}\g<2>")
     for old, new in [("query", "to_q"), ("key", "to_k"), ("value", "to_v"),
                      ("proj_attn", "to_out.0")]
 ]
 # The Hub's text encoder files prefix every key with ``text_model.``; transformers 5 writes none.
-TEXT_ENCODER_RENAME_RULES: list[RenameRule] = [(r"^text_model\.", "")]
+TEXT_ENCODER_RENAME_RULES: list[RenameRule] = [RenameRule(r"^text_model\.", "")]
 # Parts of a full CLIP checkpoint that are not the text tower, and the position-id buffer that
 # older files carry (positions are always 0..T-1, so it holds no information).
 _NOT_TEXT_TOWER = {"vision_model", "visual_projection", "text_projection", "logit_scale"}
@@ -263,3 +319,4 @@ def _parse_config(cls: type, path: Path) -> object:
         return cls.from_dict(read_config(path))
     except (TypeError, ValueError) as exc:
         raise WeightsError(f"{path}: {exc}") from exc
+
