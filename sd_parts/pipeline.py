@@ -1,0 +1,281 @@
+"""Text to image and image to image with Stable Diffusion v1: the whole diagram in one loop.
+
+Rombach et al., "High-Resolution Image Synthesis with Latent Diffusion Models" (2022); classifier-
+free guidance from Ho & Salimans, "Classifier-Free Diffusion Guidance" (2022). The loop is the one
+diffusers' ``StableDiffusionPipeline`` and ``StableDiffusionImg2ImgPipeline`` run, step for step and
+random draw for random draw, so the same seed gives the same image:
+
+    prompt ─► tokenizer ─► text encoder ─► context (2, 77, 768): [negative prompt, prompt]
+    noise (B, 4, H/8, W/8) x init_noise_sigma          (or: the image's latent, noised to t_start)
+    for each timestep t:
+        eps_uncond, eps_text = unet(scale(x_t), t, context)     one batched call
+        eps = eps_uncond + g (eps_text - eps_uncond)            guidance pushes away from "nothing"
+        x_t = scheduler.step(eps, t, x_t)
+    image = vae.decode(x_0 / scaling_factor)
+
+Everything the app shows comes out of the loop itself: a callback after every step (which may stop
+the run) and, on request, a trace with the latents, the predicted clean latents and DAAM-style
+cross-attention maps per token (Tang et al., "What the DAAM: Interpreting Stable Diffusion Using
+Cross Attention", 2023).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .clip import CLIPTextEncoder
+from .schedulers import load_scheduler
+from .tokenizer import CLIPTokenizer, load_tokenizer
+from .unet import UNet2DConditionModel
+from .vae import AutoencoderKL
+from .weights import DEFAULT_REPO, load_text_encoder, load_unet, load_vae
+
+# The per-step cross-attention maps are kept at this side, whatever the image size, so a long run
+# at a big size keeps (steps x 77 x 16 x 16) numbers, a few MB, instead of every layer's maps.
+STEP_MAP_SIZE = 16
+MAX_STEPS = 1000  # the training schedule has 1000 timesteps; no sampler can take more
+
+
+@dataclass
+class StepState:
+    """What one denoising step computed, handed to the callback."""
+
+    index: int  # 0-based position in this run's timesteps
+    timestep: float
+    latents: torch.Tensor  # (B, 4, h, w) after the step: x at the next, lower noise level
+    pred_original: torch.Tensor  # (B, 4, h, w) the clean latent x_0 this step predicted
+    noise_text: torch.Tensor  # (B, 4, h, w) the UNet's noise prediction given the prompt
+    noise_uncond: torch.Tensor | None  # ... given the negative prompt; None without guidance
+
+
+@dataclass
+class Trace:
+    """The run, step by step. Latents are in the diffusion model's (scaled) space."""
+
+    timesteps: list[float] = field(default_factory=list)
+    noise_levels: list[float] = field(default_factory=list)  # sigma_t = sqrt((1 - abar) / abar)
+    latents: list[torch.Tensor] = field(default_factory=list)  # the start, then after each step
+    pred_original: list[torch.Tensor] = field(default_factory=list)  # per step
+    # Cross-attention of every pixel to each of the 77 context tokens, for the prompt's half of
+    # the batch: averaged over heads, upsampled to the latent grid and summed over the 16 layers
+    # and all steps (DAAM's aggregation): (B, 77, h, w).
+    word_maps: torch.Tensor | None = None
+    # The same per step, at STEP_MAP_SIZE x STEP_MAP_SIZE: (steps, B, 77, 16, 16).
+    step_maps: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
+class GenerationResult:
+    images: torch.Tensor  # (B, 3, H, W) in [0, 1]
+    latents: torch.Tensor  # (B, 4, h, w) the final latent, scaled
+    steps_done: int
+    stopped: bool  # the callback ended the run before the last step
+    trace: Trace | None = None
+
+
+class CrossAttentionCollector:
+    """Sums the UNet's cross-attention maps of one step, for the prompt's half of the batch."""
+
+    def __init__(self, batch: int, grid: tuple[int, int]):
+        self.batch, self.grid = batch, grid
+        self.total: torch.Tensor | None = None  # (B, T, h, w)
+
+    def __call__(self, probs: torch.Tensor, size: tuple[int, int]) -> None:
+        # probs (2B or B, heads, hw, T): with guidance the prompt's rows are the second half
+        maps = probs[-self.batch:].float().mean(dim=1)  # (B, hw, T)
+        maps = maps.transpose(1, 2).reshape(self.batch, -1, *size)  # (B, T, h_l, w_l)
+        if size != self.grid:
+            maps = F.interpolate(maps, size=self.grid, mode="bilinear", align_corners=False)
+        self.total = maps if self.total is None else self.total + maps
+
+
+class StableDiffusionPipeline:
+    """The four parts (tokenizer, text encoder, UNet, VAE) and a scheduler configuration.
+
+    The scheduler is made afresh for every call (samplers keep state between steps), so one
+    pipeline can serve one call after another with different samplers.
+    """
+
+    def __init__(
+        self,
+        tokenizer: CLIPTokenizer,
+        text_encoder: CLIPTextEncoder,
+        unet: UNet2DConditionModel,
+        vae: AutoencoderKL,
+        scheduler_source: str | None = None,
+    ):
+        self.tokenizer, self.text_encoder, self.unet, self.vae = tokenizer, text_encoder, unet, vae
+        self.scheduler_source = scheduler_source  # None: SD v1.5's scheduler configuration
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def latent_downscale(self) -> int:
+        return self.vae.downscale
+
+    def make_scheduler(self, kind: str, karras: bool = False):
+        return load_scheduler(self.scheduler_source, kind=kind, karras=karras)
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
+        """(B, 77, hidden): the text encoder's last hidden state, as SD v1 conditions on."""
+        ids = self.tokenizer(prompts).to(self.device)
+        return self.text_encoder(ids).last_hidden_state.float()
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] = "",
+        num_inference_steps: int = 20,
+        guidance_scale: float = 7.5,
+        height: int = 512,
+        width: int = 512,
+        generator: torch.Generator | None = None,
+        scheduler: str = "pndm",
+        karras: bool = False,
+        image: torch.Tensor | None = None,
+        strength: float = 0.8,
+        callback: Callable[[int, float, StepState], bool | None] | None = None,
+        trace: bool = False,
+    ) -> GenerationResult:
+        """Generate images (B, 3, H, W) in [0, 1].
+
+        ``image`` (B, 3, H, W) in [0, 1] turns on image to image: the image's latent is noised to
+        the level ``strength`` picks and denoised from there (0: the VAE's reconstruction of the
+        image, no step taken; 1: the image is not used at all, as in text to image; diffusers
+        still mixes about 7% of it in at 1). ``callback(index, t, state)`` runs after every step;
+        returning False stops the run there, keeping what was made.
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) \
+            else list(negative_prompt)
+        if image is not None:
+            height, width = image.shape[-2:]
+        check_arguments(len(prompts), len(negatives), num_inference_steps, guidance_scale,
+                        height, width, self.latent_downscale, image, strength)
+        guided = guidance_scale > 1  # at 1, uncond + 1 (text - uncond) is just the text branch
+        context = self.encode_prompt(negatives + prompts if guided else prompts)
+        sampler = self.make_scheduler(scheduler, karras)
+        sampler.set_timesteps(num_inference_steps)
+        timesteps = sampler.timesteps
+        batch, device = len(prompts), self.device
+        grid = (height // self.latent_downscale, width // self.latent_downscale)
+        shape = (batch, self.unet.config.in_channels, *grid)
+        scaling = self.vae.config.scaling_factor
+
+        if image is not None and strength < 1:
+            # image to image: start part way down the schedule, from the image's noised latent
+            image = image.to(device, torch.float32) * 2 - 1
+            start_latents = self.vae.encode(image).sample(generator) * scaling
+            denoised = min(int(num_inference_steps * strength), num_inference_steps)
+            start = num_inference_steps - denoised
+            # PNDM repeats one timestep, so its list can be longer than num_inference_steps
+            timesteps = timesteps[start:] if denoised else timesteps[:0]
+            sampler.begin_at(start)
+            latents = start_latents
+            if denoised:
+                noise = torch.randn(shape, generator=generator).to(device)
+                latents = sampler.add_noise(start_latents, noise, timesteps[:1].repeat(batch))
+        else:
+            latents = torch.randn(shape, generator=generator).to(device) * sampler.init_noise_sigma
+
+        record = Trace(latents=[latents.cpu()]) if trace else None
+        word_maps = None
+        stopped = False
+        steps_done = 0
+        for index, t in enumerate(timesteps):
+            model_input = torch.cat([latents] * 2) if guided else latents
+            model_input = sampler.scale_model_input(model_input, t)
+            collector = CrossAttentionCollector(batch, grid) if trace else None
+            noise = self.unet(model_input, t, context, on_cross_attention=collector)
+            noise_uncond, noise_text = noise.chunk(2) if guided else (None, noise)
+            if guided:
+                noise = noise_uncond + guidance_scale * (noise_text - noise_uncond)
+            out = sampler.step(noise, t, latents, generator=generator)
+            latents = out.prev_sample
+            steps_done = index + 1
+            t_value = float(t)
+            if record is not None:
+                record.timesteps.append(t_value)
+                record.noise_levels.append(sampler.noise_level(t))
+                record.latents.append(latents.cpu())
+                record.pred_original.append(out.pred_original_sample.cpu())
+                word_maps = collector.total if word_maps is None else word_maps + collector.total
+                record.step_maps.append(F.interpolate(
+                    collector.total, size=(STEP_MAP_SIZE, STEP_MAP_SIZE), mode="area").cpu())
+            if callback is not None:
+                state = StepState(index, t_value, latents, out.pred_original_sample, noise_text,
+                                  noise_uncond)
+                if callback(index, t_value, state) is False and index < len(timesteps) - 1:
+                    stopped = True
+                    break
+        if record is not None and word_maps is not None:
+            record.word_maps = word_maps.cpu()
+        decoded = self.vae.decode(latents / scaling)
+        return GenerationResult(images=(decoded / 2 + 0.5).clamp(0, 1), latents=latents,
+                                steps_done=steps_done, stopped=stopped, trace=record)
+
+
+def check_arguments(
+    batch: int, negatives: int, steps: int, guidance: float, height: int, width: int,
+    multiple: int, image: torch.Tensor | None, strength: float,
+) -> None:
+    """Refuse what would fail deep inside the loop, or silently give nonsense, with a reason."""
+    if batch == 0 or negatives != batch:
+        raise ValueError(f"give one negative prompt per prompt (got {batch} prompts and "
+                         f"{negatives} negative prompts)")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"num_inference_steps must be a whole number from 1 to {MAX_STEPS}; "
+                         f"got {steps!r}")
+    if not math.isfinite(guidance) or guidance < 0:
+        raise ValueError(f"guidance_scale must be a finite number >= 0 (1 turns guidance off); "
+                         f"got {guidance!r}")
+    if height <= 0 or width <= 0 or height % multiple or width % multiple:
+        raise ValueError(f"height and width must be positive multiples of {multiple} (one latent "
+                         f"pixel per {multiple}x{multiple} block); got {height}x{width}")
+    if not math.isfinite(strength) or not 0 <= strength <= 1:
+        raise ValueError(f"strength must be between 0 and 1; got {strength!r}")
+    if image is not None:
+        if image.ndim != 4 or image.shape[1] != 3 or image.shape[0] != batch:
+            raise ValueError(f"image must be (batch={batch}, 3, H, W) in [0, 1]; got "
+                             f"{tuple(image.shape)}")
+        if image.min() < 0 or image.max() > 1:
+            raise ValueError("image values must be in [0, 1]")
+
+
+def load_pipeline(
+    source: str = DEFAULT_REPO,
+    revision: str | None = None,
+    variant: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> StableDiffusionPipeline:
+    """SD v1 from a diffusers-layout repo or folder, or from one LDM-layout ``.safetensors`` file.
+
+    The folder layout has ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/`` and
+    ``scheduler/``; ``variant="fp16"`` picks the half-precision files (cast to ``dtype`` as read).
+    A single file carries no tokenizer or scheduler: SD v1's own (bundled) are used.
+    """
+    if os.path.isfile(source) or str(source).endswith((".safetensors", ".ckpt", ".pt", ".bin")):
+        from .single_file import load_single_file
+
+        models = load_single_file(source, dtype=dtype, device=device)
+        return StableDiffusionPipeline(load_tokenizer(None), models.text_encoder, models.unet,
+                                       models.vae)
+    common = dict(revision=revision, variant=variant, dtype=dtype, device=device)
+    return StableDiffusionPipeline(
+        load_tokenizer(source, subfolder="tokenizer", revision=revision),
+        load_text_encoder(source, subfolder="text_encoder", **common),
+        load_unet(source, subfolder="unet", **common),
+        load_vae(source, subfolder="vae", **common),
+        scheduler_source=source,
+    )
