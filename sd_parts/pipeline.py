@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .clip import CLIPTextEncoder
-from .schedulers import load_scheduler
+from .schedulers import Scheduler, SchedulerConfig, load_scheduler, read_scheduler_config
 from .tokenizer import CLIPTokenizer, load_tokenizer
 from .unet import UNet2DConditionModel
 from .vae import AutoencoderKL
@@ -96,7 +96,7 @@ class CrossAttentionCollector:
 
 
 class StableDiffusionPipeline:
-    """The four parts (tokenizer, text encoder, UNet, VAE) and a scheduler configuration.
+    """The four parts (tokenizer, text encoder, UNet, VAE) and the noise schedule's settings.
 
     The scheduler is made afresh for every call (samplers keep state between steps), so one
     pipeline can serve one call after another with different samplers.
@@ -108,10 +108,10 @@ class StableDiffusionPipeline:
         text_encoder: CLIPTextEncoder,
         unet: UNet2DConditionModel,
         vae: AutoencoderKL,
-        scheduler_source: str | None = None,
+        scheduler_config: SchedulerConfig = SchedulerConfig(),
     ):
         self.tokenizer, self.text_encoder, self.unet, self.vae = tokenizer, text_encoder, unet, vae
-        self.scheduler_source = scheduler_source  # None: SD v1.5's scheduler configuration
+        self.scheduler_config = scheduler_config  # the noise schedule; samplers are per call
 
     @property
     def device(self) -> torch.device:
@@ -121,8 +121,8 @@ class StableDiffusionPipeline:
     def latent_downscale(self) -> int:
         return self.vae.downscale
 
-    def make_scheduler(self, kind: str, karras: bool = False):
-        return load_scheduler(self.scheduler_source, kind=kind, karras=karras)
+    def make_scheduler(self, kind: str, karras: bool | None = None) -> Scheduler:
+        return load_scheduler(self.scheduler_config, kind=kind, karras=karras)
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
@@ -141,7 +141,7 @@ class StableDiffusionPipeline:
         width: int = 512,
         generator: torch.Generator | None = None,
         scheduler: str = "pndm",
-        karras: bool = False,
+        karras: bool | None = None,  # Karras sigmas (euler, dpm++2m); None: as the file says
         image: torch.Tensor | None = None,
         strength: float = 0.8,
         callback: Callable[[int, float, StepState], bool | None] | None = None,
@@ -277,5 +277,5 @@ def load_pipeline(
         load_text_encoder(source, subfolder="text_encoder", **common),
         load_unet(source, subfolder="unet", **common),
         load_vae(source, subfolder="vae", **common),
-        scheduler_source=source,
+        read_scheduler_config(source, subfolder="scheduler", revision=revision),
     )

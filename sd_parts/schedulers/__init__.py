@@ -36,7 +36,7 @@ SAMPLER_OPTIONS = {"ddim": ("eta",)}  # per-sampler arguments, beside the file's
 
 
 def load_scheduler(
-    source: str | None = None,
+    source: str | SchedulerConfig | None = None,
     kind: str = "ddim",
     karras: bool | None = None,
     subfolder: str | None = None,
@@ -46,7 +46,7 @@ def load_scheduler(
     """A fresh sampler of ``kind`` for the noise schedule of ``source``.
 
     ``source``: a Hub repo id or a local folder holding ``scheduler_config.json`` (at its top or in
-    ``scheduler/``), or None for SD v1.5's schedule without reading anything. The file's
+    ``scheduler/``), a ``SchedulerConfig`` already read, or None for SD v1.5's schedule. The file's
     ``_class_name`` (PNDMScheduler for SD v1.5) is only its default sampler: ``kind`` chooses
     ours, one of ddpm, ddim, euler, pndm, dpm++2m. ``karras``: Karras sigmas, for euler and
     dpm++2m only; None takes the file's ``use_karras_sigmas`` for those. ``overrides`` replace
@@ -71,8 +71,10 @@ def load_scheduler(
                          f"{', '.join(sorted(fields))} or {kind}'s "
                          f"{', '.join(SAMPLER_OPTIONS.get(kind, ())) or 'none'}")
 
-    config = SchedulerConfig() if source is None else read_scheduler_config(source, subfolder,
-                                                                            revision)
+    if source is None or isinstance(source, SchedulerConfig):
+        config = source or SchedulerConfig()
+    else:
+        config = read_scheduler_config(source, subfolder, revision)
     use_karras = (requested_karras if requested_karras is not None
                   else config.use_karras_sigmas and kind in KARRAS_KINDS)
     config = dataclasses.replace(config, **overrides, use_karras_sigmas=bool(use_karras))
