@@ -7,31 +7,23 @@ no one, and the median of the rounds is reported.
 
     python benchmarks/bench.py                     # time table, plot: ~9 minutes on 2 cores
     python benchmarks/bench.py --sizes 256 512 --repeats 5
-    python benchmarks/bench.py --memory            # peak memory, one fresh process per case
-    python benchmarks/bench.py --device cuda       # time mode on a GPU (not tried yet)
+    python benchmarks/bench.py --device cuda       # on a GPU
 
-Time mode prints one markdown table: VAE encode and decode at each size (diffusers' default
+It prints one markdown table: VAE encode and decode at each size (diffusers' default
 float32 setup, sd_parts exact mode in float32, sd_parts fast mode in the 16-bit type this machine
 runs natively, if any), the text encoder with and without attention maps, the time ratios to the
 reference, and the PSNR between fast and exact mode. A second table puts each VAE run's
 arithmetic rate next to this machine's best convolution rate, and a plot of time against image
 size is saved (``--plot``). Sizes of 1024 and up are run ``--large-repeats`` times (default once).
-
-Memory mode runs every case in a fresh process and reports its peak resident memory (the whole
-process: interpreter, libraries, weights and activations), then a 2048x2048 encode + decode
-round trip with ``tiled=True``, and the peak memory of loading each model, against the size of
-its weights. It reads Linux's /proc, runs on the CPU and takes about 25 minutes on 2 cores.
+Peak memory is measured by ``benchmarks/memory.py``, the app's views by ``benchmarks/views.py``.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import math
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 import sd_parts  # noqa: E402
 from tests.conftest import reference_text_encoder, reference_vae  # noqa: E402
+from viz.metrics import psnr  # noqa: E402
 
 IMPLS = ("reference", "exact", "fast")
 
@@ -72,11 +65,6 @@ def test_prompt() -> torch.Tensor:
     """77 token ids: start, 12 words, end, then end-of-text padding, as SD's tokenizer gives."""
     words = torch.randint(400, 40000, (12,), generator=torch.Generator().manual_seed(0))
     return torch.cat([torch.tensor([49406]), words, torch.full((64,), 49407)]).unsqueeze(0)
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor, peak: float) -> float:
-    mse = (a.float() - b.float()).pow(2).mean().item()
-    return math.inf if mse == 0 else 10 * math.log10(peak**2 / mse)
 
 
 def vae_flops(library: str, op: str, size: int) -> int:
@@ -321,135 +309,6 @@ def plot(totals: dict, fast: torch.dtype | None, path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# memory mode: every case in a fresh process
-
-
-def peak_rss_mb() -> float:
-    """The process's peak resident memory since it started or since ``reset_peak_rss``.
-
-    Linux's ``VmHWM``, not ``getrusage``: the latter keeps the peak of the parent process that
-    forked this one, which here holds two copies of the weights.
-    """
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("memory mode needs Linux's /proc/self/status")
-
-
-def reset_peak_rss() -> None:
-    """Restart the peak from the present resident memory (Linux 4.0 and later)."""
-    Path("/proc/self/clear_refs").write_text("5")
-
-
-def current_rss_mb() -> float:
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2**20
-
-
-def one_case(impl: str, op: str, size: int, folder: Path) -> dict:
-    """Runs in a child process: load one model, run one call, report memory."""
-    if op.startswith("load"):
-        return load_case(impl, op, folder)
-    if impl == "reference":
-        from diffusers import AutoencoderKL
-
-        vae = AutoencoderKL.from_pretrained(folder / "vae").eval()
-    else:
-        dtype = torch.float32 if impl == "exact" else sd_parts.fast_dtype("cpu")
-        vae = sd_parts.load_vae(str(folder / "vae"), dtype=dtype)
-    before = peak_rss_mb()
-    start = time.perf_counter()
-    with torch.no_grad():
-        if op == "roundtrip":  # tiled, sd_parts only
-            latents = vae.encode(test_image(size), tiled=True).mean
-            vae.decode(latents, tiled=True)
-        elif op == "encode":
-            image = test_image(size)
-            vae.encode(image).latent_dist if impl == "reference" else vae.encode(image)
-        else:
-            latents = torch.randn(1, 4, size // 8, size // 8)
-            vae.decode(latents).sample if impl == "reference" else vae.decode(latents)
-    return {"peak_mb": peak_rss_mb(), "after_load_mb": before,
-            "seconds": time.perf_counter() - start}
-
-
-def load_case(impl: str, op: str, folder: Path) -> dict:
-    """Peak memory while loading a model and bringing every weight into memory (the first call
-    would), minus the memory in use before, against the size of the weights file."""
-    which = "vae" if op == "load_vae" else "text_encoder"
-    files = list((folder / which).glob("*.safetensors"))
-    weights_mb = sum(f.stat().st_size for f in files) / 2**20
-    if impl == "reference":  # import the library first: its import is not loading
-        if which == "vae":
-            from diffusers import AutoencoderKL as Model
-        else:
-            from transformers import CLIPTextModel as Model
-    reset_peak_rss()
-    rss_before = current_rss_mb()
-    start = time.perf_counter()
-    dtype = sd_parts.fast_dtype("cpu") if impl == "fast" else torch.float32
-    if impl == "reference":
-        model = Model.from_pretrained(folder / which)
-    elif which == "vae":
-        model = sd_parts.load_vae(str(folder / which), dtype=dtype)
-    else:
-        model = sd_parts.load_text_encoder(str(folder / which), dtype=dtype)
-    seconds = time.perf_counter() - start
-    for tensor in model.state_dict().values():
-        tensor.sum()  # page every weight in, as a first forward pass would
-    return {"peak_mb": peak_rss_mb(), "increase_mb": peak_rss_mb() - rss_before,
-            "weights_mb": weights_mb, "seconds": seconds}
-
-
-def run_child(impl: str, op: str, size: int, folder: Path) -> dict:
-    command = [sys.executable, __file__, "--one-case", impl, op, str(size), str(folder)]
-    print(f"  {impl} {op} {size}", file=sys.stderr)
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def memory_mode(args: argparse.Namespace, folder: Path) -> None:
-    fast = sd_parts.fast_dtype("cpu")
-    impls = IMPLS if fast != torch.float32 else IMPLS[:2]
-    print("| case | diffusers (fp32) | sd_parts exact (fp32) | sd_parts fast |")
-    print("| --- | ---: | ---: | ---: |")
-    for size in args.sizes:
-        for op in ("encode", "decode"):
-            cells = [f"VAE {op} {size}"]
-            for impl in IMPLS:
-                result = run_child(impl, op, size, folder) if impl in impls else None
-                cells.append(f"{result['peak_mb']:,.0f} MB" if result else "-")
-            print("| " + " | ".join(cells) + " |", flush=True)
-    if args.big:
-        cells = [f"VAE encode + decode {args.big}, tiled"]
-        for impl in IMPLS:
-            if impl == "reference" or impl not in impls:
-                cells.append("-")
-                continue
-            result = run_child(impl, "roundtrip", args.big, folder)
-            cells.append(f"{result['peak_mb']:,.0f} MB ({result['seconds']:.0f} s)")
-        print("| " + " | ".join(cells) + " |", flush=True)
-    print("\npeak resident memory of a fresh process doing one call (interpreter, libraries, "
-          "weights and activations)\n")
-    print("| loading | library | peak increase / file size | file size | load time |")
-    print("| --- | --- | ---: | ---: | ---: |")
-    for op, what in (("load_vae", "VAE"), ("load_text_encoder", "text encoder")):
-        libraries = [("reference", "diffusers" if what == "VAE" else "transformers"),
-                     ("exact", "sd_parts, float32")]
-        if "fast" in impls:
-            libraries.append(("fast", f"sd_parts, {str(fast).removeprefix('torch.')}"))
-        for impl, library in libraries:
-            result = run_child(impl, op, 0, folder)
-            print(f"| {what} | {library} | {result['increase_mb'] / result['weights_mb']:.2f} "
-                  f"| {result['weights_mb']:,.0f} MB | {result['seconds']:.2f} s |", flush=True)
-    print("\nthe increase of peak resident memory from just before loading until every weight "
-          "has been read once; the files hold float32")
-
-
-# ---------------------------------------------------------------------------------------------
 
 
 def main() -> None:
@@ -460,20 +319,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--plot", default=str(ROOT / "benchmarks" / "vae_time.png"),
                         help="where to save the plot ('' for none)")
-    parser.add_argument("--memory", action="store_true", help="peak memory, not time")
-    parser.add_argument("--big", type=int, default=2048,
-                        help="side of the tiled round trip in memory mode (0: skip)")
-    parser.add_argument("--one-case", nargs=4, metavar=("IMPL", "OP", "SIZE", "FOLDER"),
-                        help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.one_case:
-        impl, op, size, folder = args.one_case
-        print(json.dumps(one_case(impl, op, int(size), Path(folder))))
-        return
     with tempfile.TemporaryDirectory() as tmp:
         print("writing full-size random weights", file=sys.stderr)
         write_weights(Path(tmp))
-        (memory_mode if args.memory else time_mode)(args, Path(tmp))
+        time_mode(args, Path(tmp))
 
 
 if __name__ == "__main__":

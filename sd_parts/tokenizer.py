@@ -12,7 +12,7 @@ Text goes through four steps:
    learned merges are applied, earliest learned first, until no learned pair is left.
 
 The ids are then wrapped as ``<|startoftext|> ... <|endoftext|>`` and, for SD v1, cut and padded to
-77 positions with ``<|endoftext|>``.
+77 positions with ``<|endoftext|>``: ``context_ids`` is that rule, the one place it is written.
 
 References: Radford et al. 2021, "Learning Transferable Visual Models From Natural Language
 Supervision" (CLIP); Sennrich et al. 2016, "Neural Machine Translation of Rare Words with Subword
@@ -40,6 +40,8 @@ from sd_parts.weights import WeightsError, fetch_files
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
+BOS_ID = 49406  # the ids of the two special tokens in CLIP's 49,408-entry vocabulary
+EOS_ID = 49407
 END_OF_WORD = "</w>"
 MAX_LENGTH = 77  # SD v1's text encoder has 77 position embeddings
 
@@ -82,6 +84,38 @@ BYTE_TO_UNICODE = _byte_to_unicode()
 UNICODE_TO_BYTE = {symbol: b for b, symbol in BYTE_TO_UNICODE.items()}
 
 
+def context_ids(
+    ids: Sequence[int],
+    max_length: int = MAX_LENGTH,
+    bos_id: int = BOS_ID,
+    eos_id: int = EOS_ID,
+    pad_id: int = EOS_ID,
+) -> list[int]:
+    """The ``max_length`` ids SD v1's text encoder sees for a prompt's ids (given without BOS/EOS).
+
+    BOS, the first ``max_length - 2`` ids, EOS, then ``pad_id`` up to ``max_length``: a longer
+    prompt loses its end, and its EOS still closes the sequence, because CLIP was trained that way.
+    """
+    if max_length < 2:
+        raise ValueError(f"max_length must leave room for BOS and EOS, got {max_length}")
+    kept = list(ids[: tokens_kept(len(ids), max_length)])
+    return [bos_id, *kept, eos_id] + [pad_id] * (max_length - 2 - len(kept))
+
+
+def tokens_kept(n_tokens: int, max_length: int = MAX_LENGTH) -> int:
+    """How many of a prompt's ``n_tokens`` fit between BOS and EOS (75 for SD v1)."""
+    return min(n_tokens, max_length - 2)
+
+
+def piece_bytes(piece: str) -> bytes:
+    """The UTF-8 bytes a vocabulary piece stands for, without its end-of-word mark.
+
+    ``'catâĢ¢</w>'`` gives ``b'cat\xe2\x80\xa2'``. A piece may hold only part of a character:
+    BPE merges bytes, not characters, so an emoji's four bytes can be split over two pieces.
+    """
+    return bytes(UNICODE_TO_BYTE[symbol] for symbol in piece.removesuffix(END_OF_WORD))
+
+
 def clean_text(text: str) -> str:
     """CLIP's text clean-up: fix mojibake, unescape HTML (twice, for ``&amp;amp;``), lowercase.
 
@@ -100,9 +134,9 @@ class CLIPTokenizer:
     list is its rank, and lower ranks (learned earlier, more frequent) are applied first.
     """
 
-    bos_token_id: int = 49406
-    eos_token_id: int = 49407
-    pad_token_id: int = 49407  # SD v1 pads with <|endoftext|> (SD 2 later used "!", id 0)
+    bos_token_id: int = BOS_ID
+    eos_token_id: int = EOS_ID
+    pad_token_id: int = EOS_ID  # SD v1 pads with <|endoftext|> (SD 2 later used "!", id 0)
     model_max_length: int = MAX_LENGTH
 
     def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]]) -> None:
@@ -183,16 +217,16 @@ class CLIPTokenizer:
     def __call__(self, texts: str | Sequence[str]) -> torch.Tensor:
         """Token ids of shape (B, 77) and dtype long, ready for SD v1's text encoder.
 
-        Longer texts keep BOS, the first 75 tokens and EOS; shorter ones are padded with EOS.
+        Longer texts keep BOS, the first 75 tokens and EOS; shorter ones are padded with EOS
+        (``context_ids``).
         """
         batch = [texts] if isinstance(texts, str) else list(texts)
-        ids = torch.full((len(batch), self.model_max_length), self.pad_token_id, dtype=torch.long)
-        for row, text in enumerate(batch):
-            encoded = self.encode(text)
-            if len(encoded) > self.model_max_length:
-                encoded = encoded[: self.model_max_length - 1] + [self.eos_token_id]
-            ids[row, : len(encoded)] = torch.tensor(encoded, dtype=torch.long)
-        return ids
+        rows = [
+            context_ids(self.convert_tokens_to_ids(self.tokenize(text)), self.model_max_length,
+                        self.bos_token_id, self.eos_token_id, self.pad_token_id)
+            for text in batch
+        ]
+        return torch.tensor(rows, dtype=torch.long).view(len(batch), self.model_max_length)
 
     def convert_ids_to_tokens(self, ids: Sequence[int] | torch.Tensor) -> list[str]:
         """The vocabulary pieces for ``ids`` (a list or a 1-D tensor)."""
@@ -222,11 +256,8 @@ class CLIPTokenizer:
                 if not skip_special_tokens:
                     data += token.encode("utf-8")
                 continue
-            word_end = token.endswith(END_OF_WORD)
-            if word_end:
-                token = token[: -len(END_OF_WORD)]
-            data += bytes(UNICODE_TO_BYTE[symbol] for symbol in token)
-            if word_end:
+            data += piece_bytes(token)
+            if token.endswith(END_OF_WORD):
                 data += b" "
         # A cut-off sequence can end inside a multi-byte character; show it as U+FFFD.
         return data.decode("utf-8", errors="replace").strip()

@@ -25,6 +25,14 @@ def reference_vae(block_out_channels=(128, 256, 512, 512), layers_per_block=2, n
     ).eval()
 
 
+def tiny_reference_vae():
+    """The reference VAE in sd_parts' TINY_VAE configuration."""
+    from sd_parts import TINY_VAE
+
+    return reference_vae(TINY_VAE.block_out_channels, TINY_VAE.layers_per_block,
+                         TINY_VAE.norm_num_groups)
+
+
 def reference_text_encoder(hidden_size=768, intermediate_size=3072, layers=12, heads=12):
     from transformers import CLIPTextConfig, CLIPTextModel
 

@@ -131,6 +131,7 @@ def server_env(folder: Path, proxy_port: int, extra: dict[str, str]) -> dict[str
         "http_proxy": proxy, "https_proxy": proxy, "all_proxy": proxy,
         "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
         "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1",  # tiny models: a second thread only waits for the first
     }
     return env | extra
 

@@ -1,9 +1,11 @@
-"""The app, started in-process with tiny random weights, driven through gradio_client."""
+"""The app, started in-process with tiny random weights, driven through gradio_client; and the
+tabs' own functions, whose pictures are checked against the tensors they show."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
@@ -12,107 +14,156 @@ from safetensors import safe_open
 
 import app
 from tests.serve import free_port
+from ui import server
+from ui.shared import shown
+from ui.tabs import image, prompt
+from viz.heatmap import colorize
+from viz.text_encoder import ATTENTION
 
-TINY = "tiny random weights"
+TINY = app.RANDOM_VAE["tiny"]
+MODELS = app.Models(app.Settings(weights="tiny"))
 
 
 @pytest.fixture(scope="module")
 def client():
-    demo = app.build_demo(app.Settings(weights="tiny"))
+    demo = app.build_demo(MODELS.settings)
     port = free_port()
-    app.launch(demo, server_port=port, prevent_thread_lock=True, quiet=True)
+    server.launch(demo, server_port=port, prevent_thread_lock=True, quiet=True)
     try:
         yield Client(f"http://127.0.0.1:{port}/", verbose=False)
     finally:
         demo.close()
 
 
-def encode(client: Client, path: str | Path, latent_kind: str = app.MEAN, size: int = 256):
-    return client.predict(handle_file(str(path)), TINY, size, "crop", latent_kind, 0, True, True,
-                          api_name="/encode_image")
+def encode(client: Client, path: str | Path, latent_kind: str = image.MEAN,
+           size: int = 256) -> dict:
+    values = client.predict(handle_file(str(path)), TINY, size, "crop", latent_kind, 0, True, True,
+                            api_name="/encode_image")
+    return dict(zip(image.OUTPUTS, values, strict=True))
 
 
-def as_dict(values: tuple) -> dict:
-    return dict(zip(app.IMAGE_OUTPUTS, values, strict=True))
-
-
-@pytest.mark.parametrize("example", app.EXAMPLE_IMAGES)
+@pytest.mark.parametrize("example", image.EXAMPLE_IMAGES[:2])
 def test_encode_examples(client, example):
-    out = as_dict(encode(client, example))
+    out = encode(client, example)
     source = Image.open(example)
-    assert "Resized" in out["size"] or "no crop" in out["size"]
+    assert out["status"] is None
+    # the tiny VAE halves each side once: the page says so, not SD v1's 8x
+    assert "multiples of 2" in out["size"] and "1 latent pixel per 2x2 pixels" in out["size"]
     reconstruction = Image.open(out["reconstruction"])
     assert reconstruction.format == "PNG"  # exact pixels, not lossy WebP
-    assert reconstruction.width % 8 == 0 and reconstruction.height % 8 == 0
+    assert reconstruction.width % 2 == 0 and reconstruction.height % 2 == 0
     assert max(reconstruction.size) <= 256
     assert abs(reconstruction.width / reconstruction.height - source.width / source.height) < 0.1
-    for name in ("channels", "histogram", "std", "error"):
-        assert out[name]["type"] == "matplotlib" and out[name]["plot"].startswith("data:image/png")
+    # previews are shown at the size of the encoder's input, not as a strip of latent pixels
+    for name in ("preview", "fitted_preview"):
+        assert Image.open(out[name]).size == reconstruction.size
+    for name in ("channels", "std", "error"):
+        assert Image.open(out[name]).width > 300
+    assert out["histogram"]["type"] == "matplotlib"
     assert "PSNR" in out["metrics"] and "SSIM" in out["metrics"]
     assert len(out["stats"]["data"]) == 5  # four channels and all of them together
     latent_path, png_path = out["downloads"]
     with safe_open(latent_path, framework="pt") as f:
         latent = f.get_tensor("latent")
         metadata = f.metadata()
-    assert latent.shape == (1, 4, reconstruction.height // 2, reconstruction.width // 2)  # tiny: /2
+    assert latent.shape == (1, 4, reconstruction.height // 2, reconstruction.width // 2)
     assert float(metadata["scaling_factor"]) == pytest.approx(0.18215)
     assert Image.open(png_path).size == reconstruction.size
 
 
 def test_sample_differs_from_mean_and_is_seeded(client):
-    example = app.EXAMPLE_IMAGES[0]
-    mean = as_dict(encode(client, example, app.MEAN))["downloads"][0]
-    sample = as_dict(encode(client, example, app.SAMPLE))["downloads"][0]
-    again = as_dict(encode(client, example, app.SAMPLE))["downloads"][0]
+    example = image.EXAMPLE_IMAGES[0]
+    mean = encode(client, example, image.MEAN, 256)["downloads"][0]
+    sample = encode(client, example, image.SAMPLE, 256)["downloads"][0]
+    again = encode(client, example, image.SAMPLE, 256)["downloads"][0]
     with safe_open(mean, "pt") as a, safe_open(sample, "pt") as b, safe_open(again, "pt") as c:
         z_mean, z_sample, z_again = (f.get_tensor("latent") for f in (a, b, c))
     assert not z_mean.equal(z_sample)
     assert z_sample.equal(z_again)
 
 
-def inspect(client: Client, prompt: str, layer: int = 1, head: str = app.MEAN_OVER_HEADS,
-            padding: bool = False) -> tuple:
-    return client.predict(prompt, layer, head, padding, api_name="/inspect_prompt")
+def test_unusable_upload_gives_one_message_and_empty_outputs(client, tmp_path):
+    notes = tmp_path / "not_an_image.png"
+    notes.write_text("not an image")
+    out = encode(client, notes)
+    assert "is not an image Pillow can read" in out["status"]
+    assert r"not\_an\_image.png" in out["status"]  # shown as typed: no italics
+    assert out["stats"]["data"] == []  # an empty table
+    assert all(value is None for name, value in out.items() if name not in ("status", "stats"))
+
+
+def inspect(client: Client, text: str, layer: int = 1, head: str = prompt.MEAN_OVER_HEADS,
+            padding: bool = False) -> dict:
+    values = client.predict(text, layer, head, padding, api_name="/inspect_prompt")
+    return dict(zip(prompt.OUTPUTS, values, strict=True))
 
 
 def test_inspect_prompt(client):
-    tokens, notes, table, *plots, embeddings = inspect(client, "a photo of a cat")
-    pieces = [item["token"] for item in tokens]
-    assert pieces[:7] == ["<|startoftext|>", "a</w>", "photo</w>", "of</w>", "a</w>", "cat</w>",
-                          "<|endoftext|>"]
-    assert len(pieces) == 77 and tokens[-1]["class_or_confidence"] == "padding"
-    assert "7 of 77" in notes
-    assert [row[2] for row in table["data"][:7]] == [49406, 320, 1125, 539, 320, 2368, 49407]
-    assert all(plot["type"] == "matplotlib" for plot in plots)
-    with safe_open(embeddings, "pt") as f:
+    out = inspect(client, "a photo of a cat 🐱")
+    texts = [item["token"] for item in out["tokens"]]
+    assert texts[:8] == ["<|startoftext|>", "a</w>", "photo</w>", "of</w>", "a</w>", "cat</w>",
+                         "🐱</w>", "<|endoftext|>"]
+    assert len(texts) == 77 and out["tokens"][-1]["class_or_confidence"] == "padding"
+    assert "8 of 77" in out["notes"]
+    rows = out["table"]["data"]
+    assert [row[3] for row in rows[:8]] == [49406, 320, 1125, 539, 320, 2368, 22979, 49407]
+    assert rows[6][2] == "ðŁĲ±</w>" and rows[6][1] == "🐱</w>"  # raw piece and its text
+    for name in ("embeddings", "norms", "cosine", "attention", "heads", "eos"):
+        assert Image.open(out[name]).width > 200
+    with safe_open(out["download"], "pt") as f:
         assert f.get_tensor("last_hidden_state").shape == (1, 77, 32)
 
 
 def test_empty_and_long_prompts(client):
-    tokens, notes, *_ = inspect(client, "")
-    assert [t["class_or_confidence"] for t in tokens[:3]] == ["BOS", "EOS", "padding"]
-    assert "unconditional" in notes
+    out = inspect(client, "")
+    assert [t["class_or_confidence"] for t in out["tokens"][:3]] == ["BOS", "EOS", "padding"]
+    assert "unconditional" in out["notes"]
     words = ["cat"] * 75 + ["zebra"] + ["dog"] * 424  # 500 words, one token each
-    tokens, notes, *_ = inspect(client, " ".join(words))
-    assert len(tokens) == 77 and tokens[-1]["class_or_confidence"] == "EOS"
-    assert "425 more tokens were cut" in notes and "never sees these words: “zebra”" in notes
+    out = inspect(client, " ".join(words))
+    assert len(out["tokens"]) == 77 and out["tokens"][-1]["class_or_confidence"] == "EOS"
+    assert "425 more tokens were cut" in out["notes"]
+    assert "never sees these words: “zebra”" in out["notes"]
 
 
-def test_script_is_shown_as_text(client):
-    """The prompt comes back as plain text pieces (the browser tests check nothing runs)."""
-    prompt = "<script>alert(1)</script>"
-    tokens, *_ = inspect(client, prompt)
-    pieces = [t["token"] for t in tokens if t["class_or_confidence"] == "token"]
-    assert "".join(p.removesuffix("</w>") for p in pieces) == prompt
+def test_tokens_come_before_the_text_encoder_runs():
+    views = prompt.inspect_prompt(MODELS, "a photo of a cat", 1, prompt.MEAN_OVER_HEADS, False)
+    first = next(views)
+    assert set(first) == {"tokens", "notes", "table"}
+    last = next(views)
+    assert set(last) == set(prompt.OUTPUTS)
 
 
-def test_attention_view_changes_with_layer_and_head(client):
-    inspect(client, "a photo of a cat")
-    views = {
-        (layer, head): client.predict("a photo of a cat", layer, head, False,
-                                      api_name="/attention_view")[0]["plot"]
-        for layer, head in [(1, app.MEAN_OVER_HEADS), (2, app.MEAN_OVER_HEADS), (2, "head 3")]
+def test_attention_views_show_the_chosen_layer_and_head():
+    read = prompt.read_tokens(MODELS.tokenizer(), "a photo of a cat")
+    output = prompt.run_text_encoder(MODELS, read.ids)
+    views = prompt.attention_views(read, output, 2, "head 3", False)
+    weights = output.attentions[1][0, 2, : read.n_real, : read.n_real].double().numpy()
+    future = np.triu(np.ones(weights.shape, dtype=bool), k=1)
+    (box,) = views["attention"].maps
+    np.testing.assert_array_equal(box.cells(views["attention"].pixels),
+                                  colorize(weights, ATTENTION, 0.0, weights.max(), future))
+    heads = views["heads"]
+    layer2 = output.attentions[1][0, :, : read.n_real, : read.n_real].double().numpy()
+    for head, box in enumerate(heads.maps):
+        np.testing.assert_array_equal(box.cells(heads.pixels),
+                                      colorize(layer2[head], ATTENTION, 0.0, layer2.max(), future))
+
+
+def test_served_attention_map_is_the_one_asked_for(client):
+    """The picture the server sends for layer 2, head 3 is the one drawn from that layer and
+    head, pixel for pixel; another layer or head gives another picture."""
+    text = "a photo of a cat"
+    inspect(client, text)
+    served = {
+        (layer, head): np.asarray(Image.open(client.predict(
+            text, layer, head, False, api_name="/attention_view")[0]).convert("RGB"))
+        for layer, head in [(1, prompt.MEAN_OVER_HEADS), (2, prompt.MEAN_OVER_HEADS),
+                            (2, "head 3")]
     }
-    assert len(set(views.values())) == 3
+    read = prompt.read_tokens(MODELS.tokenizer(), text)
+    output = prompt.run_text_encoder(MODELS, read.ids)
+    drawn = shown(prompt.attention_views(read, output, 2, "head 3", False)["attention"])
+    np.testing.assert_array_equal(served[(2, "head 3")], drawn)
+    assert len({array.tobytes() for array in served.values()}) == 3
     with pytest.raises(AppError, match="heads"):
-        client.predict("a photo of a cat", 1, "head 9", False, api_name="/attention_view")
+        client.predict(text, 1, "head 9", False, api_name="/attention_view")

@@ -1,47 +1,137 @@
-"""The app with real-weight settings when nothing can be downloaded: it starts, the tokenizer
-works on the bundled vocabulary, and the model views say what failed and how to fix it."""
+"""The app with real-weight settings when the Hub cannot help: offline with nothing cached, or a
+Hub that does not answer. It starts, the tokens are shown at once, the model views say what
+failed and how to fix it, a failure is known in seconds and remembered, cached weights still
+load, and the start-up prefetch says what it does."""
 
 from __future__ import annotations
+
+import time
+from pathlib import Path
 
 import gradio as gr
 import huggingface_hub.constants
 import pytest
 
 import app
+from tests.conftest import tiny_reference_vae
+from tests.serve import free_port
+from tests.test_weights import build_hub_cache
+from ui import loading
+from ui.tabs import image, prompt
+
+SD_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+HUB = app.Settings(weights="hub")
 
 
 @pytest.fixture
-def offline_settings(tmp_path, monkeypatch) -> app.Settings:
+def empty_cache(tmp_path, monkeypatch) -> Path:
+    cache = tmp_path / "empty-cache"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(app, "HUB", loading.HubAccess())
+    for getter in (app.get_vae, app.get_text_encoder, prompt.run_text_encoder):
+        getter.cache_clear()
+    return cache
+
+
+@pytest.fixture
+def offline(empty_cache, monkeypatch) -> None:
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
-    app.get_vae.cache_clear()
-    app.get_text_encoder.cache_clear()
-    return app.Settings(weights="hub")
 
 
-def test_demo_builds_without_loading_anything(offline_settings):
-    assert isinstance(app.build_demo(offline_settings), gr.Blocks)
+@pytest.fixture
+def unreachable(empty_cache, monkeypatch) -> None:
+    """Online mode, but the Hub's address is a port nobody listens on: refused at once."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{free_port()}")
 
 
-def test_prompt_view_shows_tokens_and_the_reason(offline_settings):
-    tokens, notes, table, *views = app.inspect_prompt(offline_settings, "a photo of a cat", 1,
-                                                      app.MEAN_OVER_HEADS, False)
-    assert [row[2] for row in table[:7]] == [49406, 320, 1125, 539, 320, 2368, 49407]
-    assert tokens[1] == ("a</w>", "token")
+def test_demo_builds_without_loading_anything(offline):
+    assert isinstance(app.build_demo(HUB), gr.Blocks)
+    assert app.get_vae.cache_info().currsize == app.get_text_encoder.cache_info().currsize == 0
+
+
+def test_prompt_view_shows_tokens_and_the_reason(offline):
+    views = list(prompt.inspect_prompt(app.Models(HUB), "a photo of a cat", 1,
+                                       prompt.MEAN_OVER_HEADS, False))
+    assert views[0]["tokens"][1] == ("a</w>", "token")  # before any model is asked for
+    last = views[-1]
+    assert [row[3] for row in last["table"][:7]] == [49406, 320, 1125, 539, 320, 2368, 49407]
+    notes = last["notes"]
     assert "could not be loaded" in notes and "not in the local cache" in notes
-    assert sd_repo_named(notes)
-    assert all(view is None for view in views)
+    assert SD_REPO in notes
+    assert all(last.get(name) is None for name in ("embeddings", "attention", "download"))
 
 
-def sd_repo_named(text: str) -> bool:
-    return "stable-diffusion-v1-5/stable-diffusion-v1-5" in text
-
-
-def test_image_view_says_what_failed(offline_settings):
-    run = app.encode_image(offline_settings, app.EXAMPLE_IMAGES[0], "SD v1.5 VAE", 256, "crop",
-                           app.MEAN, 0, True, True)
-    with pytest.raises(gr.Error) as info:
-        next(run)
-    message = info.value.message
+def test_image_view_says_what_failed(offline):
+    (views,) = image.encode_image(app.Models(HUB), image.EXAMPLE_IMAGES[0], "SD v1.5 VAE", 256,
+                                  "crop", image.MEAN, 0, True, True)
+    message = views["status"]
     assert "vae/config.json: not in the local cache and the Hub could not be reached" in message
-    assert sd_repo_named(message) and "HF_HUB_OFFLINE=1" in message
+    assert SD_REPO in message and r"HF\_HUB\_OFFLINE=1" in message
+    assert all(value is None for name, value in views.items() if name != "status")
+
+
+def test_unreachable_hub_is_known_at_once_and_remembered(unreachable):
+    models = app.Models(HUB)
+    start = time.perf_counter()
+    (views,) = image.encode_image(models, image.EXAMPLE_IMAGES[0], "SD v1.5 VAE", 256, "crop",
+                                  image.MEAN, 0, True, True)
+    first_s = time.perf_counter() - start
+    message = views["status"]
+    assert "the Hugging Face Hub did not answer" in message and "ConnectError" in message
+    for fix in (r"HF\_HUB\_OFFLINE=1", "local folder", "--weights random"):
+        assert fix in message
+    assert first_s < 10  # huggingface_hub alone retries for about 45 s
+
+    start = time.perf_counter()
+    last = list(prompt.inspect_prompt(models, "a cat", 1, prompt.MEAN_OVER_HEADS, False))[-1]
+    assert time.perf_counter() - start < 2  # remembered: the Hub is not asked again
+    assert "the Hugging Face Hub did not answer" in last["notes"]
+    assert app.HUB.probes == 1 and 0 < app.HUB.retry_in() <= loading.REMEMBER_FAILURE_S
+
+
+def test_cached_weights_load_while_the_hub_is_down(unreachable, empty_cache, tmp_path):
+    folder = tmp_path / "vae"
+    tiny_reference_vae().save_pretrained(folder)
+    build_hub_cache(empty_cache, SD_REPO, {f"vae/{f.name}": f for f in folder.iterdir()})
+    vae = app.get_vae(HUB, "SD v1.5 VAE", True)
+    assert vae.config.block_out_channels == (16, 32)
+    assert app.HUB.probes == 1 and huggingface_hub.constants.HF_HUB_OFFLINE is False
+
+
+def test_hub_timeouts_are_short():
+    assert huggingface_hub.constants.HF_HUB_ETAG_TIMEOUT == loading.ETAG_TIMEOUT_S
+
+
+def test_prefetch_starts_only_when_something_is_missing(empty_cache, unreachable, tmp_path):
+    said = []
+    downloads = app.downloads(HUB)
+    assert [d.source for d in downloads] == [SD_REPO, SD_REPO]
+    assert app.downloads(app.Settings(weights="random")) == []
+    local = loading.Download("a local VAE", str(tmp_path), None, downloads[0].layout)
+    assert local.cached() and loading.start_prefetch([local], app.HUB, said.append) is None
+    # the Hub does not answer: said once in the console, nothing started
+    assert loading.start_prefetch(downloads, app.HUB, said.append) is None
+    assert len(said) == 1 and "did not answer" in said[0] and "--weights random" in said[0]
+
+
+def test_prefetch_fetches_in_the_background(empty_cache, tmp_path, monkeypatch):
+    """With a Hub that answers (here: files are 'fetched' from a local copy), the missing files
+    are fetched in a thread, with a line in the console before and after."""
+    monkeypatch.setattr(app.HUB, "failure", lambda: None)
+    folder = tmp_path / "vae"
+    tiny_reference_vae().save_pretrained(folder)
+    fetched = []
+
+    def fetch(self: loading.Download) -> None:
+        build_hub_cache(empty_cache, self.source, {f"vae/{f.name}": f for f in folder.iterdir()})
+        fetched.append(self.what)
+
+    monkeypatch.setattr(loading.Download, "fetch", fetch)
+    download = app.downloads(HUB)[0]
+    said = []
+    thread = loading.start_prefetch([download], app.HUB, said.append)
+    thread.join(timeout=30)
+    assert fetched == [download.what] and download.cached()
+    assert said[0].startswith("Fetching the VAE") and said[1].startswith("Fetched the VAE")
+    assert loading.start_prefetch([download], app.HUB, said.append) is None  # cached now

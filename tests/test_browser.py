@@ -138,16 +138,11 @@ def upload(page, name: str, data: bytes, mime: str = "image/png") -> None:
         files=[{"name": name, "mimeType": mime, "buffer": data}])
 
 
-def toast_text(page, naming: str) -> str:
-    """The text of the error message that names ``naming`` (once it appears)."""
-    toast = page.locator("[data-testid=toast-body]").filter(has_text=naming).last
-    toast.wait_for()
-    return toast.inner_text()
-
-
-def close_toasts(page) -> None:
-    for close in page.locator("[data-testid=toast-close]").all():
-        close.click()
+def status_text(page, naming: str) -> str:
+    """The text of the image tab's status box once it names ``naming``."""
+    status = page.locator("#image-status").filter(has_text=naming)
+    status.wait_for()
+    return status.inner_text()
 
 
 def open_tab(page, name: str) -> None:
@@ -206,23 +201,24 @@ def test_download_the_latent(page, tmp_path):
     assert float(metadata["scaling_factor"]) > 0
 
 
-def test_non_image_upload_shows_a_readable_error(page):
+def test_non_image_upload_shows_one_readable_message(page):
     upload(page, "notes.png", b"this is a text file with an image's name\n")
-    message = toast_text(page, "notes.png")
+    message = status_text(page, "notes.png")
     assert "'notes.png' is not an image Pillow can read" in message
     assert "Traceback" not in message
+    # one message, not an "Error" badge on every output box
+    assert page.get_by_text("Error", exact=True).count() == 0
+    assert page.locator("[data-testid=toast-body]").count() == 0
     shot(page, "3-not-an-image")
-    close_toasts(page)
 
 
 def test_markup_in_a_file_name_is_shown_as_text(page):
     """Gradio drops < and > from uploaded names; entities would still become markup unescaped."""
     upload(page, f"&lt;b&gt;bold&lt;i&gt; {IMG_ONERROR}.png", b"not an image either")
-    message = toast_text(page, "onerror")
+    message = status_text(page, "onerror")
     assert "'&lt;b&gt;bold&lt;i&gt; img src=x onerror=alert(1).png' is not an image" in message
-    assert page.locator("[data-testid=toast-body] :is(b, i), img[src=x]").count() == 0
+    assert page.locator("#image-status :is(b, i), img[src=x]").count() == 0
     assert page.dialogs == []
-    close_toasts(page)
     clear_upload(page)
 
 
@@ -259,6 +255,14 @@ def test_layer_and_head_change_the_map(page):
     by_layer = changed_image(page, "#attention-map", by_head)["src"]
     assert len({first, by_head, by_layer}) == 3
     shot(page, "4-layer-2-head-2")
+
+
+def test_emoji_tokens_are_readable(page):
+    before = loaded_image(page, "#attention-map")["src"]
+    inspect(page, "a cat 🐱 on the moon 🌕")
+    changed_image(page, "#attention-map", before)
+    text = page.locator("#token-view").inner_text()
+    assert "🐱</w>" in text and "<byte 4/4 of 🌕></w>" in text and "ðŁ" not in text
 
 
 def test_markup_in_a_prompt_is_shown_as_text(page):

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,6 +13,8 @@ from PIL import Image
 from sd_parts import TINY_VAE, AutoencoderKL, fast_dtype, load_vae
 from sd_parts.runtime import cpu_has_native_bfloat16
 from sd_parts.vae import blend_tiles, tile_spans
+from viz.metrics import psnr
+from viz.pixels import image_to_tensor
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 # bfloat16 keeps 8 significant bits; measured on the full-size VAE with random weights the
@@ -25,12 +25,7 @@ FAST_MODE_MIN_PSNR_DB = 40.0
 def load_image(name: str, size: int) -> torch.Tensor:
     """An asset as a (1, 3, size, size) tensor in [-1, 1]."""
     image = Image.open(ASSETS / name).convert("RGB").resize((size, size), Image.BICUBIC)
-    pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float()
-    return (pixels / 127.5 - 1).unsqueeze(0)
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor, peak: float) -> float:
-    return 10 * math.log10(peak**2 / (a - b).pow(2).mean().item())
+    return image_to_tensor(image)
 
 
 def test_fast_dtype_follows_the_hardware():

@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from sd_parts.tokenizer import CLIPTokenizer, clean_text, load_tokenizer
+from sd_parts.tokenizer import (
+    BOS_ID,
+    EOS_ID,
+    CLIPTokenizer,
+    clean_text,
+    context_ids,
+    load_tokenizer,
+    piece_bytes,
+)
 from sd_parts.weights import WeightsError
 
 # Pieces that exercise each step: punctuation runs, digits (one token each), accents, scripts
@@ -85,8 +93,8 @@ def test_known_ids(tokenizer: CLIPTokenizer, text: str, ids: list[int]) -> None:
 def test_bundled_vocabulary(tokenizer: CLIPTokenizer) -> None:
     assert len(tokenizer) == 49408
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (
-        49406, 49407, 49407
-    )
+        BOS_ID, EOS_ID, EOS_ID
+    ) == (49406, 49407, 49407)
     assert tokenizer.convert_ids_to_tokens([0, 255, 256, 511, 49405]) == [
         "!", "Ń", "!</w>", "Ń</w>", "jekyll</w>"
     ]
@@ -100,6 +108,25 @@ def test_truncation_and_padding(tokenizer: CLIPTokenizer) -> None:
     assert ids[0, 0] == 49406 and ids[0, -1] == 49407 and (ids[0, 1:-1] == 2653).all()
     assert ids[1, :4].tolist() == [49406, 320, 2368, 49407] and (ids[1, 4:] == 49407).all()
     assert tokenizer(long_prompt).shape == (1, 77)
+
+
+@pytest.mark.parametrize("n_tokens", [0, 1, 75, 76, 300])
+def test_context_ids_cut_and_pad(n_tokens: int) -> None:
+    ids = list(range(1000, 1000 + n_tokens))
+    seen = context_ids(ids)
+    kept = min(n_tokens, 75)
+    assert len(seen) == 77 and seen[0] == BOS_ID and seen[kept + 1] == EOS_ID
+    assert seen[1 : kept + 1] == ids[:kept] and seen[kept + 2 :] == [EOS_ID] * (75 - kept)
+    assert context_ids([5, 6, 7], max_length=4, bos_id=1, eos_id=2, pad_id=0) == [1, 5, 6, 2]
+    assert context_ids([5], max_length=5, bos_id=1, eos_id=2, pad_id=0) == [1, 5, 2, 0, 0]
+    with pytest.raises(ValueError, match="room for BOS and EOS"):
+        context_ids([5], max_length=1)
+
+
+def test_piece_bytes(tokenizer: CLIPTokenizer) -> None:
+    pieces = tokenizer.tokenize("café 🐱")
+    assert b"".join(piece_bytes(p) for p in pieces) == "café🐱".encode()
+    assert piece_bytes("cat</w>") == b"cat"
 
 
 def test_decode(tokenizer: CLIPTokenizer) -> None:

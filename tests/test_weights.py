@@ -14,16 +14,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sd_parts import WeightsError, load_text_encoder, load_vae
-from tests.conftest import reference_text_encoder, reference_vae
+from tests.conftest import reference_text_encoder, tiny_reference_vae
 
-TINY = dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8)
 VAE_FILE = "diffusion_pytorch_model.safetensors"
 
 
 @pytest.fixture(scope="module")
 def tiny_vae_folder(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny_vae")
-    reference_vae(**TINY).save_pretrained(folder)
+    tiny_reference_vae().save_pretrained(folder)
     return folder
 
 

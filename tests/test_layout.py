@@ -1,0 +1,72 @@
+"""The layout is the architecture: imports point one way (app and ui -> viz -> sd_parts), the model
+package needs no UI or plotting library, and no file grows long without saying why."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LONG = 440  # lines: a file past about 400 says at its top why it is one file
+FORBIDDEN = {
+    # package: top-level modules that importing all of it must not load, in the import order
+    "sd_parts": ["gradio", "matplotlib", "PIL", "viz", "ui", "app"],
+    "viz": ["gradio", "ui", "app"],
+    "ui": ["app"],
+}
+SCRIPT = """
+import importlib, json, sys
+loaded = {}
+for package, names in json.loads(sys.argv[1]).items():
+    for name in names:
+        importlib.import_module(name)
+    loaded[package] = sorted({m.split(".")[0] for m in sys.modules})
+print(json.dumps(loaded))
+"""
+
+
+def modules_of(package: str) -> list[str]:
+    folder = ROOT / package
+    return sorted(
+        ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        for path in folder.rglob("*.py")
+    )
+
+
+def test_imports_point_one_way() -> None:
+    """In a fresh interpreter, import every module of sd_parts, then of viz, then of ui; after
+    each package, none of the modules it must not depend on is loaded."""
+    packages = {package: modules_of(package) for package in FORBIDDEN}
+    done = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(packages)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    loaded = json.loads(done.stdout.splitlines()[-1])
+    for package, forbidden in FORBIDDEN.items():
+        assert package in loaded[package]
+        assert set(loaded[package]).isdisjoint(forbidden), (
+            f"importing {package} loads {sorted(set(loaded[package]) & set(forbidden))}")
+
+
+def source_files() -> list[Path]:
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard",
+                             "*.py"], cwd=ROOT, capture_output=True, text=True, check=True)
+    return [ROOT / name for name in listed.stdout.split() if (ROOT / name).is_file()]
+
+
+def test_long_files_say_why() -> None:
+    """A source file over about 400 lines states, in its module docstring, why it is one file:
+    a paragraph that starts "Length:"."""
+    unexplained = []
+    for path in source_files():
+        text = path.read_text(encoding="utf-8")
+        if text.count("\n") <= LONG:
+            continue
+        docstring = ast.get_docstring(ast.parse(text)) or ""
+        if "Length:" not in docstring:
+            unexplained.append(f"{path.relative_to(ROOT)} ({text.count(chr(10))} lines)")
+    assert not unexplained, (
+        f"over {LONG} lines with no 'Length:' paragraph in the module docstring saying why: "
+        f"{', '.join(unexplained)}; split the file or say why it is one")

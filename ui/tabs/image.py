@@ -1,0 +1,192 @@
+"""Tab "Image → latent → image": the VAE encodes an upload into a latent and decodes it back.
+
+``encode_image`` does the work and yields the views by output name: the latent first (with the
+instant preview), then the reconstruction. ``build`` lays the tab out and maps names to
+components. Every picture comes from ``viz``; the VAE's channels and downscale come from its
+config, so any VAE the app loads is shown right.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import gradio as gr
+import torch
+from PIL import Image
+
+import sd_parts
+from ui.loading import ModelUnavailable
+from ui.shared import failure, mode_note, output_path, random_banner, shown
+from viz import export, latents, metrics, pixels, upload
+
+if TYPE_CHECKING:
+    from app import Models
+
+TITLE = "Image → latent → image"
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
+EXAMPLE_IMAGES = [str(p) for p in sorted(ASSETS.iterdir()) if p.suffix in (".png", ".jpg")]
+MEAN, SAMPLE = "posterior mean", "seeded sample (mean + std x noise)"
+SIZES = [256, 384, 512, 768, 1024, 2048]
+MAX_PIXELS = 40_000_000  # checked from the file header, before any pixel is decoded
+TILE_ABOVE_PIXELS = 768 * 768  # bigger images go through the VAE in overlapping tiles
+OUTPUTS = ("status", "size", "vae_input", "preview", "fitted_preview", "channels", "stats",
+           "histogram", "std", "original", "reconstruction", "error", "metrics", "downloads")
+
+
+def encode_image(models: Models, path: str | None, choice: str, max_side: int, fit: str,
+                 latent_kind: str, seed: int, shared_scale: bool, exact: bool
+                 ) -> Iterator[dict[str, object]]:
+    """Yield the latent's views, then all views with the reconstruction, keyed by OUTPUTS.
+
+    Tensors stay float32 here: the VAE casts to its own dtype (bfloat16 in fast mode) and back.
+    """
+    if not path:
+        yield failure(OUTPUTS, "status", "Upload an image or click one of the examples first.")
+        return
+    try:
+        image = upload.load_image(path, MAX_PIXELS)
+        vae = models.vae(choice, bool(exact))
+    except (upload.ImageInputError, ModelUnavailable) as exc:
+        yield failure(OUTPUTS, "status", str(exc))
+        return
+    config, downscale = vae.config, vae.downscale
+    fitted, size_note = pixels.fit_for_vae(image, int(max_side), downscale, mode=fit)
+    tiled = fitted.width * fitted.height > TILE_ABOVE_PIXELS
+    start = time.perf_counter()
+    posterior = vae.encode(pixels.image_to_tensor(fitted), tiled=tiled)
+    if latent_kind == SAMPLE:
+        latent = posterior.sample(torch.Generator().manual_seed(int(seed)))[0]
+    else:
+        latent = posterior.mean[0]
+    encode_s = time.perf_counter() - start
+    latent_views = _latent_views(latent, posterior.std[0], fitted, size_note, vae.config,
+                                 downscale, shared_scale)
+    yield latent_views | {"metrics": f"Encoded in {encode_s:.2f} s. Decoding..."}
+
+    start = time.perf_counter()
+    decoded = vae.decode(latent[None], tiled=tiled)
+    decode_s = time.perf_counter() - start
+    reconstruction = pixels.tensor_to_image(decoded[0])
+    latent_file = export.latent_to_safetensors(
+        latent, config.scaling_factor, fitted.size,
+        output_path("latent.safetensors", models.settings.output_max_age))
+    png_file = output_path("reconstruction.png", models.settings.output_max_age)
+    reconstruction.save(png_file)
+    fitted_map = latents.fit_rgb_map(latent, fitted, config.scaling_factor)
+    fitted_rgb = latents.apply_rgb_map(latent, fitted_map, config.scaling_factor)
+    timing = (f"encoded in {encode_s:.2f} s, decoded in {decode_s:.2f} s"
+              f"{' (tiled)' if tiled else ''}. {mode_note(bool(exact))}")
+    # the last yield carries every output, so an API client gets the complete result
+    yield latent_views | {
+        "original": fitted,
+        "reconstruction": reconstruction,
+        "fitted_preview": latents.enlarge_to(fitted_rgb, fitted.size),
+        "error": metrics.error_view(fitted, reconstruction),
+        "metrics": f"{_quality(fitted, reconstruction)} · {timing}",
+        "downloads": [str(latent_file), str(png_file)],
+    }
+
+
+def _latent_views(latent: torch.Tensor, std: torch.Tensor, fitted: Image.Image, size_note: str,
+                  config: sd_parts.VAEConfig, downscale: int, shared_scale: bool
+                  ) -> dict[str, object]:
+    """Everything shown before the decoder runs: size, preview, channels, numbers, histogram."""
+    scale = config.scaling_factor
+    channels, height, width = latent.shape
+    pixel_values = 3 * fitted.width * fitted.height
+    size = (f"{size_note} The latent is {channels}x{height}x{width} (channels x height x width, "
+            f"1 latent pixel per {downscale}x{downscale} pixels): {latent.numel():,} numbers for "
+            f"{pixel_values:,} pixel values, {pixel_values / latent.numel():.0f}x fewer.")
+    rgb_map = latents.rgb_map_for(channels, scale)
+    if rgb_map is None:  # no published map for this family: the best map for this image
+        matrix = latents.fit_rgb_map(latent, fitted, scale)
+        size += (f" No published RGB map fits a {channels}-channel latent scaled by {scale:g}, "
+                 "so the instant preview uses the map fitted to this image.")
+    else:
+        matrix = rgb_map.matrix()
+    return {
+        "status": None,
+        "size": size,
+        "vae_input": fitted,
+        "preview": latents.enlarge_to(latents.apply_rgb_map(latent, matrix, scale), fitted.size),
+        "channels": latents.latent_channels_view(latent, downscale, shared_scale),
+        "stats": latents.channel_stats(latent, scale),
+        "histogram": latents.latent_histogram_figure(latent, scale),
+        "std": latents.std_view(std, shared_scale),
+    }
+
+
+def _quality(original: Image.Image, reconstruction: Image.Image) -> str:
+    psnr = metrics.psnr(original, reconstruction)
+    psnr_text = "∞ (identical)" if psnr == float("inf") else f"{psnr:.2f} dB"
+    if min(original.size) < metrics.SSIM_MIN_SIDE:
+        return f"**PSNR** {psnr_text} · **SSIM** needs at least 7x7 pixels"
+    return f"**PSNR** {psnr_text} · **SSIM** {metrics.ssim(original, reconstruction):.4f}"
+
+
+def build(models: Models) -> None:
+    """The tab's layout and events, inside an open ``gr.Blocks``."""
+    settings = models.settings
+    if settings.random:
+        gr.Markdown(random_banner(settings.weights), elem_classes="banner")
+    with gr.Row():
+        with gr.Column(scale=1):
+            image_file = gr.File(label="Image (PNG, JPEG, WebP, GIF, BMP, TIFF)",
+                                 file_types=["image"], elem_id="image-input")
+            examples = gr.Examples(EXAMPLE_IMAGES, inputs=image_file, label="Examples")
+            choice = gr.Dropdown(settings.vae_choices, value=settings.vae_choices[0],
+                                 label="VAE weights")
+            max_side = gr.Dropdown(SIZES, value=settings.default_size,
+                                   label="Longer side at most (px)")
+            fit = gr.Radio(["crop", "pad"], value="crop",
+                           label="To make the sides multiples of the VAE's downscale")
+            latent_kind = gr.Radio([MEAN, SAMPLE], value=MEAN, label="Latent to decode",
+                                   elem_id="latent-kind")
+            seed = gr.Number(0, precision=0, label="Seed for the sample")
+            shared_scale = gr.Checkbox(True, label="One colour scale for all channels")
+            exact = gr.Checkbox(sd_parts.fast_dtype("cpu") == torch.float32,
+                                label="Exact mode (float32)")
+            gr.Markdown(mode_note(False))
+            run = gr.Button("Encode and decode", variant="primary")
+        with gr.Column(scale=2):
+            out = {"status": gr.Markdown(elem_classes="status", elem_id="image-status"),
+                   "size": gr.Markdown()}
+            with gr.Row():
+                out["vae_input"] = gr.Image(label="What the encoder sees", format="png")
+                out["preview"] = gr.Image(label="Instant preview: a fixed linear map of the "
+                                          "latent to RGB", format="png")
+                out["fitted_preview"] = gr.Image(label="Linear map fitted to this image",
+                                                 format="png")
+            out["channels"] = gr.Image(label="The latent channels", format="png",
+                                       elem_id="latent-channels")
+            with gr.Row():
+                out["stats"] = gr.Dataframe(headers=latents.CHANNEL_STATS_HEADERS,
+                                            label="Per-channel statistics", interactive=False)
+                out["histogram"] = gr.Plot(label="The latent in model space vs N(0, 1)",
+                                           format="png")
+            out["std"] = gr.Image(label="Posterior std (how uncertain each value is)",
+                                  format="png")
+            with gr.Row():
+                out["original"] = gr.Image(label="Original (as encoded)", format="png")
+                out["reconstruction"] = gr.Image(label="Reconstruction", format="png",
+                                                 elem_id="reconstruction")
+            out["error"] = gr.Image(label="Absolute error", format="png")
+            out["metrics"] = gr.Markdown()
+            out["downloads"] = gr.File(label="Downloads: latent (.safetensors), reconstruction "
+                                       "(.png)", file_count="multiple")
+
+    def encode(path, choice, max_side, fit, latent_kind, seed, shared_scale, exact,
+               progress=gr.Progress(track_tqdm=True)):  # track_tqdm: Hub downloads show here
+        for views in encode_image(models, path, choice, max_side, fit, latent_kind, seed,
+                                  shared_scale, exact):
+            yield {out[name]: shown(views.get(name)) for name in OUTPUTS}
+
+    inputs = [image_file, choice, max_side, fit, latent_kind, seed, shared_scale, exact]
+    outputs = [out[name] for name in OUTPUTS]
+    gr.on([run.click, image_file.upload, latent_kind.change], encode, inputs, outputs,
+          api_name="encode_image", concurrency_id="models", concurrency_limit=1)
+    examples.load_input_event.then(encode, inputs, outputs, api_visibility="private",
+                                   concurrency_id="models", concurrency_limit=1)

@@ -1,0 +1,196 @@
+"""Tab "Prompt → tokens → embeddings → attention": CLIP's tokenizer and text encoder at work.
+
+``inspect_prompt`` yields the tokens at once (the tokenizer needs no model), then every view of
+the text encoder's output; ``update_attention`` redraws the attention views for another layer or
+head without running the encoder again. ``build`` lays the tab out and maps names to components.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import gradio as gr
+import torch
+
+import sd_parts
+from ui.loading import ModelUnavailable
+from ui.shared import literal, output_path, random_banner, shown
+from viz import export, text_encoder, tokens
+
+if TYPE_CHECKING:
+    from app import Models
+
+TITLE = "Prompt → tokens → embeddings → attention"
+EXAMPLE_PROMPTS = [
+    "a photograph of an astronaut riding a horse",
+    "a cup of coffee on a wooden table, morning light, 35mm photo",
+    "",
+]
+MEAN_OVER_HEADS = "mean over heads"
+OUTPUTS = ("tokens", "notes", "table", "embeddings", "norms", "cosine", "attention", "heads",
+           "eos", "download")
+ATTENTION_OUTPUTS = ("attention", "heads", "eos")
+KIND_COLOURS = {"BOS": "green", "EOS": "red", "padding": "gray", "token": "blue"}
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """A prompt as the text encoder sees it."""
+
+    pieces: list[str]  # every BPE piece of the prompt, untruncated, without BOS/EOS
+    rows: list[list]  # the 77 positions, as tokens.token_rows gives them
+    n_real: int  # BOS + kept tokens + EOS
+
+    @property
+    def labels(self) -> list[str]:
+        return [row[1] for row in self.rows]  # the readable text of each position
+
+    @property
+    def ids(self) -> tuple[int, ...]:
+        return tuple(row[3] for row in self.rows)
+
+
+def read_tokens(tokenizer: sd_parts.CLIPTokenizer, prompt: str) -> Tokens:
+    pieces = tokenizer.tokenize(prompt)
+    rows = tokens.token_rows(pieces, tokenizer.convert_tokens_to_ids(pieces))
+    return Tokens(pieces, rows, tokens.positions_used(len(pieces)))
+
+
+@functools.lru_cache(maxsize=8)  # changing layer or head re-draws without re-encoding
+def run_text_encoder(models: Models, input_ids: tuple[int, ...]) -> sd_parts.CLIPTextOutput:
+    encoder = models.text_encoder()
+    with torch.inference_mode():
+        return encoder(torch.tensor([input_ids]), output_hidden_states=True,
+                       output_attentions=True)
+
+
+def token_views(prompt: str, read: Tokens) -> dict[str, object]:
+    notes = [literal(tokens.token_count_note(read.pieces)),
+             literal(tokens.truncation_note(read.pieces))]
+    if not prompt.strip():
+        notes.append("An empty prompt is what SD v1 uses for the *unconditional* branch of "
+                     "classifier-free guidance: BOS, EOS and padding.")
+    return {
+        "tokens": [(row[1], row[4]) for row in read.rows],
+        "notes": "\n\n".join(n for n in notes if n),
+        "table": read.rows,
+    }
+
+
+def attention_views(read: Tokens, output: sd_parts.CLIPTextOutput, layer: int, head: str,
+                    padding: bool) -> dict[str, object]:
+    count = len(read.rows) if padding else read.n_real
+    labels = read.labels[:count]
+    layers = output.attentions
+    layer = min(max(int(layer), 1), len(layers))
+    weights = layers[layer - 1][0, :, :count, :count]  # (heads, T, T)
+    if head == MEAN_OVER_HEADS:
+        single, title = weights.mean(0), f"Layer {layer}, mean over {weights.shape[0]} heads"
+    else:
+        index = int(head.split()[-1])
+        if not 1 <= index <= weights.shape[0]:
+            raise gr.Error(f"This text encoder has {weights.shape[0]} heads; pick one of them.")
+        single, title = weights[index - 1], f"Layer {layer}, head {index}"
+    eos = read.n_real - 1
+    return {
+        "attention": text_encoder.attention_view(single, labels, title),
+        "heads": text_encoder.heads_view(weights, labels, layer),
+        "eos": text_encoder.eos_view([a[0, :, :count, :count] for a in layers], eos,
+                                     labels),
+    }
+
+
+def inspect_prompt(models: Models, prompt: str, layer: int, head: str, padding: bool
+                   ) -> Iterator[dict[str, object]]:
+    """Yield the tokens first, then every view of the text encoder's output, keyed by OUTPUTS."""
+    prompt = prompt or ""
+    try:
+        read = read_tokens(models.tokenizer(), prompt)
+    except ModelUnavailable as exc:
+        yield {"notes": f"**The tokenizer could not be loaded.** {literal(str(exc))}"}
+        return
+    first = token_views(prompt, read)
+    yield first
+    try:
+        output = run_text_encoder(models, read.ids)
+    except ModelUnavailable as exc:
+        yield first | {"notes": f"{first['notes']}\n\n**The text encoder could not be loaded**, "
+                                f"so only the tokens are shown. {literal(str(exc))}"}
+        return
+    last = output.last_hidden_state[0]
+    embeddings_file = export.embeddings_to_safetensors(
+        last, torch.tensor(read.ids), output_path("embeddings.safetensors",
+                                                  models.settings.output_max_age), prompt=prompt)
+    yield first | attention_views(read, output, layer, head, padding) | {
+        "embeddings": text_encoder.embedding_view(last, read.labels, read.n_real),
+        "norms": text_encoder.norms_view([h[0] for h in output.hidden_states], read.labels,
+                                         read.n_real),
+        "cosine": text_encoder.cosine_view(last[: read.n_real], read.labels[: read.n_real]),
+        "download": str(embeddings_file),
+    }
+
+
+def update_attention(models: Models, prompt: str, layer: int, head: str, padding: bool
+                     ) -> dict[str, object]:
+    """The attention views for another layer, head or padding choice (the encoder's output is
+    cached for the last few prompts)."""
+    try:
+        read = read_tokens(models.tokenizer(), prompt or "")
+        output = run_text_encoder(models, read.ids)
+    except ModelUnavailable:  # inspect_prompt has said why; nothing to draw
+        return {}
+    return attention_views(read, output, layer, head, padding)
+
+
+def build(models: Models) -> None:
+    """The tab's layout and events, inside an open ``gr.Blocks``."""
+    settings, clip = models.settings, models.settings.clip_config
+    if settings.random:
+        gr.Markdown(random_banner(settings.weights), elem_classes="banner")
+    with gr.Row():
+        prompt = gr.Textbox(label="Prompt", elem_id="prompt-input", scale=4,
+                            placeholder="a photograph of an astronaut riding a horse")
+        inspect = gr.Button("Inspect", variant="primary", scale=1)
+    gr.Examples(EXAMPLE_PROMPTS, inputs=prompt, label="Examples")
+    out = {
+        "tokens": gr.HighlightedText(label="Tokens as CLIP sees them (77 positions)",
+                                     elem_id="token-view", show_legend=True,
+                                     color_map=KIND_COLOURS),
+        "notes": gr.Markdown(elem_id="prompt-notes"),
+    }
+    with gr.Accordion("Token table (position, text, piece, id, kind)", open=False):
+        out["table"] = gr.Dataframe(headers=tokens.TOKEN_ROWS_HEADERS, interactive=False)
+    out["embeddings"] = gr.Image(label="Output embeddings", format="png")
+    with gr.Row():
+        out["norms"] = gr.Image(label="Token norms through the layers", format="png")
+        out["cosine"] = gr.Image(label="Token-to-token cosine similarity", format="png")
+    with gr.Row():
+        layer = gr.Slider(1, clip.num_hidden_layers, value=1, step=1, label="Layer")
+        head = gr.Dropdown([MEAN_OVER_HEADS] + [f"head {i + 1}" for i in
+                                                range(clip.num_attention_heads)],
+                           value=MEAN_OVER_HEADS, label="Head")
+        padding = gr.Checkbox(False, label="Include padding positions")
+    out["attention"] = gr.Image(label="Attention map", format="png", elem_id="attention-map")
+    out["heads"] = gr.Image(label="All heads of this layer", format="png")
+    out["eos"] = gr.Image(label="What EOS attends to, layer by layer", format="png")
+    out["download"] = gr.File(label="Download the embeddings (.safetensors)")
+
+    def inspect_handler(text, layer_value, head_value, padding_value,
+                        progress=gr.Progress(track_tqdm=True)):  # Hub downloads show here
+        for views in inspect_prompt(models, text, layer_value, head_value, padding_value):
+            yield {out[name]: shown(views.get(name)) for name in OUTPUTS}
+
+    def attention_handler(text, layer_value, head_value, padding_value):
+        views = update_attention(models, text, layer_value, head_value, padding_value)
+        return {out[name]: shown(views.get(name)) for name in ATTENTION_OUTPUTS}
+
+    controls = [prompt, layer, head, padding]
+    gr.on([inspect.click, prompt.submit], inspect_handler, controls,
+          [out[name] for name in OUTPUTS], api_name="inspect_prompt", concurrency_id="models",
+          concurrency_limit=1)
+    gr.on([layer.release, head.change, padding.change], attention_handler, controls,
+          [out[name] for name in ATTENTION_OUTPUTS], api_name="attention_view",
+          concurrency_id="models", concurrency_limit=1)

@@ -1,0 +1,121 @@
+"""How close a reconstruction is to the original: PSNR, SSIM and where the error is.
+
+References: Wang et al., "Image Quality Assessment: From Error Visibility to Structural
+Similarity" (2004) for SSIM.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from PIL import Image
+
+from viz.heatmap import Picture, add_colorbar, add_title, heatmap
+
+Pixels = Image.Image | np.ndarray | torch.Tensor
+
+
+def _as_float(values: Pixels) -> np.ndarray:
+    """An image, array or tensor as a float64 array of the same shape."""
+    if isinstance(values, torch.Tensor):
+        return values.detach().to("cpu", torch.float64).numpy()
+    return np.asarray(values, dtype=np.float64)
+
+
+def _as_float_image(image: Pixels) -> np.ndarray:
+    """An image or array as float64 (H, W, C); a 2-D array gets one channel."""
+    values = _as_float(image)
+    if values.ndim == 2:
+        values = values[:, :, None]
+    if values.ndim != 3:
+        raise ValueError(f"expected an image of shape (H, W) or (H, W, C), got {values.shape}")
+    return values
+
+
+def psnr(a: Pixels, b: Pixels, data_range: float = 255.0) -> float:
+    """Peak signal-to-noise ratio in dB: 10 log10(data_range^2 / mean squared error).
+
+    Images in 0-255 (the default range), or any two arrays or tensors of one shape with their
+    own ``data_range`` (2.0 for images in [-1, 1]). Higher is closer; identical inputs give
+    ``float('inf')`` (no error at all).
+    """
+    x, y = _as_float(a), _as_float(b)
+    if x.shape != y.shape:
+        raise ValueError(f"inputs differ in shape: {x.shape} vs {y.shape}")
+    mse = float(np.mean((x - y) ** 2))
+    if mse == 0.0:
+        return float("inf")
+    return 10.0 * math.log10(data_range**2 / mse)
+
+
+def _window_means(values: np.ndarray, size: int) -> np.ndarray:
+    """Mean over every size x size window that fits inside the image, per channel.
+
+    A summed-area table gives each window's sum from four corners, so the cost does not grow with
+    the window. Only windows fully inside are needed: SSIM's mean skips the border they miss.
+    """
+    table = np.zeros((values.shape[0] + 1, values.shape[1] + 1, values.shape[2]))
+    table[1:, 1:] = values.cumsum(axis=0).cumsum(axis=1)
+    sums = table[size:, size:] - table[:-size, size:] - table[size:, :-size] + table[:-size, :-size]
+    return sums / (size * size)
+
+
+def ssim(a: Pixels, b: Pixels, data_range: float = 255.0) -> float:
+    """Mean structural similarity (1 = identical), with scikit-image's default settings.
+
+    SSIM compares local means (brightness), variances (contrast) and covariance (structure) in
+    every 7x7 window, with sample (n - 1) variances and constants K1 = 0.01, K2 = 0.03. The mean
+    is taken over windows fully inside the image and over channels, as
+    ``skimage.metrics.structural_similarity(a, b, channel_axis=-1, data_range=255)`` does.
+    Both sides must be at least 7 pixels.
+    """
+    x, y = _as_float_image(a), _as_float_image(b)
+    if x.shape != y.shape:
+        raise ValueError(f"images differ in shape: {x.shape} vs {y.shape}")
+    size = 7
+    if min(x.shape[:2]) < size:
+        raise ValueError(f"SSIM needs images of at least {size}x{size} pixels, got {x.shape[:2]}")
+    n = size * size
+    mean_x, mean_y = _window_means(x, size), _window_means(y, size)
+    # Sample (co)variances: E[xy] - E[x]E[y], rescaled from 1/n to 1/(n - 1).
+    var_x = (_window_means(x * x, size) - mean_x**2) * n / (n - 1)
+    var_y = (_window_means(y * y, size) - mean_y**2) * n / (n - 1)
+    cov_xy = (_window_means(x * y, size) - mean_x * mean_y) * n / (n - 1)
+    # The constants keep the ratios stable where means or variances are near zero.
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    numerator = (2 * mean_x * mean_y + c1) * (2 * cov_xy + c2)
+    denominator = (mean_x**2 + mean_y**2 + c1) * (var_x + var_y + c2)
+    return float(np.mean(numerator / denominator))
+
+
+SSIM_MIN_SIDE = 7  # SSIM's window: smaller images have no full window
+
+
+def abs_error_map(original: Pixels, reconstruction: Pixels) -> np.ndarray:
+    """|original - reconstruction| averaged over R, G, B: one number per pixel, (H, W)."""
+    a, b = _as_float_image(original), _as_float_image(reconstruction)
+    if a.shape != b.shape:
+        raise ValueError(f"images differ in shape: {a.shape} vs {b.shape}")
+    return np.abs(a - b).mean(axis=2)
+
+
+def error_view(original: Pixels, reconstruction: Pixels, min_side: int = 384) -> Picture:
+    """Where the VAE loses detail: the error map as a heat map in 0-255 units.
+
+    The colour scale ends at the 99.5th percentile so typical errors are visible; larger ones
+    get the last colour. Small images are enlarged (nearest neighbour) to ``min_side`` pixels.
+    """
+    error = abs_error_map(original, reconstruction)
+    height, width = error.shape
+    top = max(float(np.quantile(error, 0.995)), 1.0)
+    cell = max(1, min_side // max(height, width))
+    picture = heatmap(error, "magma", (0.0, top), (cell, cell))
+    picture = add_colorbar(picture, "magma", (0.0, top), "mean |error| over R, G, B")
+    title = (f"Reconstruction error: mean {error.mean():.2f}, max {error.max():.0f} (of 255), "
+             f"{width}x{height} pixels")
+    if error.max() > top:
+        title += (f"\nthe scale ends at the 99.5th percentile, {top:.0f}: larger errors get its "
+                  "colour")
+    return add_title(picture, title)
