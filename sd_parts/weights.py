@@ -26,6 +26,7 @@ from torch import nn
 
 from .clip import CLIPTextEncoder
 from .config import CLIPTextConfig, VAEConfig
+from .unet import UNet2DConditionModel, UNetConfig
 from .vae import AutoencoderKL
 
 DEFAULT_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -320,3 +321,20 @@ def _parse_config(cls: type, path: Path) -> object:
     except (TypeError, ValueError) as exc:
         raise WeightsError(f"{path}: {exc}") from exc
 
+
+# The Hub's unet file uses today's diffusers names, which are the module's: no rename rules.
+UNET_LAYOUT = CheckpointLayout("unet", "diffusion_pytorch_model", UNetConfig, UNet2DConditionModel,
+                               [])
+
+
+def load_unet(
+    source: str = DEFAULT_REPO,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    variant: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> UNet2DConditionModel:
+    """The noise predictor from a diffusers-layout folder (``config.json`` +
+    ``diffusion_pytorch_model``), e.g. ``variant="fp16"`` for the half-size file."""
+    return load_model(UNET_LAYOUT, source, subfolder, revision, variant, dtype, device)

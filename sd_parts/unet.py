@@ -1,0 +1,588 @@
+"""The noise predictor of Stable Diffusion v1: a UNet conditioned on time and on text.
+
+Rombach et al., "High-Resolution Image Synthesis with Latent Diffusion Models" (2022), after
+Ronneberger et al., "U-Net" (2015) and Ho et al., "Denoising Diffusion Probabilistic Models"
+(2020). Given a noisy latent (B, 4, h, w), the timestep it was noised to and the text encoder's
+context (B, 77, 768), it predicts the noise in the latent, eps, of the same shape.
+
+The encoder half halves the resolution three times (64 -> 8 latent positions at 512 pixels),
+the decoder half doubles it back, and skip connections carry every encoder stage's output to
+the decoder stage of the same size. Each stage has residual blocks, which see the timestep, and
+(except at the coarsest level) transformer blocks, whose cross-attention is where the words of
+the prompt reach the image: every position of the latent asks which tokens it should take from.
+
+Parameter names equal the keys of the Hub's ``unet/diffusion_pytorch_model.safetensors``.
+SD 2.x UNets (linear projections, per-level head counts, 1024-wide context) build too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import vae
+from .runtime import run_with_fallback
+
+# (probs (B, heads, h*w, T) float32, (h, w)) for each cross-attention layer, in forward order
+CrossAttentionHook = Callable[[torch.Tensor, tuple[int, int]], None]
+# The transformer's GroupNorm uses this epsilon whatever the config says, as the checkpoint did.
+TRANSFORMER_NORM_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """UNet2DConditionModel of SD v1.5 (``unet/config.json`` of stable-diffusion-v1-5)."""
+
+    sample_size: int = 64  # latent side the model was trained at (512 pixels / 8); informative
+    in_channels: int = 4  # 9 for inpainting models: latent, mask and masked-image latent
+    out_channels: int = 4
+    # channels of the four resolution levels, highest resolution first; each level but the last
+    # halves H and W. The time embedding is 4x the first (1280).
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    layers_per_block: int = 2  # residual(+transformer) blocks per encoder level; decoder has +1
+    cross_attention_dim: int = 768  # width of the text context: CLIP ViT-L/14 (1024 in SD 2.x)
+    # Attention heads per level (one int: the same everywhere). SD v1 uses 8 heads at every level,
+    # so a head is 40, 80 or 160 wide; SD 2.x uses 64-wide heads (5, 10, 20, 20).
+    num_attention_heads: int | tuple[int, ...] = 8
+    # False: proj_in/proj_out are 1x1 convs (SD v1); True: Linears (SD 2.x). Same maths, other
+    # weight shapes.
+    use_linear_projection: bool = False
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    # the sinusoidal timestep embedding: cos half first (True), and the frequency spacing
+    # exp(-log(10000) * i / (half - freq_shift)); SD was trained with True and 0
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+
+    def __post_init__(self) -> None:
+        levels = len(self.block_out_channels)
+        heads = self.num_attention_heads
+        heads = (heads,) * levels if isinstance(heads, int) else tuple(heads)
+        if len(heads) != levels:
+            raise ValueError(f"num_attention_heads {heads} must give one count per level "
+                             f"of block_out_channels {self.block_out_channels}")
+        for channels, count in zip(self.block_out_channels, heads, strict=True):
+            if channels % count or channels % self.norm_num_groups:
+                raise ValueError(f"{channels} channels do not split into {count} heads and "
+                                 f"{self.norm_num_groups} norm groups")
+        object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
+        object.__setattr__(self, "num_attention_heads", heads)
+
+    @property
+    def downscale(self) -> int:
+        """How much smaller the coarsest level is than the input: H and W must divide by it."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    @classmethod
+    def from_dict(cls, config: dict) -> UNetConfig:
+        """Read a diffusers ``unet/config.json``; refuse the UNets this module does not build."""
+        _check_builds(config)
+        values = {f.name: config[f.name] for f in dataclasses.fields(cls) if f.name in config}
+        if config.get("num_attention_heads") is None:
+            # diffusers' historical misnomer: in SD configs "attention_head_dim" is the head
+            # COUNT (8 heads for SD v1), and num_attention_heads is null
+            values.pop("num_attention_heads", None)
+            if "attention_head_dim" in config:
+                values["num_attention_heads"] = config["attention_head_dim"]
+        for key in ("block_out_channels", "num_attention_heads"):
+            if isinstance(values.get(key), list):
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+
+# Keys of diffusers' config, the values this module builds (the first is diffusers' default,
+# taken when the key is absent) and what another value means.
+_BUILDS = {
+    "addition_embed_type": ((None,), "an SDXL-style added embedding"),
+    "transformer_layers_per_block": ((1,), "several transformer layers per block (SDXL)"),
+    "class_embed_type": ((None,), "class embeddings"),
+    "num_class_embeds": ((None,), "class embeddings"),
+    "time_cond_proj_dim": ((None,), "a guidance-distilled (LCM) time condition"),
+    "encoder_hid_dim": ((None,), "a projection of the text context"),
+    "mid_block_type": (("UNetMidBlock2DCrossAttn",), "another middle block"),
+    "only_cross_attention": ((False,), "cross-attention in place of self-attention"),
+    "mid_block_only_cross_attention": ((None, False), "cross-attention in place of self-attention"),
+    "dual_cross_attention": ((False,), "dual cross-attention"),
+    "act_fn": (("silu",), "another activation"),
+    "center_input_sample": ((False,), "input centring"),
+    "time_embedding_type": (("positional",), "another time embedding"),
+    "time_embedding_dim": ((None,), "another time embedding width"),
+    "time_embedding_act_fn": ((None,), "another time embedding activation"),
+    "timestep_post_act": ((None,), "another time embedding activation"),
+    "resnet_time_scale_shift": (("default",), "scale-shift time conditioning"),
+    "resnet_skip_time_act": ((False,), "another time conditioning"),
+    "resnet_out_scale_factor": ((1,), "scaled residual outputs"),
+    "mid_block_scale_factor": ((1,), "scaled residual outputs"),
+    "downsample_padding": ((1,), "other downsampling padding"),
+    "conv_in_kernel": ((3,), "another input convolution"),
+    "conv_out_kernel": ((3,), "another output convolution"),
+    "attention_type": (("default",), "gated (GLIGEN) attention"),
+    "cross_attention_norm": ((None,), "a normalized context"),
+    "class_embeddings_concat": ((False,), "class embeddings"),
+    "reverse_transformer_layers_per_block": ((None,), "several transformer layers per block"),
+}
+# Not checked: "dropout" (inactive at inference) and "upcast_attention" (SD 2.1), which asks for
+# attention scores in float32; here they are always accumulated (fused attention) or computed
+# (the explicit path) in float32, and diffusers' default attention ignores the flag too.
+
+
+def _check_builds(config: dict) -> None:
+    for key, (allowed, meaning) in _BUILDS.items():
+        actual = config.get(key, allowed[0])
+        values = actual if isinstance(actual, list) else [actual]  # per-level lists
+        if any(value not in allowed for value in values):
+            raise ValueError(f"unsupported UNet config: {key}={actual!r} means {meaning}; this "
+                             f"module builds SD v1/v2 UNets ({key}={allowed[0]!r})")
+    levels = len(config.get("block_out_channels", UNetConfig.block_out_channels))
+    layout = {
+        "down_block_types": ["CrossAttnDownBlock2D"] * (levels - 1) + ["DownBlock2D"],
+        "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (levels - 1),
+    }
+    for key, expected in layout.items():
+        if key in config and list(config[key]) != expected:
+            raise ValueError(f"unsupported UNet config: {key}={config[key]!r}; this module "
+                             f"builds SD's layout {expected!r}")
+    for key in ("layers_per_block", "cross_attention_dim", "norm_num_groups"):
+        if key in config and not isinstance(config[key], int):
+            raise ValueError(f"unsupported UNet config: {key}={config[key]!r} (one int only)")
+
+
+def timestep_embedding(
+    timesteps: torch.Tensor, dim: int, flip_sin_to_cos: bool, freq_shift: int
+) -> torch.Tensor:
+    """(B,) timesteps -> (B, dim) float32 sinusoids, as positions are encoded in transformers.
+
+    Frequencies fall geometrically from 1 to 1/10000 over dim/2 channels, so nearby timesteps
+    differ in the fast channels and distant ones in the slow channels. SD was trained with the
+    cosines first (flip_sin_to_cos) and freq_shift 0.
+    """
+    half = dim // 2
+    exponent = -math.log(10000) * torch.arange(half, dtype=torch.float32,
+                                               device=timesteps.device) / (half - freq_shift)
+    angles = timesteps.float()[:, None] * exponent.exp()[None, :]  # (B, half)
+    sin, cos = angles.sin(), angles.cos()
+    return torch.cat([cos, sin] if flip_sin_to_cos else [sin, cos], dim=-1)
+
+
+# CPU speed, float32 only (16-bit types already run through oneDNN). PyTorch computes a Linear
+# with MKL's matrix product and a convolution with oneDNN. On CPUs where MKL takes no AVX-512
+# path (AMD's) oneDNN is about twice as fast for a Linear over many tokens, run as a 1x1
+# convolution; where MKL has that path (Intel's) the two should be close. But oneDNN copies
+# the weights into its blocked layout at every call, and for a 3x3 conv on a small image (the
+# 4x4 and 8x8 levels) that copy, not the arithmetic, is most of the time: there, one MKL
+# product over the 3x3 neighbourhoods ("im2col") reads the weights as they are, 2-3x faster.
+# Both give the same sums in another order, so only float rounding changes.
+ONEDNN_MIN_ROWS = 256  # Linears over at least this many tokens run as 1x1 convolutions
+IM2COL_MAX_POSITIONS = 128  # 3x3 convs with at most this many outputs (batch x H x W) use im2col
+
+
+def _cpu_float32(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype == torch.float32
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` on (..., C) tokens; ``weight`` may be a 1x1 conv's."""
+    weight = weight.flatten(1)  # (out, in)
+    rows = x.numel() // x.shape[-1]
+    if not _cpu_float32(x) or rows < ONEDNN_MIN_ROWS:
+        return F.linear(x, weight, bias)
+    # the tokens as a (1, C, rows, 1) channels-last image: a view, no copy
+    image = x.reshape(1, rows, 1, x.shape[-1]).permute(0, 3, 1, 2)
+    y = F.conv2d(image, weight[:, :, None, None], bias)  # (1, out, rows, 1), channels-last
+    return y.permute(0, 2, 3, 1).reshape(*x.shape[:-1], weight.shape[0])
+
+
+def conv3x3(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """``conv(x)`` for a 3x3 convolution with padding 1 (stride 1 or 2)."""
+    B, C, H, W = x.shape
+    stride = conv.stride[0]
+    Ho, Wo = (H - 1) // stride + 1, (W - 1) // stride + 1
+    if not _cpu_float32(x) or B * Ho * Wo > IM2COL_MAX_POSITIONS:
+        return conv(x)
+    windows = F.pad(x, (1, 1, 1, 1)).permute(0, 2, 3, 1).unfold(1, 3, stride).unfold(2, 3, stride)
+    # one row per output position: its 3x3 neighbourhood, ordered (row, column, channel) like
+    # the channels-last weights, so the weight matrix below is a view
+    columns = windows.permute(0, 1, 2, 4, 5, 3).reshape(B * Ho * Wo, 9 * C)
+    weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, 9 * C)
+    y = F.linear(columns, weight, conv.bias)  # (B * Ho * Wo, out)
+    return y.view(B, Ho, Wo, -1).permute(0, 3, 1, 2)  # (B, out, Ho, Wo), channels-last
+
+
+class TimestepEmbedding(nn.Module):
+    """The sinusoids (320) through a two-layer MLP, to the width the residual blocks read (1280)."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_features, out_features)
+        self.linear_2 = nn.Linear(out_features, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x), inplace=True))
+
+
+class ResnetBlock2D(nn.Module):
+    """Two (GroupNorm, SiLU, 3x3 conv) steps and a skip connection; the timestep is added between
+    them, one learned offset per channel, so every block knows how noisy its input is."""
+
+    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, groups: int,
+                 eps: float):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_channels, out_channels)
+        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        # a 1x1 conv matches the skip path's channels where the block changes them
+        self.conv_shortcut = (
+            nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        )
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """``temb`` is SiLU(time embedding), (B, temb_channels): the same for every block."""
+        # SiLU and the sums work in place on tensors this block has just made (no extra buffers)
+        h = conv3x3(F.silu(self.norm1(x), inplace=True), self.conv1)
+        h = h.add_(self.time_emb_proj(temb)[:, :, None, None])
+        h = conv3x3(F.silu(self.norm2(h), inplace=True), self.conv2)
+        return h.add_(x if self.conv_shortcut is None else self.conv_shortcut(x))
+
+
+class Downsample2D(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        # Unlike the VAE's (0, 1, 0, 1) padding, the UNet pads one pixel on every side: the
+        # stride-2 grid then starts at the first pixel, which is how the checkpoint was trained.
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return conv3x3(x, self.conv)
+
+
+# Below this many input positions (batch x H x W) an upsampler convolves the upsampled image
+# directly: the VAE's phase kernels save 44-55% of the multiply-adds, but deriving them costs
+# time in proportion to the weights, which the UNet's small coarse levels do not win back
+# (on 2 cores: 2 x 1280 x 8 x 8 in 178 ms with phase kernels, 54 ms without; 2 x 640 x 32 x 32
+# in 85 ms with them, 137 ms without).
+PHASE_MIN_POSITIONS = 2048
+
+
+class Upsample2D(vae.Upsample2D):
+    """Nearest-neighbour 2x upsampling, then a 3x3 conv (the VAE's module, same weights)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] * x.shape[2] * x.shape[3] >= PHASE_MIN_POSITIONS:
+            return super().forward(x)
+        return conv3x3(F.interpolate(x, scale_factor=2.0, mode="nearest"), self.conv)
+
+
+class Attention(nn.Module):
+    """Multi-head attention of queries from the image over keys and values from ``context``:
+    the image itself (self-attention, attn1) or the prompt's tokens (cross-attention, attn2)."""
+
+    def __init__(self, query_dim: int, context_dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, query_dim, bias=False)
+        self.to_k = nn.Linear(context_dim, query_dim, bias=False)
+        self.to_v = nn.Linear(context_dim, query_dim, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(query_dim, query_dim)])  # [1] was a Dropout
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        on_probs: CrossAttentionHook | None = None,
+        size: tuple[int, int] = (0, 0),
+    ) -> torch.Tensor:
+        B, N, C = x.shape
+        context = x if context is None else context
+        q, k, v = (linear(source, p.weight, None).view(B, source.shape[1], self.heads, -1)
+                   .transpose(1, 2)  # (B, nh, N or T, hs)
+                   for p, source in ((self.to_q, x), (self.to_k, context), (self.to_v, context)))
+        if on_probs is None:
+            y = F.scaled_dot_product_attention(q, k, v)
+        else:
+            # The explicit path, for showing where each token looks: the probabilities in
+            # float32 whatever the weights' dtype. The hook must only read them.
+            scores = (q.float() / math.sqrt(q.shape[-1])) @ k.float().transpose(-2, -1)
+            probs = scores.softmax(dim=-1)  # (B, nh, N, T)
+            on_probs(probs, size)
+            y = probs.to(v.dtype) @ v
+        out = self.to_out[0]
+        return linear(y.transpose(1, 2).reshape(B, N, C), out.weight, out.bias)
+
+
+class GEGLU(nn.Module):
+    """A gated GELU unit (Shazeer, "GLU Variants Improve Transformer", 2020): one Linear makes a
+    value and a gate, and the output is value * GELU(gate)."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.proj = nn.Linear(in_features, 2 * out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, gate = linear(x, self.proj.weight, self.proj.bias).chunk(2, dim=-1)
+        return F.gelu(gate).mul_(value)  # in place on GELU's fresh output
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        # net.1 was a Dropout: an Identity keeps the output Linear at the checkpoint's net.2
+        self.net = nn.ModuleList(
+            [GEGLU(dim, mult * dim), nn.Identity(), nn.Linear(mult * dim, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(self.net[0](x), self.net[2].weight, self.net[2].bias)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-LayerNorm transformer block: self-attention, cross-attention to the text, GEGLU MLP."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, context_dim, heads)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor,
+                on_probs: CrossAttentionHook | None, size: tuple[int, int]) -> torch.Tensor:
+        x = self.attn1(self.norm1(x)).add_(x)
+        x = self.attn2(self.norm2(x), context, on_probs, size).add_(x)
+        return self.ff(self.norm3(x)).add_(x)
+
+
+class Transformer2DModel(nn.Module):
+    """The image as a sequence of H*W tokens through one transformer block, with a residual.
+
+    proj_in/proj_out are 1x1 convs in SD v1 and Linears in SD 2.x: both are the same Linear on
+    each position's channels, and that is how they run here (on channels-last activations the
+    image-to-token reshape is a view, not a copy).
+    """
+
+    def __init__(self, channels: int, heads: int, context_dim: int, groups: int,
+                 linear_projection: bool):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, channels, eps=TRANSFORMER_NORM_EPS)
+        self.proj_in = (nn.Linear(channels, channels) if linear_projection
+                        else nn.Conv2d(channels, channels, 1))
+        self.transformer_blocks = nn.ModuleList(
+            [BasicTransformerBlock(channels, context_dim, heads)])
+        self.proj_out = (nn.Linear(channels, channels) if linear_projection
+                         else nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor,
+                on_probs: CrossAttentionHook | None) -> torch.Tensor:
+        B, C, H, W = x.shape
+        tokens = self.norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, HW, C)
+        tokens = linear(tokens, self.proj_in.weight, self.proj_in.bias)
+        for block in self.transformer_blocks:
+            tokens = block(tokens, context, on_probs, (H, W))
+        out = linear(tokens, self.proj_out.weight, self.proj_out.bias)
+        return out.view(B, H, W, C).permute(0, 3, 1, 2).add_(x)  # (B, C, H, W), channels-last
+
+
+class DownBlock2D(nn.Module):
+    """One encoder level: ``num_layers`` residual blocks, each followed by a transformer when
+    ``heads`` > 0 (diffusers' CrossAttnDownBlock2D; DownBlock2D without), then optionally a
+    stride-2 conv. Every intermediate output is kept for the decoder's skip connections."""
+
+    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, num_layers: int,
+                 groups: int, eps: float, heads: int, context_dim: int, linear_projection: bool,
+                 add_downsample: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, temb_channels,
+                          groups, eps)
+            for i in range(num_layers)
+        )
+        self.attentions = nn.ModuleList(
+            Transformer2DModel(out_channels, heads, context_dim, groups, linear_projection)
+            for _ in range(num_layers if heads else 0)
+        )
+        self.downsamplers = nn.ModuleList([Downsample2D(out_channels)] if add_downsample else [])
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor,
+                on_probs: CrossAttentionHook | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        skips = []
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(x, temb)
+            if self.attentions:
+                x = self.attentions[i](x, context, on_probs)
+            skips.append(x)
+        for downsampler in self.downsamplers:
+            x = downsampler(x)
+            skips.append(x)
+        return x, skips
+
+
+class UpBlock2D(nn.Module):
+    """One decoder level: each residual block first takes in one skip connection (concatenated
+    on channels), the last one the output that entered the mirrored encoder level; transformers
+    when ``heads`` > 0 (diffusers' CrossAttnUpBlock2D); then optionally 2x upsampling."""
+
+    def __init__(self, in_channels: int, prev_channels: int, out_channels: int,
+                 temb_channels: int, num_layers: int, groups: int, eps: float, heads: int,
+                 context_dim: int, linear_projection: bool, add_upsample: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResnetBlock2D((prev_channels if i == 0 else out_channels)
+                          + (in_channels if i == num_layers - 1 else out_channels),
+                          out_channels, temb_channels, groups, eps)
+            for i in range(num_layers)
+        )
+        self.attentions = nn.ModuleList(
+            Transformer2DModel(out_channels, heads, context_dim, groups, linear_projection)
+            for _ in range(num_layers if heads else 0)
+        )
+        self.upsamplers = nn.ModuleList([Upsample2D(out_channels)] if add_upsample else [])
+
+    def forward(self, x: torch.Tensor, skips: list[torch.Tensor], temb: torch.Tensor,
+                context: torch.Tensor, on_probs: CrossAttentionHook | None) -> torch.Tensor:
+        """``skips``: this level's skip connections in the order the encoder made them."""
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(torch.cat([x, skips[-1 - i]], dim=1), temb)
+            if self.attentions:
+                x = self.attentions[i](x, context, on_probs)
+        for upsampler in self.upsamplers:
+            x = upsampler(x)
+        return x
+
+
+class UNetMidBlock2DCrossAttn(nn.Module):
+    """Residual block, transformer, residual block, at the coarsest level."""
+
+    def __init__(self, channels: int, temb_channels: int, groups: int, eps: float, heads: int,
+                 context_dim: int, linear_projection: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResnetBlock2D(channels, channels, temb_channels, groups, eps) for _ in range(2))
+        self.attentions = nn.ModuleList(
+            [Transformer2DModel(channels, heads, context_dim, groups, linear_projection)])
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor,
+                on_probs: CrossAttentionHook | None) -> torch.Tensor:
+        x = self.resnets[0](x, temb)
+        x = self.attentions[0](x, context, on_probs)
+        return self.resnets[1](x, temb)
+
+
+class UNet2DConditionModel(nn.Module):
+    """The noise predictor: ``eps = unet(latents, timestep, context)``.
+
+    It runs in the dtype of its weights (float32: exact mode; bfloat16 or float16: fast mode, see
+    ``sd_parts.fast_dtype``) on channels-last activations, and returns the latents' dtype.
+    """
+
+    def __init__(self, config: UNetConfig = UNetConfig()):
+        super().__init__()
+        self.config = config
+        channels, heads = config.block_out_channels, config.num_attention_heads
+        levels, temb = len(channels), 4 * channels[0]
+        common = dict(temb_channels=temb, groups=config.norm_num_groups, eps=config.norm_eps,
+                      context_dim=config.cross_attention_dim,
+                      linear_projection=config.use_linear_projection)
+        self.conv_in = nn.Conv2d(config.in_channels, channels[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(channels[0], temb)
+        last = levels - 1  # the coarsest level has no attention (SD's layout)
+        self.down_blocks = nn.ModuleList(
+            DownBlock2D(channels[max(i - 1, 0)], channels[i], num_layers=config.layers_per_block,
+                        heads=heads[i] if i < last else 0, add_downsample=i < last, **common)
+            for i in range(levels)
+        )
+        self.mid_block = UNetMidBlock2DCrossAttn(channels[-1], heads=heads[-1], **common)
+        # up block i mirrors down block last - i: it consumes that level's skips
+        self.up_blocks = nn.ModuleList(
+            UpBlock2D(channels[max(last - i - 1, 0)], channels[min(last - i + 1, last)],
+                      channels[last - i], num_layers=config.layers_per_block + 1,
+                      heads=heads[last - i] if i > 0 else 0, add_upsample=i < last, **common)
+            for i in range(levels)
+        )
+        self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, channels[0], eps=config.norm_eps)
+        self.conv_out = nn.Conv2d(channels[0], config.out_channels, 3, padding=1)
+        # Conv weights in channels-last memory, like the activations: otherwise every call would
+        # copy each weight into that layout first. Loading may assign new tensors, in the
+        # file's layout, so every load_state_dict converts them again.
+        self.to(memory_format=torch.channels_last)
+        self.register_load_state_dict_post_hook(_weights_channels_last)
+
+    @torch.no_grad()
+    def forward(
+        self,
+        latents: torch.Tensor,
+        timestep: int | float | torch.Tensor,
+        context: torch.Tensor,
+        on_cross_attention: CrossAttentionHook | None = None,
+    ) -> torch.Tensor:
+        """(B, 4, h, w) noisy latents, a timestep (one for all or one per sample) and the text
+        context (B, T, 768) -> the predicted noise (B, 4, h, w).
+
+        ``on_cross_attention(probs, (h, w))``, when given, is called by each cross-attention
+        layer in forward order (16 in SD v1: 6 down, 1 mid, 9 up) with its probabilities
+        (B, heads, h*w, T), float32, computed explicitly instead of by fused attention. It must
+        not change them. If a 16-bit run overflows and is repeated in float32, it is called again.
+        """
+        self._check_inputs(latents, context)
+        t = self._timesteps(timestep, latents.shape[0], latents.device)
+        return run_with_fallback(
+            self, lambda x: self._predict(x, t, context, on_cross_attention), latents)
+
+    def _predict(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                 on_probs: CrossAttentionHook | None) -> torch.Tensor:
+        config = self.config
+        sinusoids = timestep_embedding(t, config.block_out_channels[0], config.flip_sin_to_cos,
+                                       config.freq_shift)
+        # every residual block's time projection starts with a SiLU: applied once, here
+        temb = F.silu(self.time_embedding(sinusoids.to(x.dtype)), inplace=True)
+        context = context.to(x.dtype)
+        x = self.conv_in(x)
+        skips = [x]
+        for block in self.down_blocks:
+            x, outputs = block(x, temb, context, on_probs)
+            skips += outputs
+        x = self.mid_block(x, temb, context, on_probs)
+        for block in self.up_blocks:
+            n = len(block.resnets)
+            x = block(x, skips[-n:], temb, context, on_probs)
+            skips = skips[:-n]
+        return self.conv_out(F.silu(self.conv_norm_out(x), inplace=True))
+
+    def _check_inputs(self, latents: torch.Tensor, context: torch.Tensor) -> None:
+        config, m = self.config, self.config.downscale
+        if (latents.ndim != 4 or latents.shape[1] != config.in_channels or latents.shape[2] % m
+                or latents.shape[3] % m or not latents.is_floating_point()):
+            raise ValueError(
+                f"latents must be a float tensor (batch, {config.in_channels}, h, w) with h and w "
+                f"multiples of {m} (images multiples of {8 * m} pixels); got "
+                f"{tuple(latents.shape)} {latents.dtype}")
+        if (context.ndim != 3 or context.shape[0] != latents.shape[0]
+                or context.shape[2] != config.cross_attention_dim):
+            raise ValueError(
+                f"context must be the text encoder's output (batch {latents.shape[0]}, tokens, "
+                f"{config.cross_attention_dim}); got {tuple(context.shape)}")
+
+    @staticmethod
+    def _timesteps(timestep: int | float | torch.Tensor, batch: int,
+                   device: torch.device) -> torch.Tensor:
+        """A number, a 0-d tensor or a (batch,) tensor -> (batch,) float32 timesteps."""
+        t = torch.as_tensor(timestep, device=device)
+        if t.dtype == torch.bool or t.is_complex() or t.ndim > 1 or t.numel() not in (1, batch):
+            raise ValueError(f"timestep must be a number or {batch} numbers (one per sample); "
+                             f"got {timestep!r}")
+        return t.float().reshape(-1).expand(batch)
+
+
+def _weights_channels_last(module: nn.Module, incompatible_keys: object) -> None:
+    module.to(memory_format=torch.channels_last)
+
+
+TINY_UNET = UNetConfig(sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
+                       cross_attention_dim=32, num_attention_heads=2, norm_num_groups=8)
