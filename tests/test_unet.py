@@ -50,15 +50,26 @@ def test_matches_diffusers(sd_unet_folder):
     assert unet.config == UNetConfig()
     assert sum(p.numel() for p in unet.parameters()) == 859_520_964
     assert len(unet.state_dict()) == 686
-    # a square latent with one int timestep, a non-square one with a float timestep per sample
-    cases = [((32, 32), 981), ((16, 24), torch.tensor([0.5, 640.25]))]
-    for (h, w), timestep in cases:
+    # a square latent with one int timestep; a non-square one with a float timestep per sample,
+    # through the explicit cross-attention path, whose probabilities are collected
+    sizes: list[tuple[int, int]] = []
+
+    def collect(probs: torch.Tensor, size: tuple[int, int]) -> None:
+        assert probs.shape == (2, 8, size[0] * size[1], 77) and probs.dtype == torch.float32
+        torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:-1]))
+        sizes.append(size)
+
+    cases = [((32, 32), 981, None), ((16, 24), torch.tensor([0.5, 640.25]), collect)]
+    for (h, w), timestep, hook in cases:
         latents, context = inputs(2, h, w, 768)
         with torch.no_grad():
             expected = reference(latents, timestep, context).sample
-        eps = unet(latents, timestep, context)
+        eps = unet(latents, timestep, context, on_cross_attention=hook)
         assert eps.shape == latents.shape and eps.dtype == latents.dtype
         assert_close_to(eps, expected)
+    # 16 cross-attention layers in forward order: 6 down, 1 in the middle, 9 up
+    assert sizes == [(16, 24)] * 2 + [(8, 12)] * 2 + [(4, 6)] * 2 + [(2, 3)] \
+        + [(4, 6)] * 3 + [(8, 12)] * 3 + [(16, 24)] * 3
 
 
 class ProbsRecorder:
