@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import app  # noqa: E402
+import sd_parts  # noqa: E402
 from tests.serve import free_port  # noqa: E402
 from ui import server  # noqa: E402
 from ui.tabs import image, prompt  # noqa: E402
@@ -87,7 +88,7 @@ def main() -> None:
             args.rounds)
 
         # the VAE alone on the image the tab encodes, in the tab's default mode
-        exact = bool(torch.float32 == app.sd_parts.fast_dtype("cpu"))
+        exact = bool(torch.float32 == sd_parts.fast_dtype("cpu"))
         vae = models.vae(settings.vae_choices[0], exact)
         fitted, _ = pixels.fit_for_vae(upload.load_image(EXAMPLE, image.MAX_PIXELS), args.size,
                                        vae.downscale)
@@ -103,7 +104,7 @@ def main() -> None:
         client.close()
         demo.close()
 
-    mode = "exact (float32)" if exact else f"fast ({app.sd_parts.fast_dtype('cpu')})"
+    mode = "exact (float32)" if exact else f"fast ({sd_parts.fast_dtype('cpu')})"
     print(f"{torch.get_num_threads()} threads; full-size random weights; median of "
           f"{args.rounds} rounds\n")
     print("| case | time | against | ratio | target |")

@@ -3,21 +3,24 @@ tabs' own functions, whose pictures are checked against the tensors they show.""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 from safetensors import safe_open
 
 import app
+import sd_parts
 from tests.serve import free_port
 from ui import server
-from ui.shared import shown
+from ui.shared import LABEL_ROOM
 from ui.tabs import image, prompt
-from viz.heatmap import colorize
+from viz.heatmap import colorize, pad
 from viz.text_encoder import ATTENTION
 
 TINY = app.RANDOM_VAE["tiny"]
@@ -57,9 +60,8 @@ def test_encode_examples(client, example):
     # previews are shown at the size of the encoder's input, not as a strip of latent pixels
     for name in ("preview", "fitted_preview"):
         assert Image.open(out[name]).size == reconstruction.size
-    for name in ("channels", "std", "error"):
+    for name in ("channels", "std", "error", "histogram"):
         assert Image.open(out[name]).width > 300
-    assert out["histogram"]["type"] == "matplotlib"
     assert "PSNR" in out["metrics"] and "SSIM" in out["metrics"]
     assert len(out["stats"]["data"]) == 5  # four channels and all of them together
     latent_path, png_path = out["downloads"]
@@ -71,15 +73,16 @@ def test_encode_examples(client, example):
     assert Image.open(png_path).size == reconstruction.size
 
 
-def test_sample_differs_from_mean_and_is_seeded(client):
-    example = image.EXAMPLE_IMAGES[0]
-    mean = encode(client, example, image.MEAN, 256)["downloads"][0]
-    sample = encode(client, example, image.SAMPLE, 256)["downloads"][0]
-    again = encode(client, example, image.SAMPLE, 256)["downloads"][0]
-    with safe_open(mean, "pt") as a, safe_open(sample, "pt") as b, safe_open(again, "pt") as c:
-        z_mean, z_sample, z_again = (f.get_tensor("latent") for f in (a, b, c))
-    assert not z_mean.equal(z_sample)
-    assert z_sample.equal(z_again)
+def test_sample_differs_from_mean_and_is_seeded():
+    def latent(kind: str, seed: int) -> torch.Tensor:
+        *_, last = image.encode_image(MODELS, image.EXAMPLE_IMAGES[0], TINY, 256, "crop", kind,
+                                      seed, True, True)
+        with safe_open(last["downloads"][0], "pt") as f:
+            return f.get_tensor("latent")
+
+    mean, sample = latent(image.MEAN, 0), latent(image.SAMPLE, 0)
+    assert not mean.equal(sample)
+    assert sample.equal(latent(image.SAMPLE, 0)) and not sample.equal(latent(image.SAMPLE, 1))
 
 
 def test_unusable_upload_gives_one_message_and_empty_outputs(client, tmp_path):
@@ -162,8 +165,32 @@ def test_served_attention_map_is_the_one_asked_for(client):
     }
     read = prompt.read_tokens(MODELS.tokenizer(), text)
     output = prompt.run_text_encoder(MODELS, read.ids)
-    drawn = shown(prompt.attention_views(read, output, 2, "head 3", False)["attention"])
+    drawn = pad(prompt.attention_views(read, output, 2, "head 3", False)["attention"],
+                top=LABEL_ROOM).pixels
     np.testing.assert_array_equal(served[(2, "head 3")], drawn)
     assert len({array.tobytes() for array in served.values()}) == 3
     with pytest.raises(AppError, match="heads"):
         client.predict(text, 1, "head 9", False, api_name="/attention_view")
+
+
+class SixteenChannels(app.Models):
+    """The tiny app, with a VAE of 16 latent channels (as SD3's and FLUX's have)."""
+
+    def vae(self, choice: str, exact: bool) -> sd_parts.AutoencoderKL:
+        torch.manual_seed(0)
+        config = dataclasses.replace(sd_parts.TINY_VAE, latent_channels=16, scaling_factor=0.5)
+        return sd_parts.AutoencoderKL(config).eval()
+
+
+def test_image_tab_shows_any_channel_count_and_downscale():
+    views = list(image.encode_image(SixteenChannels(MODELS.settings), image.EXAMPLE_IMAGES[1],
+                                    TINY, 256, "crop", image.MEAN, 0, False, True))[-1]
+    assert views["status"] is None
+    assert "The latent is 16x" in views["size"] and "2x2 pixels" in views["size"]
+    assert "No published RGB map" in views["size"]  # so the preview's map is fitted
+    assert len(views["channels"].maps) == len(views["std"].maps) == 16
+    assert len(views["stats"]) == 17
+    width, height = views["original"].size
+    assert views["preview"].shape == views["fitted_preview"].shape == (height, width, 3)
+    assert (views["channels"].maps[0].rows, views["channels"].maps[0].columns) == (
+        height // 2, width // 2)

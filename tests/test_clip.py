@@ -6,12 +6,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sd_parts import TINY_CLIP, CLIPTextEncoder, load_text_encoder
+from sd_parts import TINY_CLIP, CLIPTextEncoder, CLIPTextOutput, load_text_encoder
+from tests.conftest import reference_text_encoder
 
 TOL = 1e-4
 
 
-def assert_matches(encoder, reference, input_ids):
+def assert_matches(encoder, reference, input_ids) -> CLIPTextOutput:
     with torch.inference_mode():
         expected = reference(input_ids, output_hidden_states=True, output_attentions=True)
         out = encoder(input_ids, output_hidden_states=True, output_attentions=True)
@@ -22,22 +23,24 @@ def assert_matches(encoder, reference, input_ids):
     for ours, theirs in zip(out.attentions, expected.attentions, strict=True):
         torch.testing.assert_close(ours, theirs, atol=TOL, rtol=0)
     torch.testing.assert_close(out.last_hidden_state, expected.last_hidden_state, atol=TOL, rtol=0)
+    return out
 
 
 def test_matches_transformers(sd_text_encoder_folder):
     reference, folder = sd_text_encoder_folder
     encoder = load_text_encoder(str(folder))
     input_ids = torch.randint(0, 49408, (2, 77), generator=torch.Generator().manual_seed(0))
-    assert_matches(encoder, reference, input_ids)
-    out = encoder(input_ids, output_hidden_states=True, output_attentions=True)
+    out = assert_matches(encoder, reference, input_ids)
     assert out.last_hidden_state.shape == (2, 77, 768)
     assert len(out.hidden_states) == 13 and len(out.attentions) == 12
     assert out.attentions[0].shape == (2, 12, 77, 77)
 
 
-def test_hub_prefix_and_position_ids_load(sd_text_encoder_folder, tmp_path):
+def test_hub_prefix_and_position_ids_load(tmp_path):
     """The Hub's files carry ``text_model.`` on every key and often a position_ids buffer."""
-    reference, folder = sd_text_encoder_folder
+    reference = reference_text_encoder(hidden_size=32, intermediate_size=64, layers=2, heads=4)
+    folder = tmp_path / "written"
+    reference.save_pretrained(folder)
     state = {f"text_model.{k}": v for k, v in load_file(folder / "model.safetensors").items()}
     state["text_model.embeddings.position_ids"] = torch.arange(77).unsqueeze(0)
     save_file(state, tmp_path / "model.safetensors")

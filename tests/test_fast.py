@@ -33,12 +33,11 @@ def test_fast_dtype_follows_the_hardware():
     assert fast_dtype("meta") == torch.float32
 
 
-@pytest.mark.parametrize("name", ["astronaut.png", "coffee.png"])
-def test_fast_mode_is_close_to_exact_mode(sd_vae_folder, name):
+def test_fast_mode_is_close_to_exact_mode(sd_vae_folder):
     _, folder = sd_vae_folder
     exact = load_vae(str(folder))
     fast = load_vae(str(folder), dtype=torch.bfloat16)
-    images = load_image(name, 64)
+    images = load_image("astronaut.png", 64)
     latents = exact.encode(images).mean
     fast_latents = fast.encode(images).mean
     assert fast_latents.dtype == torch.float32  # the caller's dtype, whatever the model's

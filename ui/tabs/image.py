@@ -19,7 +19,7 @@ from PIL import Image
 
 import sd_parts
 from ui.loading import ModelUnavailable
-from ui.shared import failure, mode_note, output_path, random_banner, shown
+from ui.shared import PictureFiles, failure, mode_note, output_path, random_banner
 from viz import export, latents, metrics, pixels, upload
 
 if TYPE_CHECKING:
@@ -34,6 +34,14 @@ MAX_PIXELS = 40_000_000  # checked from the file header, before any pixel is dec
 TILE_ABOVE_PIXELS = 768 * 768  # bigger images go through the VAE in overlapping tiles
 OUTPUTS = ("status", "size", "vae_input", "preview", "fitted_preview", "channels", "stats",
            "histogram", "std", "original", "reconstruction", "error", "metrics", "downloads")
+
+
+def latent_space(config: sd_parts.VAEConfig) -> tuple[float, float]:
+    """(scaling_factor, shift_factor): the diffusion model sees (latent - shift) x scale.
+
+    SD3's and FLUX's VAE configs have a shift_factor; SD v1's and SDXL's have none, which is 0.
+    """
+    return config.scaling_factor, getattr(config, "shift_factor", None) or 0.0
 
 
 def encode_image(models: Models, path: str | None, choice: str, max_side: int, fit: str,
@@ -52,8 +60,8 @@ def encode_image(models: Models, path: str | None, choice: str, max_side: int, f
     except (upload.ImageInputError, ModelUnavailable) as exc:
         yield failure(OUTPUTS, "status", str(exc))
         return
-    config, downscale = vae.config, vae.downscale
-    fitted, size_note = pixels.fit_for_vae(image, int(max_side), downscale, mode=fit)
+    space = latent_space(vae.config)
+    fitted, size_note = pixels.fit_for_vae(image, int(max_side), vae.downscale, mode=fit)
     tiled = fitted.width * fitted.height > TILE_ABOVE_PIXELS
     start = time.perf_counter()
     posterior = vae.encode(pixels.image_to_tensor(fitted), tiled=tiled)
@@ -62,21 +70,21 @@ def encode_image(models: Models, path: str | None, choice: str, max_side: int, f
     else:
         latent = posterior.mean[0]
     encode_s = time.perf_counter() - start
-    latent_views = _latent_views(latent, posterior.std[0], fitted, size_note, vae.config,
-                                 downscale, shared_scale)
+    latent_views = _latent_views(latent, posterior.std[0], fitted, size_note, space,
+                                 vae.downscale, shared_scale)
     yield latent_views | {"metrics": f"Encoded in {encode_s:.2f} s. Decoding..."}
 
     start = time.perf_counter()
-    decoded = vae.decode(latent[None], tiled=tiled)
+    reconstruction = pixels.tensor_to_image(vae.decode(latent[None], tiled=tiled)[0])
     decode_s = time.perf_counter() - start
-    reconstruction = pixels.tensor_to_image(decoded[0])
-    latent_file = export.latent_to_safetensors(
-        latent, config.scaling_factor, fitted.size,
-        output_path("latent.safetensors", models.settings.output_max_age))
-    png_file = output_path("reconstruction.png", models.settings.output_max_age)
+    max_age = models.settings.output_max_age
+    latent_file = export.latent_to_safetensors(latent, space[0], fitted.size,
+                                               output_path("latent.safetensors", max_age),
+                                               shift_factor=space[1])
+    png_file = output_path("reconstruction.png", max_age)
     reconstruction.save(png_file)
-    fitted_map = latents.fit_rgb_map(latent, fitted, config.scaling_factor)
-    fitted_rgb = latents.apply_rgb_map(latent, fitted_map, config.scaling_factor)
+    fitted_rgb = latents.apply_rgb_map(latent, latents.fit_rgb_map(latent, fitted, *space),
+                                       *space)
     timing = (f"encoded in {encode_s:.2f} s, decoded in {decode_s:.2f} s"
               f"{' (tiled)' if tiled else ''}. {mode_note(bool(exact))}")
     # the last yield carries every output, so an API client gets the complete result
@@ -91,30 +99,30 @@ def encode_image(models: Models, path: str | None, choice: str, max_side: int, f
 
 
 def _latent_views(latent: torch.Tensor, std: torch.Tensor, fitted: Image.Image, size_note: str,
-                  config: sd_parts.VAEConfig, downscale: int, shared_scale: bool
+                  space: tuple[float, float], downscale: int, shared_scale: bool
                   ) -> dict[str, object]:
     """Everything shown before the decoder runs: size, preview, channels, numbers, histogram."""
-    scale = config.scaling_factor
     channels, height, width = latent.shape
     pixel_values = 3 * fitted.width * fitted.height
     size = (f"{size_note} The latent is {channels}x{height}x{width} (channels x height x width, "
             f"1 latent pixel per {downscale}x{downscale} pixels): {latent.numel():,} numbers for "
             f"{pixel_values:,} pixel values, {pixel_values / latent.numel():.0f}x fewer.")
-    rgb_map = latents.rgb_map_for(channels, scale)
+    rgb_map = latents.rgb_map_for(channels, space[0])
     if rgb_map is None:  # no published map for this family: the best map for this image
-        matrix = latents.fit_rgb_map(latent, fitted, scale)
-        size += (f" No published RGB map fits a {channels}-channel latent scaled by {scale:g}, "
-                 "so the instant preview uses the map fitted to this image.")
+        matrix = latents.fit_rgb_map(latent, fitted, *space)
+        size += (f" No published RGB map fits a {channels}-channel latent scaled by "
+                 f"{space[0]:g}, so the instant preview uses the map fitted to this image.")
     else:
         matrix = rgb_map.matrix()
     return {
         "status": None,
         "size": size,
         "vae_input": fitted,
-        "preview": latents.enlarge_to(latents.apply_rgb_map(latent, matrix, scale), fitted.size),
+        "preview": latents.enlarge_to(latents.apply_rgb_map(latent, matrix, *space),
+                                      fitted.size),
         "channels": latents.latent_channels_view(latent, downscale, shared_scale),
-        "stats": latents.channel_stats(latent, scale),
-        "histogram": latents.latent_histogram_figure(latent, scale),
+        "stats": latents.channel_stats(latent, *space),
+        "histogram": latents.latent_histogram_figure(latent, *space),
         "std": latents.std_view(std, shared_scale),
     }
 
@@ -165,8 +173,8 @@ def build(models: Models) -> None:
             with gr.Row():
                 out["stats"] = gr.Dataframe(headers=latents.CHANNEL_STATS_HEADERS,
                                             label="Per-channel statistics", interactive=False)
-                out["histogram"] = gr.Plot(label="The latent in model space vs N(0, 1)",
-                                           format="png")
+                out["histogram"] = gr.Image(label="The latent in model space vs N(0, 1)",
+                                            format="png")
             out["std"] = gr.Image(label="Posterior std (how uncertain each value is)",
                                   format="png")
             with gr.Row():
@@ -180,9 +188,13 @@ def build(models: Models) -> None:
 
     def encode(path, choice, max_side, fit, latent_kind, seed, shared_scale, exact,
                progress=gr.Progress(track_tqdm=True)):  # track_tqdm: Hub downloads show here
-        for views in encode_image(models, path, choice, max_side, fit, latent_kind, seed,
-                                  shared_scale, exact):
-            yield {out[name]: shown(views.get(name)) for name in OUTPUTS}
+        files = PictureFiles(settings.output_max_age)
+        try:
+            for views in encode_image(models, path, choice, max_side, fit, latent_kind, seed,
+                                      shared_scale, exact):
+                yield {out[name]: files(views.get(name)) for name in OUTPUTS}
+        finally:  # Gradio asks for the next answer only after sending this one
+            files.remove()
 
     inputs = [image_file, choice, max_side, fit, latent_kind, seed, shared_scale, exact]
     outputs = [out[name] for name in OUTPUTS]

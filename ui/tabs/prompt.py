@@ -17,7 +17,7 @@ import torch
 
 import sd_parts
 from ui.loading import ModelUnavailable
-from ui.shared import literal, output_path, random_banner, shown
+from ui.shared import PictureFiles, literal, output_path, random_banner
 from viz import export, text_encoder, tokens
 
 if TYPE_CHECKING:
@@ -180,12 +180,20 @@ def build(models: Models) -> None:
 
     def inspect_handler(text, layer_value, head_value, padding_value,
                         progress=gr.Progress(track_tqdm=True)):  # Hub downloads show here
-        for views in inspect_prompt(models, text, layer_value, head_value, padding_value):
-            yield {out[name]: shown(views.get(name)) for name in OUTPUTS}
+        files = PictureFiles(settings.output_max_age)
+        try:
+            for views in inspect_prompt(models, text, layer_value, head_value, padding_value):
+                yield {out[name]: files(views.get(name)) for name in OUTPUTS}
+        finally:  # Gradio asks for the next answer only after sending this one
+            files.remove()
 
     def attention_handler(text, layer_value, head_value, padding_value):
         views = update_attention(models, text, layer_value, head_value, padding_value)
-        return {out[name]: shown(views.get(name)) for name in ATTENTION_OUTPUTS}
+        files = PictureFiles(settings.output_max_age)
+        try:  # one answer, from a generator so that its files go once it is sent
+            yield {out[name]: files(views.get(name)) for name in ATTENTION_OUTPUTS}
+        finally:
+            files.remove()
 
     controls = [prompt, layer, head, padding]
     gr.on([inspect.click, prompt.submit], inspect_handler, controls,
