@@ -53,6 +53,15 @@ def write_weights(folder: Path) -> None:
     reference_text_encoder().save_pretrained(folder / "text_encoder")
 
 
+def on_random_weights(mode: Callable[[argparse.Namespace, Path], None],
+                      args: argparse.Namespace) -> None:
+    """Run ``mode(args, folder)`` on full-size random weights written to a temporary folder."""
+    with tempfile.TemporaryDirectory() as tmp:
+        print("writing full-size random weights", file=sys.stderr)
+        write_weights(Path(tmp))
+        mode(args, Path(tmp))
+
+
 def test_image(size: int) -> torch.Tensor:
     """A deterministic (1, 3, size, size) image in [-1, 1]: gradients, waves and a sharp disc."""
     y, x = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
@@ -319,11 +328,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--plot", default=str(ROOT / "benchmarks" / "vae_time.png"),
                         help="where to save the plot ('' for none)")
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        print("writing full-size random weights", file=sys.stderr)
-        write_weights(Path(tmp))
-        time_mode(args, Path(tmp))
+    on_random_weights(time_mode, parser.parse_args())
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ import argparse
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import sd_parts  # noqa: E402
-from benchmarks.bench import IMPLS, test_image, write_weights  # noqa: E402
+from benchmarks.bench import IMPLS, on_random_weights, test_image  # noqa: E402
 
 
 def peak_rss_mb() -> float:
@@ -167,10 +166,7 @@ def main() -> None:
         impl, op, size, folder = args.one_case
         print(json.dumps(one_case(impl, op, int(size), Path(folder))))
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        print("writing full-size random weights", file=sys.stderr)
-        write_weights(Path(tmp))
-        memory_mode(args, Path(tmp))
+    on_random_weights(memory_mode, args)
 
 
 if __name__ == "__main__":

@@ -106,13 +106,16 @@ def test_hub_timeouts_are_short():
 def test_prefetch_starts_only_when_something_is_missing(empty_cache, unreachable, tmp_path):
     said = []
     downloads = app.downloads(HUB)
-    assert [d.source for d in downloads] == [SD_REPO, SD_REPO]
+    assert [(d.what, d.source) for d in downloads][:2] == [
+        ("the VAE (SD v1.5 VAE)", SD_REPO), ("the text encoder", SD_REPO)]
     assert app.downloads(app.Settings(weights="random")) == []
     local = loading.Download("a local VAE", str(tmp_path), None, downloads[0].layout)
     assert local.cached() and loading.start_prefetch([local], app.HUB, said.append) is None
-    # the Hub does not answer: said once in the console, nothing started
-    assert loading.start_prefetch(downloads, app.HUB, said.append) is None
+    # the Hub does not answer: said once in the console, nothing fetched, the failure remembered
+    loading.start_prefetch(downloads, app.HUB, said.append).join(timeout=30)
     assert len(said) == 1 and "did not answer" in said[0] and "--weights random" in said[0]
+    assert "the VAE (SD v1.5 VAE) and the text encoder" in said[0]
+    assert app.HUB.failure() is not None and app.HUB.probes == 1  # remembered, not asked again
 
 
 def test_prefetch_fetches_in_the_background(empty_cache, tmp_path, monkeypatch):

@@ -179,22 +179,22 @@ def start_prefetch(
 
     huggingface_hub draws a progress bar per file; the first request then finds the files in the
     cache (or waits for the file being written, under huggingface_hub's own lock). Nothing
-    starts in offline mode, when everything is cached, or when the Hub does not answer (that is
-    remembered, and said here once).
+    starts in offline mode or when everything is cached. When the Hub does not answer, that is
+    said once here and remembered for the first requests.
     """
     if constants.HF_HUB_OFFLINE:
         return None
     missing = [d for d in downloads if not d.cached()]
     if not missing:
         return None
-    failure = hub.failure()
-    if failure is not None:
-        say(f"The Hugging Face Hub did not answer ({failure}); {', '.join(d.what for d in missing)}"
-            f" cannot be fetched. The app runs: tokens are shown, model views say what failed. "
-            f"{FIXES}")
-        return None
+    names = " and ".join(d.what for d in missing)
 
     def fetch_all() -> None:
+        failure = hub.failure()
+        if failure is not None:
+            say(f"The Hugging Face Hub did not answer ({failure}), so {names} cannot be fetched. "
+                f"The app runs: tokens are shown, model views say what failed. {FIXES}")
+            return
         for download in missing:
             say(f"Fetching {download.what} from {download.source} in the background...")
             start = time.perf_counter()
