@@ -12,6 +12,7 @@ function in ``viz``; the models come from ``sd_parts``.
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import os
 import sys
@@ -21,9 +22,10 @@ import gradio as gr
 import torch
 
 import sd_parts
-from sd_parts.weights import TEXT_ENCODER_LAYOUT, VAE_LAYOUT
+from sd_parts.schedulers import read_scheduler_config
+from sd_parts.weights import TEXT_ENCODER_LAYOUT, UNET_LAYOUT, VAE_LAYOUT
 from ui import loading, server
-from ui.tabs import how_it_works, image, prompt
+from ui.tabs import generate, how_it_works, image, prompt
 
 VAE_SOURCES = {  # label -> (source, subfolder)
     "SD v1.5 VAE": (sd_parts.DEFAULT_REPO, "vae"),
@@ -33,6 +35,8 @@ VAE_SOURCES = {  # label -> (source, subfolder)
 RANDOM_VAE = {"random": "SD v1 VAE architecture, random weights",
               "tiny": "tiny VAE, random weights"}
 HUB = loading.HubAccess()
+# The generation tab runs on a GPU when there is one; the image and prompt tabs stay on the CPU.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,19 @@ class Settings:
     @property
     def clip_config(self) -> sd_parts.CLIPTextConfig:
         return sd_parts.TINY_CLIP if self.weights == "tiny" else sd_parts.CLIPTextConfig()
+
+    @property
+    def generate_multiple(self) -> int:
+        """Image sides are multiples of the VAE's downscale: one latent pixel per block."""
+        return 2 if self.weights == "tiny" else 8
+
+    @property
+    def generate_size(self) -> int:
+        """The default side of a generated image: 512 px (SD v1's own) on a GPU; on a CPU
+        256 px, which takes about a minute for 20 steps on 2 cores."""
+        if self.weights == "tiny":
+            return 32
+        return 512 if torch.cuda.is_available() else 256
 
     @property
     def delete_cache(self) -> tuple[int, int]:
@@ -127,6 +144,36 @@ def get_tokenizer(settings: Settings) -> sd_parts.CLIPTokenizer:
     return HUB.load(source, lambda: sd_parts.load_tokenizer(source), f"the tokenizer {source!r}")
 
 
+@functools.lru_cache(maxsize=1)  # one UNet resident: exact and fast would double 3.4 GB
+def get_unet(settings: Settings, exact: bool) -> sd_parts.UNet2DConditionModel:
+    dtype = torch.float32 if exact else sd_parts.fast_dtype(DEVICE)
+    if settings.random:
+        config = sd_parts.TINY_UNET if settings.weights == "tiny" else sd_parts.UNetConfig()
+        torch.manual_seed(0)
+        return sd_parts.UNet2DConditionModel(config).eval().requires_grad_(False).to(DEVICE,
+                                                                                     dtype)
+    return HUB.load(sd_parts.DEFAULT_REPO,
+                    lambda: sd_parts.load_unet(sd_parts.DEFAULT_REPO, subfolder="unet",
+                                               dtype=dtype, device=DEVICE),
+                    "the UNet")
+
+
+@functools.lru_cache(maxsize=1)
+def get_scheduler_config(settings: Settings) -> sd_parts.SchedulerConfig:
+    if settings.random:
+        return sd_parts.SchedulerConfig()  # SD v1.5's schedule
+    return HUB.load(sd_parts.DEFAULT_REPO,
+                    lambda: read_scheduler_config(sd_parts.DEFAULT_REPO, subfolder="scheduler"),
+                    "the scheduler settings")
+
+
+@functools.lru_cache(maxsize=2)
+def on_device(module: torch.nn.Module) -> torch.nn.Module:
+    """The generation tab's copy of a model the other tabs use on the CPU (the same one on a
+    machine without a GPU)."""
+    return module if DEVICE == "cpu" else copy.deepcopy(module).to(DEVICE)
+
+
 @dataclass(frozen=True)
 class Models:
     """The tabs' access to the settings and the models, each loaded on first use."""
@@ -142,6 +189,14 @@ class Models:
     def tokenizer(self) -> sd_parts.CLIPTokenizer:
         return get_tokenizer(self.settings)
 
+    def pipeline(self, exact: bool) -> sd_parts.StableDiffusionPipeline:
+        """SD v1 from the models above (the first VAE choice), sharing them with the tabs."""
+        settings = self.settings
+        vae = on_device(get_vae(settings, settings.vae_choices[0], exact))
+        return sd_parts.StableDiffusionPipeline(
+            self.tokenizer(), on_device(self.text_encoder()), get_unet(settings, exact), vae,
+            get_scheduler_config(settings))
+
 
 def downloads(settings: Settings) -> list[loading.Download]:
     """What the first requests will need from the Hub: the first VAE and the text encoder."""
@@ -151,7 +206,8 @@ def downloads(settings: Settings) -> list[loading.Download]:
     source, subfolder = vae_source(choice)
     return [loading.Download(f"the VAE ({choice})", source, subfolder, VAE_LAYOUT),
             loading.Download("the text encoder", settings.text_encoder, None,
-                             TEXT_ENCODER_LAYOUT)]
+                             TEXT_ENCODER_LAYOUT),
+            loading.Download("the UNet", sd_parts.DEFAULT_REPO, "unet", UNET_LAYOUT)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,12 +222,15 @@ def build_demo(settings: Settings) -> gr.Blocks:
     # No telemetry: Gradio would otherwise report each start to its own servers.
     with gr.Blocks(title="Inside Stable Diffusion v1", delete_cache=settings.delete_cache,
                    analytics_enabled=False) as demo:
-        gr.Markdown("# Inside Stable Diffusion v1\nSee how the VAE turns an image into a latent "
-                    "and back, and how CLIP reads a prompt.")
+        gr.Markdown("# Inside Stable Diffusion v1\nWatch the UNet and a scheduler denoise a "
+                    "latent into an image, step by step; see how the VAE turns an image into a "
+                    "latent and back, and how CLIP reads a prompt.")
         with gr.Tab(image.TITLE):
             image.build(models)
         with gr.Tab(prompt.TITLE):
             prompt.build(models)
+        with gr.Tab(generate.TITLE):
+            generate.build(models)
         with gr.Tab(how_it_works.TITLE):
             how_it_works.build()
     demo.queue(max_size=settings.queue_size)

@@ -1,14 +1,22 @@
-"""sd_parts: Stable Diffusion v1's VAE, CLIP text encoder and tokenizer, written to be read."""
+"""sd_parts: Stable Diffusion v1's parts (tokenizer, CLIP text encoder, UNet, schedulers, VAE)
+and the pipeline that joins them, written to be read."""
 
 from .clip import CLIPTextEncoder, CLIPTextOutput
 from .config import TINY_CLIP, TINY_VAE, CLIPTextConfig, VAEConfig
+from .pipeline import GenerationResult, StableDiffusionPipeline, StepState, Trace, load_pipeline
 from .runtime import fast_dtype
+from .schedulers import Scheduler, SchedulerConfig, load_scheduler
+from .single_file import load_single_file
 from .tokenizer import CLIPTokenizer, load_tokenizer
+from .unet import TINY_UNET, UNet2DConditionModel, UNetConfig
 from .vae import AutoencoderKL, DiagonalGaussian
-from .weights import DEFAULT_REPO, WeightsError, load_text_encoder, load_vae
+from .weights import DEFAULT_REPO, WeightsError, load_text_encoder, load_unet, load_vae
 
 __all__ = [
-    "DEFAULT_REPO", "TINY_CLIP", "TINY_VAE", "AutoencoderKL", "CLIPTextConfig", "CLIPTextEncoder",
-    "CLIPTextOutput", "CLIPTokenizer", "DiagonalGaussian", "VAEConfig", "WeightsError",
-    "fast_dtype", "load_text_encoder", "load_tokenizer", "load_vae",
+    "DEFAULT_REPO", "TINY_CLIP", "TINY_UNET", "TINY_VAE", "AutoencoderKL", "CLIPTextConfig",
+    "CLIPTextEncoder", "CLIPTextOutput", "CLIPTokenizer", "DiagonalGaussian", "GenerationResult",
+    "Scheduler", "SchedulerConfig", "StableDiffusionPipeline", "StepState", "Trace",
+    "UNet2DConditionModel", "UNetConfig", "VAEConfig", "WeightsError", "fast_dtype",
+    "load_pipeline", "load_scheduler", "load_single_file", "load_text_encoder", "load_tokenizer",
+    "load_unet", "load_vae",
 ]

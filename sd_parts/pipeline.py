@@ -47,6 +47,7 @@ class StepState:
     """What one denoising step computed, handed to the callback."""
 
     index: int  # 0-based position in this run's timesteps
+    total: int  # how many timesteps the run visits (PNDM visits one more than asked for)
     timestep: float
     latents: torch.Tensor  # (B, 4, h, w) after the step: x at the next, lower noise level
     pred_original: torch.Tensor  # (B, 4, h, w) the clean latent x_0 this step predicted
@@ -124,6 +125,22 @@ class StableDiffusionPipeline:
     def make_scheduler(self, kind: str, karras: bool | None = None) -> Scheduler:
         return load_scheduler(self.scheduler_config, kind=kind, karras=karras)
 
+    def plan(self, num_inference_steps: int, scheduler: str, karras: bool | None = None,
+             strength: float = 1.0) -> tuple[Scheduler, torch.Tensor, int]:
+        """The sampler, the timesteps a run will visit and the index of the first one.
+
+        With ``strength`` < 1 (image to image) the run skips the noisiest part of the schedule,
+        as diffusers' StableDiffusionImg2ImgPipeline does: it denoises int(n x strength) steps.
+        """
+        sampler = self.make_scheduler(scheduler, karras)
+        sampler.set_timesteps(num_inference_steps)
+        denoised = min(int(num_inference_steps * strength), num_inference_steps)
+        start = num_inference_steps - denoised
+        sampler.begin_at(start)
+        # PNDM repeats one timestep, so its list can be longer than num_inference_steps
+        timesteps = sampler.timesteps[start:] if denoised else sampler.timesteps[:0]
+        return sampler, timesteps, start
+
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
         """(B, 77, hidden): the text encoder's last hidden state, as SD v1 conditions on."""
@@ -164,25 +181,20 @@ class StableDiffusionPipeline:
                         height, width, self.latent_downscale, image, strength)
         guided = guidance_scale > 1  # at 1, uncond + 1 (text - uncond) is just the text branch
         context = self.encode_prompt(negatives + prompts if guided else prompts)
-        sampler = self.make_scheduler(scheduler, karras)
-        sampler.set_timesteps(num_inference_steps)
-        timesteps = sampler.timesteps
+        img2img = image is not None and strength < 1
+        sampler, timesteps, start = self.plan(num_inference_steps, scheduler, karras,
+                                              strength if img2img else 1.0)
         batch, device = len(prompts), self.device
         grid = (height // self.latent_downscale, width // self.latent_downscale)
         shape = (batch, self.unet.config.in_channels, *grid)
         scaling = self.vae.config.scaling_factor
 
-        if image is not None and strength < 1:
+        if img2img:
             # image to image: start part way down the schedule, from the image's noised latent
             image = image.to(device, torch.float32) * 2 - 1
             start_latents = self.vae.encode(image).sample(generator) * scaling
-            denoised = min(int(num_inference_steps * strength), num_inference_steps)
-            start = num_inference_steps - denoised
-            # PNDM repeats one timestep, so its list can be longer than num_inference_steps
-            timesteps = timesteps[start:] if denoised else timesteps[:0]
-            sampler.begin_at(start)
             latents = start_latents
-            if denoised:
+            if len(timesteps):
                 noise = torch.randn(shape, generator=generator).to(device)
                 latents = sampler.add_noise(start_latents, noise, timesteps[:1].repeat(batch))
         else:
@@ -213,8 +225,8 @@ class StableDiffusionPipeline:
                 record.step_maps.append(F.interpolate(
                     collector.total, size=(STEP_MAP_SIZE, STEP_MAP_SIZE), mode="area").cpu())
             if callback is not None:
-                state = StepState(index, t_value, latents, out.pred_original_sample, noise_text,
-                                  noise_uncond)
+                state = StepState(index, len(timesteps), t_value, latents,
+                                  out.pred_original_sample, noise_text, noise_uncond)
                 if callback(index, t_value, state) is False and index < len(timesteps) - 1:
                     stopped = True
                     break

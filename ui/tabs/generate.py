@@ -1,0 +1,531 @@
+"""Tab "Prompt → UNet + scheduler → latent → image": watch Stable Diffusion make an image.
+
+``generate`` runs the pipeline in a worker thread and yields the views of every step as the
+step finishes (the latent as colours and channels, the clean image it predicts, the noise level),
+then the decoded image, the steps side by side, guidance and the word maps. A Stop button, or a
+client that leaves, ends the run at the next step and keeps what was made. ``forward_noise``
+shows the other direction: an image's latent noised to any timestep, and what the UNet thinks
+the image was. Every picture comes from ``viz.diffusion``.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import gradio as gr
+import numpy as np
+import torch
+
+import sd_parts
+from sd_parts.pipeline import GenerationResult, StepState, check_arguments
+from ui.loading import ModelUnavailable
+from ui.shared import PictureFiles, failure, mode_note, output_path, random_banner
+from ui.tabs.image import EXAMPLE_IMAGES, MAX_PIXELS, latent_space
+from viz import diffusion, latents, pixels, upload
+
+if TYPE_CHECKING:
+    from app import Models
+
+TITLE = "Prompt → UNet + scheduler → latent → image"
+SCHEDULERS = {"PNDM (PLMS)": "pndm", "DDIM": "ddim", "Euler": "euler",
+              "DPM-Solver++ 2M": "dpm++2m", "DDPM": "ddpm"}
+KARRAS_KINDS = ("euler", "dpm++2m")
+MAX_SIDE = 1024  # pixels per side: 4x the work of SD v1's native 512 x 512
+EXAMPLE_PROMPTS = [
+    ["a photograph of an astronaut riding a horse", "", 7.5],
+    ["a watercolour painting of a lighthouse at dusk", "blurry, low quality", 7.5],
+    ["a bowl of ramen, studio lighting, 35mm photo", "", 5.0],
+]
+OUTPUTS = ("status", "step_preview", "x0_preview", "channels", "chart", "final", "strip",
+           "guidance", "word_maps", "downloads")
+# seconds per UNet call per latent pixel, measured by the runs on this machine: the estimate
+# shown before a run starts
+_measured_rate: dict[str, float] = {}
+_stop_events: dict[str, threading.Event] = {}  # session -> the Stop button of its current run
+
+
+@dataclass
+class RunRecord:
+    """What a finished run leaves for the scrubber and the word-map controls."""
+
+    latents: list[torch.Tensor]  # the start noise, then the latent after each step
+    pred_original: list[torch.Tensor]
+    noise_uncond: list[torch.Tensor | None]
+    noise_text: list[torch.Tensor]
+    timesteps: list[float]
+    noise_levels: list[float]
+    guidance: float
+    size: tuple[int, int]  # (width, height) in pixels
+    rgb_matrix: np.ndarray
+    scaling_factor: float  # the VAE's: latents here are in model space, the channel view is raw
+    step_maps: list[torch.Tensor] = field(default_factory=list)  # (77, 16, 16) per step
+    word_maps: torch.Tensor | None = None  # (77, h, w)
+    pieces: list[str] = field(default_factory=list)
+    image: np.ndarray | None = None  # the final image, (H, W, 3) uint8
+
+    @property
+    def steps(self) -> int:
+        return len(self.timesteps)
+
+
+@dataclass
+class Request:
+    """The run's settings, checked; ``settings()`` is what the PNG and the latents file keep."""
+
+    prompt: str
+    negative: str
+    steps: int
+    guidance: float
+    scheduler: str
+    karras: bool
+    seed: int
+    width: int
+    height: int
+    init_image: str | None
+    strength: float
+
+    def settings(self) -> dict[str, object]:
+        return {"prompt": self.prompt, "negative_prompt": self.negative, "steps": self.steps,
+                "guidance_scale": self.guidance, "scheduler": self.scheduler,
+                "karras": self.karras, "seed": self.seed, "width": self.width,
+                "height": self.height, "strength": self.strength if self.init_image else None}
+
+
+def parse_request(prompt: str | None, negative: str | None, steps: float | None,
+                  guidance: float | None, scheduler: str, karras: bool, seed: float | None,
+                  width: float | None, height: float | None, init_image: str | None,
+                  strength: float | None, multiple: int) -> Request:
+    """Check the form's values; a ValueError says what is wrong and what is allowed."""
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"Unknown scheduler {scheduler!r}: choose one of {', '.join(SCHEDULERS)}.")
+    kind = SCHEDULERS[scheduler]
+    if karras and kind not in KARRAS_KINDS:
+        raise ValueError(f"Karras sigmas apply to Euler and DPM-Solver++ 2M, not to {scheduler}.")
+    numbers = {"steps": steps, "guidance": guidance, "seed": seed, "width": width,
+               "height": height, "strength": 0.8 if strength is None else strength}
+    missing = [name for name, value in numbers.items() if value is None]
+    if missing:
+        raise ValueError(f"Fill in {', '.join(missing)}.")
+    if float(steps) != int(steps) or not 1 <= steps <= 100:
+        raise ValueError(f"Steps must be a whole number from 1 to 100; got {steps:g}.")
+    if not np.isfinite(guidance) or not 1 <= guidance <= 20:
+        raise ValueError(f"Guidance scale must be from 1 (no guidance) to 20; got {guidance}.")
+    for name, value in (("Width", width), ("Height", height)):
+        if not np.isfinite(value) or value != int(value) or value % multiple or \
+                not multiple <= value <= MAX_SIDE:
+            raise ValueError(f"{name} must be a multiple of {multiple} from {multiple} to "
+                             f"{MAX_SIDE} pixels; got {value:g}.")
+    return Request(prompt or "", negative or "", int(steps), float(guidance), kind,
+                   bool(karras), int(seed), int(width), int(height), init_image or None,
+                   float(numbers["strength"]))
+
+
+def estimate(steps: int, request: Request, multiple: int) -> str:
+    """The time the run will take, from the step time measured on this machine so far."""
+    calls = 2 if request.guidance > 1 else 1
+    grid = (request.width // multiple) * (request.height // multiple)
+    rate = _measured_rate.get(str(calls))
+    if rate is None:
+        return "The time per step is measured during the first step."
+    return f"Estimated {rate * grid * steps:.0f} s ({rate * grid:.2f} s per step)."
+
+
+def _load_init_image(path: str, width: int, height: int) -> torch.Tensor:
+    image = upload.load_image(path, MAX_PIXELS).resize((width, height))
+    return (pixels.image_to_tensor(image) + 1) / 2  # [0, 1], as the pipeline takes it
+
+
+def generate(models: Models, request: Request, exact: bool, stop: threading.Event
+             ) -> Iterator[dict[str, object]]:
+    """Yield the views of every step as it finishes, then everything; keyed by OUTPUTS."""
+    try:
+        pipe = models.pipeline(exact)
+        init = None
+        if request.init_image:
+            init = _load_init_image(request.init_image, request.width, request.height)
+        check_arguments(1, 1, request.steps, request.guidance, request.height, request.width,
+                        pipe.latent_downscale, init, request.strength)
+    except (ModelUnavailable, upload.ImageInputError, ValueError) as exc:
+        yield failure(OUTPUTS, "status", str(exc))
+        return
+    multiple = pipe.latent_downscale
+    scale, _ = latent_space(pipe.vae.config)
+    sampler, timesteps, _ = pipe.plan(request.steps, request.scheduler, request.karras or None,
+                                      request.strength if init is not None else 1.0)
+    levels = [sampler.noise_level(t) for t in timesteps]
+    rgb_map = latents.rgb_map_for(pipe.unet.config.in_channels, scale)
+    size = (request.width, request.height)
+    updates: queue.Queue = queue.Queue()
+    calls = 2 if request.guidance > 1 else 1
+    grid = (request.width // multiple) * (request.height // multiple)
+    last = [time.perf_counter()]
+
+    def on_step(index: int, t: float, state: StepState) -> bool:
+        now = time.perf_counter()
+        seconds, last[0] = now - last[0], now
+        _measured_rate[str(calls)] = seconds / grid
+        updates.put(("step", state, seconds))
+        return not stop.is_set()
+
+    def run() -> None:
+        try:
+            result = pipe(request.prompt, request.negative, request.steps, request.guidance,
+                          request.height, request.width,
+                          torch.Generator().manual_seed(request.seed), request.scheduler,
+                          request.karras or None, init, request.strength, on_step, trace=True)
+            updates.put(("done", result))
+        except Exception as exc:  # noqa: BLE001 - shown in the status box, the thread ends
+            updates.put(("error", exc))
+
+    plan = estimate(len(timesteps), request, multiple)
+    yield {"status": f"Running {len(timesteps)} steps. {plan} {mode_note(exact)}"}
+    started = time.perf_counter()
+    worker = threading.Thread(target=run, name="generate", daemon=True)
+    worker.start()
+    record = RunRecord([], [], [], [], [], [], request.guidance, size,
+                       rgb_map.matrix() if rgb_map else np.zeros((4, 3)), scale)
+    try:
+        while True:
+            item = updates.get()
+            if item[0] == "error":
+                yield failure(OUTPUTS, "status", f"The run failed: {item[1]}")
+                return
+            if item[0] == "done":
+                break
+            _, state, seconds = item
+            record.pred_original.append(state.pred_original[0].cpu())
+            record.noise_text.append(state.noise_text[0].cpu())
+            record.noise_uncond.append(None if state.noise_uncond is None
+                                       else state.noise_uncond[0].cpu())
+            yield _step_views(record, state, seconds, levels, pipe)
+    finally:  # a client that left closes this generator: the worker stops at its next step
+        stop.set()
+    result: GenerationResult = item[1]
+    yield _final_views(models, record, result, request, pipe, exact,
+                       time.perf_counter() - started)
+
+
+def _step_views(record: RunRecord, state: StepState, seconds: float, levels: list[float],
+                pipe: sd_parts.StableDiffusionPipeline) -> dict[str, object]:
+    latent = state.latents[0].cpu()
+    x0 = record.pred_original[-1]
+    return {
+        "status": (f"Step {state.index + 1} of {state.total} · timestep {state.timestep:g} · "
+                   f"noise level σ = {levels[state.index]:.3g} · {seconds:.2f} s for this step. "
+                   "Stop keeps what is made so far."),
+        "step_preview": diffusion.latent_preview(latent, record.rgb_matrix, record.size),
+        "x0_preview": diffusion.latent_preview(x0, record.rgb_matrix, record.size),
+        "channels": latents.latent_channels_view(latent / record.scaling_factor,
+                                                 pipe.latent_downscale),
+        "chart": diffusion.step_chart(levels, state.index),
+    }
+
+
+def _final_views(models: Models, record: RunRecord, result: GenerationResult, request: Request,
+                 pipe: sd_parts.StableDiffusionPipeline, exact: bool, total_s: float
+                 ) -> dict[str, object]:
+    trace = result.trace
+    record.latents = [x[0] for x in trace.latents]
+    record.timesteps, record.noise_levels = trace.timesteps, trace.noise_levels
+    record.step_maps = [m[0] for m in trace.step_maps]
+    record.word_maps = None if trace.word_maps is None else trace.word_maps[0]
+    record.pieces = pipe.tokenizer.tokenize(request.prompt)[: pipe.tokenizer.model_max_length - 2]
+    image = (result.images[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    record.image = image
+    max_age = models.settings.output_max_age
+    settings = request.settings()
+    png = diffusion.save_png_with_settings(image, settings, output_path("image.png", max_age))
+    steps_file = diffusion.save_step_latents(trace.latents, record.timesteps, settings,
+                                             output_path("latents.safetensors", max_age))
+    ended = (f"Stopped after {result.steps_done} of {request.steps} steps" if result.stopped
+             else f"Done: {result.steps_done} steps")
+    views = {
+        "status": f"{ended} in {total_s:.1f} s. {mode_note(exact)}",
+        "final": image,
+        "strip": _strip(record) if record.steps else None,
+        "downloads": [str(png), str(steps_file)],
+        "record": record,
+    }
+    if record.steps:
+        last = record.steps - 1
+        views |= {
+            "step_preview": diffusion.latent_preview(record.latents[-1], record.rgb_matrix,
+                                                     record.size),
+            "x0_preview": diffusion.latent_preview(record.pred_original[last],
+                                                   record.rgb_matrix, record.size),
+            "channels": latents.latent_channels_view(record.latents[-1] / record.scaling_factor,
+                                                     pipe.latent_downscale),
+            "chart": diffusion.step_chart(record.noise_levels, last),
+            "guidance": _guidance(record, last),
+            "word_maps": word_maps(record, 1, record.steps, "latent grid"),
+        }
+    return views
+
+
+def _strip(record: RunRecord) -> object:
+    chosen = diffusion.strip_steps(record.steps)
+    previews = [diffusion.latent_preview(record.pred_original[i], record.rgb_matrix, record.size)
+                for i in chosen]
+    return diffusion.step_strip(previews, [f"step {i + 1}: x0" for i in chosen])
+
+
+def _guidance(record: RunRecord, index: int) -> object:
+    if record.noise_uncond[index] is None:
+        return None  # guidance 1: the UNet ran without the unconditional branch
+    return diffusion.guidance_view(record.noise_uncond[index], record.noise_text[index],
+                                   record.guidance)
+
+
+def word_maps(record: RunRecord, first: int, last: int, resolution: str) -> object:
+    """The word maps over steps first..last (1-based): at the latent grid for the whole run,
+    else from the per-step 16 x 16 maps."""
+    if record.image is None or not record.step_maps:
+        return None
+    first, last = max(1, int(first)), min(record.steps, int(last))
+    if first > last:
+        first, last = last, first
+    if resolution == "latent grid" and (first, last) == (1, record.steps) and \
+            record.word_maps is not None:
+        maps = record.word_maps
+    else:
+        maps = sum(record.step_maps[first - 1:last])
+    groups = diffusion.word_groups(record.pieces, maps.shape[0])
+    return diffusion.word_maps_view(maps, groups, record.image)
+
+
+def scrub(record: RunRecord | None, step: float) -> dict[str, object]:
+    """The views of step ``step`` (0: the start noise) of the finished run."""
+    if record is None or not record.steps:
+        return {"scrub_latent": None, "scrub_x0": None, "scrub_guidance": None,
+                "scrub_note": "Generate an image first; then every step can be seen here."}
+    step = min(max(int(step), 0), record.steps)
+    latent = diffusion.latent_preview(record.latents[step], record.rgb_matrix, record.size)
+    if step == 0:
+        return {"scrub_latent": latent, "scrub_x0": None, "scrub_guidance": None,
+                "scrub_note": "Step 0: the start latent, before the UNet has run."}
+    return {
+        "scrub_latent": latent,
+        "scrub_x0": diffusion.latent_preview(record.pred_original[step - 1], record.rgb_matrix,
+                                             record.size),
+        "scrub_guidance": _guidance(record, step - 1),
+        "scrub_note": (f"After step {step} of {record.steps} (timestep "
+                       f"{record.timesteps[step - 1]:g}, noise level σ = "
+                       f"{record.noise_levels[step - 1]:.3g})."),
+    }
+
+
+def decode_step(models: Models, record: RunRecord | None, step: float, exact: bool
+                ) -> np.ndarray | None:
+    """The VAE's image of the latent after step ``step`` (the slow, exact view of a step)."""
+    if record is None or not record.steps:
+        return None
+    pipe = models.pipeline(exact)
+    step = min(max(int(step), 0), record.steps)
+    latent = record.latents[step][None] / pipe.vae.config.scaling_factor
+    image = (pipe.vae.decode(latent)[0] / 2 + 0.5).clamp(0, 1)
+    return (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+def forward_noise(models: Models, path: str | None, t: float, seed: float, ask_unet: bool,
+                  exact: bool) -> dict[str, object]:
+    """The image's latent noised to timestep ``t`` (0 = clean) and decoded; with ``ask_unet``
+    the x0 that one UNet call (empty prompt) predicts from it."""
+    names = ("forward_status", "forward_noisy", "forward_schedule", "forward_x0")
+    if not path:
+        return failure(names, "forward_status", "Choose an image first.")
+    try:
+        pipe = models.pipeline(exact)
+        image = upload.load_image(path, MAX_PIXELS)
+    except (ModelUnavailable, upload.ImageInputError) as exc:
+        return failure(names, "forward_status", str(exc))
+    t = int(min(max(t, 0), 1000))
+    multiple = pipe.latent_downscale
+    fitted, _ = pixels.fit_for_vae(image, models.settings.generate_size, multiple)
+    scaling = pipe.vae.config.scaling_factor
+    latent = pipe.vae.encode(pixels.image_to_tensor(fitted)).mean * scaling
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(int(seed)))
+    schedule = pipe.make_scheduler("ddpm")
+    x_t = diffusion.forward_noise(latent, noise, schedule.alphas_cumprod, t)
+    views = {
+        "forward_status": (f"t = {t}: x_t keeps {schedule_signal(schedule.alphas_cumprod, t)} "
+                           "of the image's latent; the rest is noise."),
+        "forward_noisy": _decoded(pipe, x_t),
+        "forward_schedule": diffusion.schedule_figure(schedule.alphas_cumprod, t),
+        "forward_x0": None,
+    }
+    if ask_unet and t > 0:
+        context = pipe.encode_prompt([""])
+        eps = pipe.unet(x_t, t - 1, context)
+        x0 = diffusion.predicted_original(x_t, eps, schedule.alphas_cumprod, t)
+        views["forward_x0"] = _decoded(pipe, x0)
+    return views
+
+
+def schedule_signal(alphas_cumprod: torch.Tensor, t: int) -> str:
+    share = 1.0 if t == 0 else float(alphas_cumprod[t - 1].sqrt())
+    return f"sqrt(ᾱ) = {share:.3f}"
+
+
+def _decoded(pipe: sd_parts.StableDiffusionPipeline, latent: torch.Tensor) -> np.ndarray:
+    image = (pipe.vae.decode(latent / pipe.vae.config.scaling_factor)[0] / 2 + 0.5).clamp(0, 1)
+    return (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+def build(models: Models) -> None:
+    """The tab's layout and events, inside an open ``gr.Blocks``."""
+    settings = models.settings
+    if settings.random:
+        gr.Markdown(random_banner(settings.weights), elem_classes="banner")
+    multiple = settings.generate_multiple
+    with gr.Row():
+        with gr.Column(scale=1):
+            prompt = gr.Textbox(label="Prompt", elem_id="generate-prompt", lines=2,
+                                placeholder="a photograph of an astronaut riding a horse")
+            negative = gr.Textbox(label="Negative prompt (what guidance pushes away from)")
+            with gr.Row():
+                run = gr.Button("Generate", variant="primary", elem_id="generate-button")
+                stop = gr.Button("Stop", elem_id="stop-button")
+            steps = gr.Slider(1, 100, value=20, step=1, label="Steps")
+            guidance = gr.Slider(1, 20, value=7.5, step=0.5,
+                                 label="Guidance scale (1: no guidance)")
+            scheduler = gr.Dropdown(list(SCHEDULERS), value="PNDM (PLMS)", label="Scheduler")
+            karras = gr.Checkbox(False, label="Karras sigmas (Euler, DPM-Solver++ 2M)")
+            seed = gr.Number(0, precision=0, label="Seed")
+            with gr.Row():
+                width = gr.Number(settings.generate_size, precision=0, minimum=multiple,
+                                  maximum=MAX_SIDE, step=multiple, label="Width")
+                height = gr.Number(settings.generate_size, precision=0, minimum=multiple,
+                                   maximum=MAX_SIDE, step=multiple, label="Height")
+            with gr.Accordion("Image to image", open=False):
+                init_image = gr.Image(type="filepath", label="Start from this image (optional)",
+                                      sources=["upload"])
+                strength = gr.Slider(0, 1, value=0.8, step=0.05,
+                                     label="Strength (0: the image as it is, 1: ignore it)")
+            exact = gr.Checkbox(sd_parts.fast_dtype("cpu") == torch.float32,
+                                label="Exact mode (float32)")
+            gr.Examples(EXAMPLE_PROMPTS, inputs=[prompt, negative, guidance], label="Examples")
+        with gr.Column(scale=2):
+            out = {"status": gr.Markdown(elem_classes="status", elem_id="generate-status")}
+            with gr.Row():
+                out["step_preview"] = gr.Image(label="The latent now (linear RGB preview)",
+                                               format="png", elem_id="step-preview")
+                out["x0_preview"] = gr.Image(label="The clean image this step predicts (x0)",
+                                             format="png")
+                out["chart"] = gr.Image(label="Noise level", format="png")
+            out["channels"] = gr.Image(label="The latent channels", format="png")
+            out["final"] = gr.Image(label="The image (VAE decoder)", format="png",
+                                    elem_id="final-image")
+            out["strip"] = gr.Image(label="Chosen steps: the clean image predicted at each",
+                                    format="png")
+            out["guidance"] = gr.Image(label="Guidance at the last step: the two noise "
+                                       "predictions and their difference", format="png")
+            with gr.Group():
+                out["word_maps"] = gr.Image(label="Where each word is looked at (cross-attention"
+                                            ", summed over layers and steps)", format="png",
+                                            elem_id="word-maps")
+                with gr.Row():
+                    first_step = gr.Number(1, precision=0, label="From step")
+                    last_step = gr.Number(100, precision=0, label="To step")
+                    resolution = gr.Radio(["latent grid", "16 x 16"], value="latent grid",
+                                          label="Resolution")
+            with gr.Accordion("Every step", open=True):
+                scrubber = gr.Slider(0, 100, value=0, step=1, label="Step (0: the start noise)",
+                                     elem_id="step-scrubber")
+                scrub_out = {"scrub_note": gr.Markdown()}
+                with gr.Row():
+                    scrub_out["scrub_latent"] = gr.Image(label="Latent", format="png")
+                    scrub_out["scrub_x0"] = gr.Image(label="Predicted x0", format="png")
+                    decoded = gr.Image(label="Decoded by the VAE", format="png")
+                scrub_out["scrub_guidance"] = gr.Image(label="Guidance at this step",
+                                                       format="png")
+                decode_button = gr.Button("Decode this step with the VAE")
+            out["downloads"] = gr.File(label="Downloads: the image (PNG with its settings), the "
+                                       "latents of every step (.safetensors)",
+                                       file_count="multiple")
+    with gr.Accordion("The forward process: noise added to an image, and the UNet's guess",
+                      open=False):
+        gr.Markdown("Training noises a clean latent x_0 to any timestep t in one jump, "
+                    "x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε, and teaches the UNet to find ε. "
+                    "t = 0 is the clean latent; t = 1 … 1000 are the training steps "
+                    "(diffusers numbers them 0 … 999).")
+        with gr.Row():
+            with gr.Column(scale=1):
+                forward_image = gr.Image(EXAMPLE_IMAGES[0] if EXAMPLE_IMAGES else None,
+                                         type="filepath", label="Image", sources=["upload"])
+                t_slider = gr.Slider(0, 1000, value=500, step=1, label="Timestep t")
+                forward_seed = gr.Number(0, precision=0, label="Noise seed")
+                ask_unet = gr.Checkbox(True, label="Ask the UNet what the image was")
+                forward_button = gr.Button("Add noise")
+            with gr.Column(scale=2):
+                fwd = {"forward_status": gr.Markdown()}
+                with gr.Row():
+                    fwd["forward_noisy"] = gr.Image(label="x_t, decoded", format="png")
+                    fwd["forward_x0"] = gr.Image(label="The UNet's x0 from x_t", format="png")
+                fwd["forward_schedule"] = gr.Image(label="The schedule, t marked", format="png")
+    record = gr.State(None)
+
+    def start(prompt_text, negative_text, n, g, kind, use_karras, seed_value, w, h, init,
+              amount, is_exact, request: gr.Request):
+        files = PictureFiles(settings.output_max_age)
+        session = request.session_hash if request is not None else ""
+        stop_event = threading.Event()
+        _stop_events[session] = stop_event
+        try:
+            try:
+                parsed = parse_request(prompt_text, negative_text, n, g, kind, use_karras,
+                                       seed_value, w, h, init, amount, multiple)
+            except ValueError as exc:
+                yield {out[k]: v for k, v in failure(OUTPUTS, "status", str(exc)).items()}
+                return
+            for views in generate(models, parsed, bool(is_exact), stop_event):
+                answer = {out[k]: files(views.get(k)) for k in OUTPUTS}
+                if "record" in views:
+                    answer[record] = views["record"]
+                yield answer
+        finally:
+            if _stop_events.get(session) is stop_event:
+                del _stop_events[session]
+            files.remove()
+
+    def request_stop(request: gr.Request) -> str:
+        event = _stop_events.get(request.session_hash if request is not None else "")
+        if event is None:
+            return "Nothing is running."
+        event.set()
+        return "Stopping after this step..."
+
+    generate_inputs = [prompt, negative, steps, guidance, scheduler, karras, seed, width, height,
+                       init_image, strength, exact]
+    gr.on([run.click, prompt.submit], start, generate_inputs, [*out.values(), record],
+          api_name="generate", concurrency_id="generate", concurrency_limit=1)
+    stop.click(request_stop, None, out["status"], api_name="stop", queue=False)
+
+    def show_step(run_record, step):
+        files = PictureFiles(settings.output_max_age)
+        views = scrub(run_record, step)
+        return {scrub_out[k]: files(v) for k, v in views.items()}
+
+    scrubber.change(show_step, [record, scrubber], list(scrub_out.values()),
+                    api_name="scrub", show_progress="hidden")
+    decode_button.click(lambda r, s, e: decode_step(models, r, s, e), [record, scrubber, exact],
+                        decoded, api_name="decode_step", concurrency_id="generate",
+                        concurrency_limit=1)
+    def show_word_maps(run_record, first, last, res):
+        return PictureFiles(settings.output_max_age)(word_maps(run_record, first, last, res))
+
+    gr.on([first_step.change, last_step.change, resolution.change], show_word_maps,
+          [record, first_step, last_step, resolution], out["word_maps"], api_name="word_maps")
+
+    def noise_image(path, t, seed_value, ask, is_exact):
+        files = PictureFiles(settings.output_max_age)
+        views = forward_noise(models, path, t, seed_value, ask, bool(is_exact))
+        return {fwd[k]: files(v) for k, v in views.items()}
+
+    gr.on([forward_button.click, t_slider.release], noise_image,
+          [forward_image, t_slider, forward_seed, ask_unet, exact], list(fwd.values()),
+          api_name="forward_noise", concurrency_id="generate", concurrency_limit=1)
