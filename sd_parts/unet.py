@@ -509,10 +509,10 @@ class UNet2DConditionModel(nn.Module):
         self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, channels[0], eps=config.norm_eps)
         self.conv_out = nn.Conv2d(channels[0], config.out_channels, 3, padding=1)
         # Conv weights in channels-last memory, like the activations: otherwise every call would
-        # copy each weight into that layout first. Loading may assign new tensors, in the
-        # file's layout, so every load_state_dict converts them again.
+        # copy each weight into that layout first. A loader that assigns the file's tensors
+        # must convert them again once they are all in (load_unet does): converting inside
+        # load_state_dict would hold both layouts of every conv weight at once.
         self.to(memory_format=torch.channels_last)
-        self.register_load_state_dict_post_hook(_weights_channels_last)
 
     @torch.no_grad()
     def forward(
@@ -578,10 +578,6 @@ class UNet2DConditionModel(nn.Module):
             raise ValueError(f"timestep must be a number or {batch} numbers (one per sample); "
                              f"got {timestep!r}")
         return t.float().reshape(-1).expand(batch)
-
-
-def _weights_channels_last(module: nn.Module, incompatible_keys: object) -> None:
-    module.to(memory_format=torch.channels_last)
 
 
 TINY_UNET = UNetConfig(sample_size=8, block_out_channels=(32, 64), layers_per_block=1,

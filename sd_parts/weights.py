@@ -337,4 +337,7 @@ def load_unet(
 ) -> UNet2DConditionModel:
     """The noise predictor from a diffusers-layout folder (``config.json`` +
     ``diffusion_pytorch_model``), e.g. ``variant="fp16"`` for the half-size file."""
-    return load_model(UNET_LAYOUT, source, subfolder, revision, variant, dtype, device)
+    model = load_model(UNET_LAYOUT, source, subfolder, revision, variant, dtype, device)
+    # conv weights in the channels-last layout the activations use, or each call would convert
+    # them; one tensor at a time, now that the loader holds no other reference to them
+    return model.to(memory_format=torch.channels_last)
