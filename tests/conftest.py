@@ -87,6 +87,16 @@ def reference_unet(**overrides):
 
 
 @pytest.fixture(scope="session")
+def tiny_server(tmp_path_factory: pytest.TempPathFactory):
+    """One ``python app.py --weights tiny`` server process for the robustness and browser tests
+    (``tests/serve.py``): starting one takes several seconds on 2 cores."""
+    from tests.serve import serve
+
+    with serve(tmp_path_factory.mktemp("tiny-server")) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
 def sd_vae_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path]:
     """The full SD v1 VAE with random weights, as diffusers writes it."""
     folder = tmp_path_factory.mktemp("vae")

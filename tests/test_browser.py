@@ -22,7 +22,7 @@ import pytest
 from corpus import IMG_ONERROR, SCRIPT
 from PIL import Image
 from safetensors import safe_open
-from serve import ROOT, serve
+from serve import ROOT
 
 CHROMIUM = os.environ.get("SD_PARTS_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -49,10 +49,9 @@ def require_chromium() -> None:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tiny_server):
     require_chromium()
-    with serve(tmp_path_factory.mktemp("browser-server")) as running:
-        yield running
+    return tiny_server
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from packaging.version import Version
 from PIL import Image
-from serve import ROOT, serve
+from serve import ROOT
 
 import app
 from ui import server as app_server
@@ -36,9 +36,8 @@ APP_SOURCE_MARK = "def build_demo"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with serve(tmp_path_factory.mktemp("robustness-server")) as running:
-        yield running
+def server(tiny_server):
+    return tiny_server
 
 
 @pytest.fixture(scope="module")

@@ -164,17 +164,16 @@ def build(models: Models) -> None:
                    "size": gr.Markdown()}
             with gr.Row():
                 out["vae_input"] = gr.Image(label="What the encoder sees", format="png")
-                out["preview"] = gr.Image(label="Instant preview: a fixed linear map of the "
-                                          "latent to RGB", format="png")
-                out["fitted_preview"] = gr.Image(label="Linear map fitted to this image",
-                                                 format="png")
+                out["preview"] = gr.Image(label="Instant preview: the latent's RGB map",
+                                          format="png")
+                out["fitted_preview"] = gr.Image(label="Map fitted to this image", format="png")
             out["channels"] = gr.Image(label="The latent channels", format="png",
                                        elem_id="latent-channels")
-            with gr.Row():
-                out["stats"] = gr.Dataframe(headers=latents.CHANNEL_STATS_HEADERS,
-                                            label="Per-channel statistics", interactive=False)
-                out["histogram"] = gr.Image(label="The latent in model space vs N(0, 1)",
-                                            format="png")
+            out["stats"] = gr.Dataframe(headers=latents.CHANNEL_STATS_HEADERS,
+                                        label="Per-channel statistics", interactive=False)
+            # full width: the histogram is shown at its own size, so its legend stays readable
+            out["histogram"] = gr.Image(label="The latent in model space vs N(0, 1)",
+                                        format="png")
             out["std"] = gr.Image(label="Posterior std (how uncertain each value is)",
                                   format="png")
             with gr.Row():
