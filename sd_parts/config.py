@@ -1,7 +1,8 @@
 """Configurations of the models in this package, with Stable Diffusion v1 defaults.
 
-Field names follow the Hub's ``config.json`` files (diffusers for the VAE, transformers for CLIP),
-so a config is read from the checkpoint's own folder and other models of the same family load.
+Field names follow the Hub's ``config.json`` files (diffusers for the VAE and the UNet,
+transformers for CLIP), so a config is read from the checkpoint's own folder and other models of
+the same family load.
 """
 
 from __future__ import annotations
@@ -83,6 +84,126 @@ def _check_supported(config: dict, supported: dict) -> None:
             )
 
 
+@dataclass(frozen=True)
+class UNetConfig:
+    """UNet2DConditionModel of SD v1.5 (``unet/config.json`` of stable-diffusion-v1-5)."""
+
+    sample_size: int = 64  # latent side the model was trained at (512 pixels / 8); informative
+    in_channels: int = 4  # 9 for inpainting models: latent, mask and masked-image latent
+    out_channels: int = 4
+    # channels of the four resolution levels, highest resolution first; each level but the last
+    # halves H and W. The time embedding is 4x the first (1280).
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    layers_per_block: int = 2  # residual(+transformer) blocks per encoder level; decoder has +1
+    cross_attention_dim: int = 768  # width of the text context: CLIP ViT-L/14 (1024 in SD 2.x)
+    # Attention heads per level (one int: the same everywhere). SD v1 uses 8 heads at every level,
+    # so a head is 40, 80 or 160 wide; SD 2.x uses 64-wide heads (5, 10, 20, 20).
+    num_attention_heads: int | tuple[int, ...] = 8
+    # False: proj_in/proj_out are 1x1 convs (SD v1); True: Linears (SD 2.x). Same maths, other
+    # weight shapes.
+    use_linear_projection: bool = False
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    # the sinusoidal timestep embedding: cos half first (True), and the frequency spacing
+    # exp(-log(10000) * i / (half - freq_shift)); SD was trained with True and 0
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+
+    def __post_init__(self) -> None:
+        levels = len(self.block_out_channels)
+        heads = self.num_attention_heads
+        heads = (heads,) * levels if isinstance(heads, int) else tuple(heads)
+        if len(heads) != levels:
+            raise ValueError(f"num_attention_heads {heads} must give one count per level "
+                             f"of block_out_channels {self.block_out_channels}")
+        for channels, count in zip(self.block_out_channels, heads, strict=True):
+            if channels % count or channels % self.norm_num_groups:
+                raise ValueError(f"{channels} channels do not split into {count} heads and "
+                                 f"{self.norm_num_groups} norm groups")
+        object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
+        object.__setattr__(self, "num_attention_heads", heads)
+
+    @property
+    def downscale(self) -> int:
+        """How much smaller the coarsest level is than the input: H and W must divide by it."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    @classmethod
+    def from_dict(cls, config: dict) -> UNetConfig:
+        """Read a diffusers ``unet/config.json``; refuse the UNets this module does not build."""
+        _check_builds(config)
+        values = {f.name: config[f.name] for f in dataclasses.fields(cls) if f.name in config}
+        if config.get("num_attention_heads") is None:
+            # diffusers' historical misnomer: in SD configs "attention_head_dim" is the head
+            # COUNT (8 heads for SD v1), and num_attention_heads is null
+            values.pop("num_attention_heads", None)
+            if "attention_head_dim" in config:
+                values["num_attention_heads"] = config["attention_head_dim"]
+        for key in ("block_out_channels", "num_attention_heads"):
+            if isinstance(values.get(key), list):
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+
+# Keys of diffusers' config, the values this module builds (the first is diffusers' default,
+# taken when the key is absent) and what another value means.
+_BUILDS = {
+    "addition_embed_type": ((None,), "an SDXL-style added embedding"),
+    "transformer_layers_per_block": ((1,), "several transformer layers per block (SDXL)"),
+    "class_embed_type": ((None,), "class embeddings"),
+    "num_class_embeds": ((None,), "class embeddings"),
+    "time_cond_proj_dim": ((None,), "a guidance-distilled (LCM) time condition"),
+    "encoder_hid_dim": ((None,), "a projection of the text context"),
+    "mid_block_type": (("UNetMidBlock2DCrossAttn",), "another middle block"),
+    "only_cross_attention": ((False,), "cross-attention in place of self-attention"),
+    "mid_block_only_cross_attention": ((None, False), "cross-attention in place of self-attention"),
+    "dual_cross_attention": ((False,), "dual cross-attention"),
+    "act_fn": (("silu",), "another activation"),
+    "center_input_sample": ((False,), "input centring"),
+    "time_embedding_type": (("positional",), "another time embedding"),
+    "time_embedding_dim": ((None,), "another time embedding width"),
+    "time_embedding_act_fn": ((None,), "another time embedding activation"),
+    "timestep_post_act": ((None,), "another time embedding activation"),
+    "resnet_time_scale_shift": (("default",), "scale-shift time conditioning"),
+    "resnet_skip_time_act": ((False,), "another time conditioning"),
+    "resnet_out_scale_factor": ((1,), "scaled residual outputs"),
+    "mid_block_scale_factor": ((1,), "scaled residual outputs"),
+    "downsample_padding": ((1,), "other downsampling padding"),
+    "conv_in_kernel": ((3,), "another input convolution"),
+    "conv_out_kernel": ((3,), "another output convolution"),
+    "attention_type": (("default",), "gated (GLIGEN) attention"),
+    "cross_attention_norm": ((None,), "a normalized context"),
+    "class_embeddings_concat": ((False,), "class embeddings"),
+    "reverse_transformer_layers_per_block": ((None,), "several transformer layers per block"),
+}
+# Not checked: "dropout" (inactive at inference) and "upcast_attention" (SD 2.1), which asks for
+# attention scores in float32; here they are always accumulated (fused attention) or computed
+# (the explicit path) in float32, and diffusers' default attention ignores the flag too.
+
+
+def _check_builds(config: dict) -> None:
+    for key, (allowed, meaning) in _BUILDS.items():
+        actual = config.get(key, allowed[0])
+        values = actual if isinstance(actual, list) else [actual]  # per-level lists
+        if any(value not in allowed for value in values):
+            raise ValueError(f"unsupported UNet config: {key}={actual!r} means {meaning}; this "
+                             f"module builds SD v1/v2 UNets ({key}={allowed[0]!r})")
+    levels = len(config.get("block_out_channels", UNetConfig.block_out_channels))
+    layout = {
+        "down_block_types": ["CrossAttnDownBlock2D"] * (levels - 1) + ["DownBlock2D"],
+        "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (levels - 1),
+    }
+    for key, expected in layout.items():
+        if key in config and list(config[key]) != expected:
+            raise ValueError(f"unsupported UNet config: {key}={config[key]!r}; this module "
+                             f"builds SD's layout {expected!r}")
+    for key in ("layers_per_block", "cross_attention_dim", "norm_num_groups"):
+        if key in config and not isinstance(config[key], int):
+            raise ValueError(f"unsupported UNet config: {key}={config[key]!r} (one int only)")
+
+
 TINY_VAE = VAEConfig(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8)
 TINY_CLIP = CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                            num_attention_heads=4)
+TINY_UNET = UNetConfig(sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
+                       cross_attention_dim=32, num_attention_heads=2, norm_num_groups=8)

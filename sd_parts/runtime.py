@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -75,3 +76,47 @@ def run_with_fallback(
         with in_float32(module):
             y = compute(x.to(torch.float32, memory_format=torch.channels_last))
     return y.to(x.dtype, memory_format=torch.contiguous_format)
+
+
+# CPU speed, float32 only (16-bit types already run through oneDNN). PyTorch computes a Linear
+# with MKL's matrix product and a convolution with oneDNN. On CPUs where MKL takes no AVX-512
+# path (AMD's) oneDNN is about twice as fast for a Linear over many tokens, run as a 1x1
+# convolution; where MKL has that path (Intel's) the two should be close. But oneDNN copies
+# the weights into its blocked layout at every call, and for a 3x3 conv on a small image (the
+# 4x4 and 8x8 levels) that copy, not the arithmetic, is most of the time: there, one MKL
+# product over the 3x3 neighbourhoods ("im2col") reads the weights as they are, 2-3x faster.
+# Both give the same sums in another order, so only float rounding changes.
+ONEDNN_MIN_ROWS = 256  # Linears over at least this many tokens run as 1x1 convolutions
+IM2COL_MAX_POSITIONS = 128  # 3x3 convs with at most this many outputs (batch x H x W) use im2col
+
+
+def _cpu_float32(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype == torch.float32
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` on (..., C) tokens; ``weight`` may be a 1x1 conv's."""
+    weight = weight.flatten(1)  # (out, in)
+    rows = x.numel() // x.shape[-1]
+    if not _cpu_float32(x) or rows < ONEDNN_MIN_ROWS:
+        return F.linear(x, weight, bias)
+    # the tokens as a (1, C, rows, 1) channels-last image: a view, no copy
+    image = x.reshape(1, rows, 1, x.shape[-1]).permute(0, 3, 1, 2)
+    y = F.conv2d(image, weight[:, :, None, None], bias)  # (1, out, rows, 1), channels-last
+    return y.permute(0, 2, 3, 1).reshape(*x.shape[:-1], weight.shape[0])
+
+
+def conv3x3(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """``conv(x)`` for a 3x3 convolution with padding 1 (stride 1 or 2)."""
+    B, C, H, W = x.shape
+    stride = conv.stride[0]
+    Ho, Wo = (H - 1) // stride + 1, (W - 1) // stride + 1
+    if not _cpu_float32(x) or B * Ho * Wo > IM2COL_MAX_POSITIONS:
+        return conv(x)
+    windows = F.pad(x, (1, 1, 1, 1)).permute(0, 2, 3, 1).unfold(1, 3, stride).unfold(2, 3, stride)
+    # one row per output position: its 3x3 neighbourhood, ordered (row, column, channel) like
+    # the channels-last weights, so the weight matrix below is a view
+    columns = windows.permute(0, 1, 2, 4, 5, 3).reshape(B * Ho * Wo, 9 * C)
+    weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, 9 * C)
+    y = F.linear(columns, weight, conv.bias)  # (B * Ho * Wo, out)
+    return y.view(B, Ho, Wo, -1).permute(0, 3, 1, 2)  # (B, out, Ho, Wo), channels-last

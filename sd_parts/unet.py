@@ -12,145 +12,32 @@ the decoder stage of the same size. Each stage has residual blocks, which see th
 the prompt reach the image: every position of the latent asks which tokens it should take from.
 
 Parameter names equal the keys of the Hub's ``unet/diffusion_pytorch_model.safetensors``.
-SD 2.x UNets (linear projections, per-level head counts, 1024-wide context) build too.
+SD 2.x UNets (linear projections, per-level head counts, 1024-wide context) build too. Any
+latent size works: where the encoder halves an odd side, the decoder resizes to the skip's size.
+
+The config (UNetConfig) lives in config.py and the CPU kernel choices in runtime.py; the blocks
+stay together here, in the order data flows through them, a little over 400 lines.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import vae
-from .runtime import run_with_fallback
+from .config import TINY_UNET, UNetConfig
+from .runtime import conv3x3, linear, run_with_fallback
+
+__all__ = ["TINY_UNET", "UNet2DConditionModel", "UNetConfig", "timestep_embedding"]
 
 # (probs (B, heads, h*w, T) float32, (h, w)) for each cross-attention layer, in forward order
 CrossAttentionHook = Callable[[torch.Tensor, tuple[int, int]], None]
 # The transformer's GroupNorm uses this epsilon whatever the config says, as the checkpoint did.
 TRANSFORMER_NORM_EPS = 1e-6
-
-
-@dataclass(frozen=True)
-class UNetConfig:
-    """UNet2DConditionModel of SD v1.5 (``unet/config.json`` of stable-diffusion-v1-5)."""
-
-    sample_size: int = 64  # latent side the model was trained at (512 pixels / 8); informative
-    in_channels: int = 4  # 9 for inpainting models: latent, mask and masked-image latent
-    out_channels: int = 4
-    # channels of the four resolution levels, highest resolution first; each level but the last
-    # halves H and W. The time embedding is 4x the first (1280).
-    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
-    layers_per_block: int = 2  # residual(+transformer) blocks per encoder level; decoder has +1
-    cross_attention_dim: int = 768  # width of the text context: CLIP ViT-L/14 (1024 in SD 2.x)
-    # Attention heads per level (one int: the same everywhere). SD v1 uses 8 heads at every level,
-    # so a head is 40, 80 or 160 wide; SD 2.x uses 64-wide heads (5, 10, 20, 20).
-    num_attention_heads: int | tuple[int, ...] = 8
-    # False: proj_in/proj_out are 1x1 convs (SD v1); True: Linears (SD 2.x). Same maths, other
-    # weight shapes.
-    use_linear_projection: bool = False
-    norm_num_groups: int = 32
-    norm_eps: float = 1e-5
-    # the sinusoidal timestep embedding: cos half first (True), and the frequency spacing
-    # exp(-log(10000) * i / (half - freq_shift)); SD was trained with True and 0
-    flip_sin_to_cos: bool = True
-    freq_shift: int = 0
-
-    def __post_init__(self) -> None:
-        levels = len(self.block_out_channels)
-        heads = self.num_attention_heads
-        heads = (heads,) * levels if isinstance(heads, int) else tuple(heads)
-        if len(heads) != levels:
-            raise ValueError(f"num_attention_heads {heads} must give one count per level "
-                             f"of block_out_channels {self.block_out_channels}")
-        for channels, count in zip(self.block_out_channels, heads, strict=True):
-            if channels % count or channels % self.norm_num_groups:
-                raise ValueError(f"{channels} channels do not split into {count} heads and "
-                                 f"{self.norm_num_groups} norm groups")
-        object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
-        object.__setattr__(self, "num_attention_heads", heads)
-
-    @property
-    def downscale(self) -> int:
-        """How much smaller the coarsest level is than the input: H and W must divide by it."""
-        return 2 ** (len(self.block_out_channels) - 1)
-
-    @classmethod
-    def from_dict(cls, config: dict) -> UNetConfig:
-        """Read a diffusers ``unet/config.json``; refuse the UNets this module does not build."""
-        _check_builds(config)
-        values = {f.name: config[f.name] for f in dataclasses.fields(cls) if f.name in config}
-        if config.get("num_attention_heads") is None:
-            # diffusers' historical misnomer: in SD configs "attention_head_dim" is the head
-            # COUNT (8 heads for SD v1), and num_attention_heads is null
-            values.pop("num_attention_heads", None)
-            if "attention_head_dim" in config:
-                values["num_attention_heads"] = config["attention_head_dim"]
-        for key in ("block_out_channels", "num_attention_heads"):
-            if isinstance(values.get(key), list):
-                values[key] = tuple(values[key])
-        return cls(**values)
-
-
-# Keys of diffusers' config, the values this module builds (the first is diffusers' default,
-# taken when the key is absent) and what another value means.
-_BUILDS = {
-    "addition_embed_type": ((None,), "an SDXL-style added embedding"),
-    "transformer_layers_per_block": ((1,), "several transformer layers per block (SDXL)"),
-    "class_embed_type": ((None,), "class embeddings"),
-    "num_class_embeds": ((None,), "class embeddings"),
-    "time_cond_proj_dim": ((None,), "a guidance-distilled (LCM) time condition"),
-    "encoder_hid_dim": ((None,), "a projection of the text context"),
-    "mid_block_type": (("UNetMidBlock2DCrossAttn",), "another middle block"),
-    "only_cross_attention": ((False,), "cross-attention in place of self-attention"),
-    "mid_block_only_cross_attention": ((None, False), "cross-attention in place of self-attention"),
-    "dual_cross_attention": ((False,), "dual cross-attention"),
-    "act_fn": (("silu",), "another activation"),
-    "center_input_sample": ((False,), "input centring"),
-    "time_embedding_type": (("positional",), "another time embedding"),
-    "time_embedding_dim": ((None,), "another time embedding width"),
-    "time_embedding_act_fn": ((None,), "another time embedding activation"),
-    "timestep_post_act": ((None,), "another time embedding activation"),
-    "resnet_time_scale_shift": (("default",), "scale-shift time conditioning"),
-    "resnet_skip_time_act": ((False,), "another time conditioning"),
-    "resnet_out_scale_factor": ((1,), "scaled residual outputs"),
-    "mid_block_scale_factor": ((1,), "scaled residual outputs"),
-    "downsample_padding": ((1,), "other downsampling padding"),
-    "conv_in_kernel": ((3,), "another input convolution"),
-    "conv_out_kernel": ((3,), "another output convolution"),
-    "attention_type": (("default",), "gated (GLIGEN) attention"),
-    "cross_attention_norm": ((None,), "a normalized context"),
-    "class_embeddings_concat": ((False,), "class embeddings"),
-    "reverse_transformer_layers_per_block": ((None,), "several transformer layers per block"),
-}
-# Not checked: "dropout" (inactive at inference) and "upcast_attention" (SD 2.1), which asks for
-# attention scores in float32; here they are always accumulated (fused attention) or computed
-# (the explicit path) in float32, and diffusers' default attention ignores the flag too.
-
-
-def _check_builds(config: dict) -> None:
-    for key, (allowed, meaning) in _BUILDS.items():
-        actual = config.get(key, allowed[0])
-        values = actual if isinstance(actual, list) else [actual]  # per-level lists
-        if any(value not in allowed for value in values):
-            raise ValueError(f"unsupported UNet config: {key}={actual!r} means {meaning}; this "
-                             f"module builds SD v1/v2 UNets ({key}={allowed[0]!r})")
-    levels = len(config.get("block_out_channels", UNetConfig.block_out_channels))
-    layout = {
-        "down_block_types": ["CrossAttnDownBlock2D"] * (levels - 1) + ["DownBlock2D"],
-        "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (levels - 1),
-    }
-    for key, expected in layout.items():
-        if key in config and list(config[key]) != expected:
-            raise ValueError(f"unsupported UNet config: {key}={config[key]!r}; this module "
-                             f"builds SD's layout {expected!r}")
-    for key in ("layers_per_block", "cross_attention_dim", "norm_num_groups"):
-        if key in config and not isinstance(config[key], int):
-            raise ValueError(f"unsupported UNet config: {key}={config[key]!r} (one int only)")
 
 
 def timestep_embedding(
@@ -168,50 +55,6 @@ def timestep_embedding(
     angles = timesteps.float()[:, None] * exponent.exp()[None, :]  # (B, half)
     sin, cos = angles.sin(), angles.cos()
     return torch.cat([cos, sin] if flip_sin_to_cos else [sin, cos], dim=-1)
-
-
-# CPU speed, float32 only (16-bit types already run through oneDNN). PyTorch computes a Linear
-# with MKL's matrix product and a convolution with oneDNN. On CPUs where MKL takes no AVX-512
-# path (AMD's) oneDNN is about twice as fast for a Linear over many tokens, run as a 1x1
-# convolution; where MKL has that path (Intel's) the two should be close. But oneDNN copies
-# the weights into its blocked layout at every call, and for a 3x3 conv on a small image (the
-# 4x4 and 8x8 levels) that copy, not the arithmetic, is most of the time: there, one MKL
-# product over the 3x3 neighbourhoods ("im2col") reads the weights as they are, 2-3x faster.
-# Both give the same sums in another order, so only float rounding changes.
-ONEDNN_MIN_ROWS = 256  # Linears over at least this many tokens run as 1x1 convolutions
-IM2COL_MAX_POSITIONS = 128  # 3x3 convs with at most this many outputs (batch x H x W) use im2col
-
-
-def _cpu_float32(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype == torch.float32
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` on (..., C) tokens; ``weight`` may be a 1x1 conv's."""
-    weight = weight.flatten(1)  # (out, in)
-    rows = x.numel() // x.shape[-1]
-    if not _cpu_float32(x) or rows < ONEDNN_MIN_ROWS:
-        return F.linear(x, weight, bias)
-    # the tokens as a (1, C, rows, 1) channels-last image: a view, no copy
-    image = x.reshape(1, rows, 1, x.shape[-1]).permute(0, 3, 1, 2)
-    y = F.conv2d(image, weight[:, :, None, None], bias)  # (1, out, rows, 1), channels-last
-    return y.permute(0, 2, 3, 1).reshape(*x.shape[:-1], weight.shape[0])
-
-
-def conv3x3(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """``conv(x)`` for a 3x3 convolution with padding 1 (stride 1 or 2)."""
-    B, C, H, W = x.shape
-    stride = conv.stride[0]
-    Ho, Wo = (H - 1) // stride + 1, (W - 1) // stride + 1
-    if not _cpu_float32(x) or B * Ho * Wo > IM2COL_MAX_POSITIONS:
-        return conv(x)
-    windows = F.pad(x, (1, 1, 1, 1)).permute(0, 2, 3, 1).unfold(1, 3, stride).unfold(2, 3, stride)
-    # one row per output position: its 3x3 neighbourhood, ordered (row, column, channel) like
-    # the channels-last weights, so the weight matrix below is a view
-    columns = windows.permute(0, 1, 2, 4, 5, 3).reshape(B * Ho * Wo, 9 * C)
-    weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, 9 * C)
-    y = F.linear(columns, weight, conv.bias)  # (B * Ho * Wo, out)
-    return y.view(B, Ho, Wo, -1).permute(0, 3, 1, 2)  # (B, out, Ho, Wo), channels-last
 
 
 class TimestepEmbedding(nn.Module):
@@ -272,9 +115,16 @@ PHASE_MIN_POSITIONS = 2048
 
 
 class Upsample2D(vae.Upsample2D):
-    """Nearest-neighbour 2x upsampling, then a 3x3 conv (the VAE's module, same weights)."""
+    """Nearest-neighbour 2x upsampling, then a 3x3 conv (the VAE's module, same weights).
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    ``size`` is the skip connection's size, which is not twice ``x``'s where the encoder halved
+    an odd side (a 520-pixel image has 65 latent rows, then 33, 17, 9): the nearest-neighbour
+    resize then goes to that size, as diffusers does.
+    """
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        if size is not None and tuple(size) != (2 * x.shape[2], 2 * x.shape[3]):
+            return conv3x3(F.interpolate(x, size=tuple(size), mode="nearest"), self.conv)
         if x.shape[0] * x.shape[2] * x.shape[3] >= PHASE_MIN_POSITIONS:
             return super().forward(x)
         return conv3x3(F.interpolate(x, scale_factor=2.0, mode="nearest"), self.conv)
@@ -446,14 +296,16 @@ class UpBlock2D(nn.Module):
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels)] if add_upsample else [])
 
     def forward(self, x: torch.Tensor, skips: list[torch.Tensor], temb: torch.Tensor,
-                context: torch.Tensor, on_probs: CrossAttentionHook | None) -> torch.Tensor:
-        """``skips``: this level's skip connections in the order the encoder made them."""
+                context: torch.Tensor, on_probs: CrossAttentionHook | None,
+                upsample_to: tuple[int, int] | None = None) -> torch.Tensor:
+        """``skips``: this level's skip connections in the order the encoder made them;
+        ``upsample_to``: the size of the next level's skips."""
         for i, resnet in enumerate(self.resnets):
             x = resnet(torch.cat([x, skips[-1 - i]], dim=1), temb)
             if self.attentions:
                 x = self.attentions[i](x, context, on_probs)
         for upsampler in self.upsamplers:
-            x = upsampler(x)
+            x = upsampler(x, upsample_to)
         return x
 
 
@@ -551,17 +403,17 @@ class UNet2DConditionModel(nn.Module):
         x = self.mid_block(x, temb, context, on_probs)
         for block in self.up_blocks:
             n = len(block.resnets)
-            x = block(x, skips[-n:], temb, context, on_probs)
-            skips = skips[:-n]
+            skips, level = skips[:-n], skips[-n:]
+            x = block(x, level, temb, context, on_probs,
+                      tuple(skips[-1].shape[-2:]) if skips else None)
         return self.conv_out(F.silu(self.conv_norm_out(x), inplace=True))
 
     def _check_inputs(self, latents: torch.Tensor, context: torch.Tensor) -> None:
-        config, m = self.config, self.config.downscale
-        if (latents.ndim != 4 or latents.shape[1] != config.in_channels or latents.shape[2] % m
-                or latents.shape[3] % m or not latents.is_floating_point()):
+        config = self.config
+        if (latents.ndim != 4 or latents.shape[1] != config.in_channels
+                or not latents.is_floating_point()):
             raise ValueError(
-                f"latents must be a float tensor (batch, {config.in_channels}, h, w) with h and w "
-                f"multiples of {m} (images multiples of {8 * m} pixels); got "
+                f"latents must be a float tensor (batch, {config.in_channels}, h, w); got "
                 f"{tuple(latents.shape)} {latents.dtype}")
         if (context.ndim != 3 or context.shape[0] != latents.shape[0]
                 or context.shape[2] != config.cross_attention_dim):
@@ -578,7 +430,3 @@ class UNet2DConditionModel(nn.Module):
             raise ValueError(f"timestep must be a number or {batch} numbers (one per sample); "
                              f"got {timestep!r}")
         return t.float().reshape(-1).expand(batch)
-
-
-TINY_UNET = UNetConfig(sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
-                       cross_attention_dim=32, num_attention_heads=2, norm_num_groups=8)
