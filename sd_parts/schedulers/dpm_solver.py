@@ -93,12 +93,7 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
     def step(self, model_output: torch.Tensor, timestep: torch.Tensor | int,
              sample: torch.Tensor, generator: Generator = None) -> StepOutput:
         """One DPM-Solver++ 2M step. Deterministic: ``generator`` is unused."""
-        self._require_timesteps()
-        self._check_step_inputs(model_output, sample)
-        i = self._init_step_index(timestep)
-        if i >= len(self.sigmas) - 1:
-            raise ValueError("the run is finished: every timestep has been stepped; call "
-                             "set_timesteps(n) to start another")
+        i = self._step_position(model_output, timestep, sample)
         alpha_s, std_s = alpha_and_std(self.sigmas[i])
         x0 = (sample - std_s * model_output) / alpha_s  # the data prediction at this step
         self.model_outputs = [self.model_outputs[1], x0]

@@ -82,12 +82,7 @@ class EulerDiscreteScheduler(SigmaScheduler):
     def step(self, model_output: torch.Tensor, timestep: torch.Tensor | float,
              sample: torch.Tensor, generator: Generator = None) -> StepOutput:
         """One Euler step from sigma_i to sigma_{i+1}. Deterministic: ``generator`` is unused."""
-        self._require_timesteps()
-        self._check_step_inputs(model_output, sample)
-        i = self._init_step_index(timestep)
-        if i >= len(self.sigmas) - 1:
-            raise ValueError("the run is finished: every timestep has been stepped; call "
-                             "set_timesteps(n) to start another")
+        i = self._step_position(model_output, timestep, sample)
         sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
         x = sample.float()  # the update is done in float32 whatever the model's dtype
         x0 = x - sigma * model_output

@@ -420,6 +420,17 @@ class SigmaScheduler(Scheduler):
                 self.step_index = self.index_for_timestep(timestep)
         return self.step_index
 
+    def _step_position(self, model_output: torch.Tensor, timestep: torch.Tensor | float,
+                       sample: torch.Tensor) -> int:
+        """The checks every step starts with, then the position of this step in ``sigmas``."""
+        self._require_timesteps()
+        self._check_step_inputs(model_output, sample)
+        i = self._init_step_index(timestep)
+        if i >= len(self.sigmas) - 1:
+            raise ValueError("the run is finished: every timestep has been stepped; call "
+                             "set_timesteps(n) to start another")
+        return i
+
     def _sigma_indices(self, timesteps: torch.Tensor) -> list[int]:
         """Which sigma add_noise uses for each timestep: before any step and with a begin index
         (image to image), the begin index; after steps (inpainting), the current position."""
