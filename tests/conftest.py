@@ -96,28 +96,26 @@ def tiny_server(tmp_path_factory: pytest.TempPathFactory):
         yield running
 
 
+def saved(factory: pytest.TempPathFactory, name: str, model: object) -> tuple[object, Path]:
+    """The model and the folder its own library's save_pretrained wrote it to."""
+    folder = factory.mktemp(name)
+    model.save_pretrained(folder)
+    return model, folder
+
+
 @pytest.fixture(scope="session")
 def sd_vae_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path]:
     """The full SD v1 VAE with random weights, as diffusers writes it."""
-    folder = tmp_path_factory.mktemp("vae")
-    model = reference_vae()
-    model.save_pretrained(folder)
-    return model, folder
+    return saved(tmp_path_factory, "vae", reference_vae())
 
 
 @pytest.fixture(scope="session")
 def sd_text_encoder_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path]:
     """The full CLIP ViT-L/14 text tower with random weights, as transformers writes it."""
-    folder = tmp_path_factory.mktemp("text_encoder")
-    model = reference_text_encoder()
-    model.save_pretrained(folder)
-    return model, folder
+    return saved(tmp_path_factory, "text_encoder", reference_text_encoder())
 
 
 @pytest.fixture(scope="session")
 def sd_unet_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path]:
     """The full SD v1.5 noise predictor (UNet) with random weights, as diffusers writes it."""
-    folder = tmp_path_factory.mktemp("unet")
-    model = reference_unet()
-    model.save_pretrained(folder)
-    return model, folder
+    return saved(tmp_path_factory, "unet", reference_unet())
