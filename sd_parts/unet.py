@@ -15,8 +15,8 @@ Parameter names equal the keys of the Hub's ``unet/diffusion_pytorch_model.safet
 SD 2.x UNets (linear projections, per-level head counts, 1024-wide context) build too. Any
 latent size works: where the encoder halves an odd side, the decoder resizes to the skip's size.
 
-The config (UNetConfig) lives in config.py and the CPU kernel choices in runtime.py; the blocks
-stay together here, in the order data flows through them, a little over 400 lines.
+Length: a little over 400 lines, because the blocks read best together, in the order data flows
+through them; the config (UNetConfig) lives in config.py and the CPU kernel choices in runtime.py.
 """
 
 from __future__ import annotations

@@ -455,8 +455,8 @@ def build(models: Models) -> None:
                     "(diffusers numbers them 0 … 999).")
         with gr.Row():
             with gr.Column(scale=1):
-                forward_image = gr.Image(EXAMPLE_IMAGES[0] if EXAMPLE_IMAGES else None,
-                                         type="filepath", label="Image", sources=["upload"])
+                forward_image = gr.Image(type="filepath", label="Image", sources=["upload"])
+                gr.Examples(EXAMPLE_IMAGES, inputs=forward_image, label="Examples")
                 t_slider = gr.Slider(0, 1000, value=500, step=1, label="Timestep t")
                 forward_seed = gr.Number(0, precision=0, label="Noise seed")
                 ask_unet = gr.Checkbox(True, label="Ask the UNet what the image was")
