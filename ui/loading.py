@@ -151,9 +151,10 @@ class Download:
     source: str
     subfolder: str | None
     layout: CheckpointLayout
+    variant: str | None = None  # "fp16": the half-size file, where the repo has one
 
     def filenames(self) -> list[str]:
-        return ["config.json", weights_filename(self.layout.weights_stem, None)]
+        return ["config.json", weights_filename(self.layout.weights_stem, self.variant)]
 
     def cached(self) -> bool:
         """Whether every file is in the local cache already, in any folder ``fetch_files`` tries."""
