@@ -37,6 +37,7 @@ from .weights import (
     TEXT_ENCODER_LAYOUT,
     RenameRule,
     WeightsError,
+    channels_last,
     load_state_dict_strict,
     squeeze_1x1,
 )
@@ -221,9 +222,7 @@ def load_single_file(
     unet = _load_part(UNet2DConditionModel, unet_config, path, UNET_PREFIX, unet_rules, dtype,
                       device)
     return SingleFileModels(
-        # as load_unet does: the convolutions run on channels-last activations, so weights in that
-        # layout are not converted at every call
-        unet=unet.to(memory_format=torch.channels_last),
+        unet=channels_last(unet),
         vae=_load_part(AutoencoderKL, vae_config, path, VAE_PREFIX, vae_rules, dtype, device),
         text_encoder=_load_part(CLIPTextEncoder, text_encoder_config, path, TEXT_ENCODER_PREFIX,
                                 TEXT_ENCODER_RULES, dtype, device, TEXT_ENCODER_LAYOUT.drop),

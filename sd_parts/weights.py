@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -167,6 +167,28 @@ def _name_list(names: Sequence[str], separator: str = ", ", limit: int = 40) -> 
     return separator.join(names[:limit]) + more
 
 
+# Reading a tensor maps its part of the file into the process, and those pages stay resident (and
+# count in its memory) for as long as the file is open: reading a whole 1.7 GB UNet file in one
+# pass into bfloat16 peaked at twice the model's size. Reopening the file after every group of this
+# many bytes keeps only one group mapped, so the peak is the model plus a group. Each pass opens
+# the file again (about a millisecond for SD's files), and safetensors checks its header again.
+READ_GROUP_BYTES = 64 * 2**20
+
+
+def read_tensors(path: Path, keys: Sequence[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(key, tensor)`` for each of ``keys`` in turn, from a safetensors file opened once per
+    group: a group ends with the tensor that brings it to ``READ_GROUP_BYTES`` or more."""
+    done = 0
+    while done < len(keys):
+        with safe_open(str(path), framework="pt") as f:
+            group_bytes = 0
+            while done < len(keys) and group_bytes < READ_GROUP_BYTES:
+                tensor = f.get_tensor(keys[done])
+                group_bytes += tensor.nbytes
+                yield keys[done], tensor
+                done += 1
+
+
 def load_state_dict_strict(
     model: nn.Module,
     path: Path,
@@ -178,31 +200,36 @@ def load_state_dict_strict(
     """Load a safetensors file into ``model`` after renaming its keys; every mismatch is an error.
 
     ``model`` may live on the ``meta`` device: tensors are then assigned, not copied, so loading
-    needs no memory beyond the weights themselves (each tensor is reshaped and cast as it is read).
-    With a ``prefix`` (a file holding several models), only the keys under it are this model's;
-    the prefix is removed before the rules run. ``drop`` sees the renamed key. Errors name a
-    tensor by its key in the file and, where a rule changed it, by the name it was given.
+    needs no memory beyond the weights themselves (each tensor is reshaped and cast as it is read,
+    and the file is read in groups, see ``read_tensors``). With a ``prefix`` (a file holding
+    several models), only the keys under it are this model's; the prefix is removed before the
+    rules run. ``drop`` sees the renamed key. Errors name a tensor by its key in the file and,
+    where a rule changed it, by the name it was given.
     """
     expected = {k: v.shape for k, v in model.state_dict().items()}
     state: dict[str, torch.Tensor] = {}
     renamed_from: dict[str, str] = {}
+    to_read: dict[str, tuple[str, tuple[Reshape, ...]]] = {}  # file key -> model key, reshapes
     try:
         with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                if not key.startswith(prefix):
-                    continue
-                new_key, reshapes = rename_key(key.removeprefix(prefix), rename_rules)
-                if drop(new_key):
-                    continue
-                if new_key in renamed_from:
-                    first = renamed_from[new_key]
-                    raise WeightsError(f"{path}: {first!r} and {key!r} both map to {new_key!r}")
-                renamed_from[new_key] = key
-                if new_key in expected:
-                    tensor = f.get_tensor(key)
-                    for reshape in reshapes:
-                        tensor = reshape(tensor)
-                    state[new_key] = tensor if tensor.dtype == dtype else tensor.to(dtype)
+            keys = list(f.keys())
+        for key in keys:
+            if not key.startswith(prefix):
+                continue
+            new_key, reshapes = rename_key(key.removeprefix(prefix), rename_rules)
+            if drop(new_key):
+                continue
+            if new_key in renamed_from:
+                first = renamed_from[new_key]
+                raise WeightsError(f"{path}: {first!r} and {key!r} both map to {new_key!r}")
+            renamed_from[new_key] = key
+            if new_key in expected:
+                to_read[key] = new_key, reshapes
+        for key, tensor in read_tensors(path, list(to_read)):
+            new_key, reshapes = to_read[key]
+            for reshape in reshapes:
+                tensor = reshape(tensor)
+            state[new_key] = tensor if tensor.dtype == dtype else tensor.to(dtype)
     except SafetensorError as exc:
         raise WeightsError(
             f"{path} is not a valid safetensors file ({exc}). It may be truncated or in another"
@@ -337,7 +364,15 @@ def load_unet(
 ) -> UNet2DConditionModel:
     """The noise predictor from a diffusers-layout folder (``config.json`` +
     ``diffusion_pytorch_model``), e.g. ``variant="fp16"`` for the half-size file."""
-    model = load_model(UNET_LAYOUT, source, subfolder, revision, variant, dtype, device)
-    # conv weights in the channels-last layout the activations use, or each call would convert
-    # them; one tensor at a time, now that the loader holds no other reference to them
-    return model.to(memory_format=torch.channels_last)
+    return channels_last(load_model(UNET_LAYOUT, source, subfolder, revision, variant, dtype,
+                                    device))
+
+
+def channels_last(unet: UNet2DConditionModel) -> UNet2DConditionModel:
+    """``unet`` (changed in place) with its conv weights in the channels-last layout that its
+    activations use, or each call would convert them.
+
+    Called by the loaders once loading is done: each weight is then converted alone, as no other
+    reference to it is held, so the peak memory grows by one tensor, not by a model.
+    """
+    return unet.to(memory_format=torch.channels_last)

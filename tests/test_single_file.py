@@ -215,6 +215,9 @@ def test_loads_an_ldm_file_like_diffusers(references, ldm_state, tmp_path, file_
                                    atol=TOL, rtol=0)
     assert all(not p.requires_grad and p.dtype == torch.float32
                for m in (models.unet, models.vae, models.text_encoder) for p in m.parameters())
+    # the UNet's conv weights channels-last, like its activations, as load_unet leaves them
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last)
+               for m in models.unet.modules() if isinstance(m, torch.nn.Conv2d))
 
     # each tensor is cast as it is read: any file dtype loads into any model dtype
     half = load_single_file(path, dtype=torch.bfloat16, **CONFIGS)

@@ -7,16 +7,25 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from sd_parts import WeightsError, load_text_encoder, load_vae
+from sd_parts import WeightsError, load_text_encoder, load_vae, weights
 from tests.conftest import reference_text_encoder, tiny_reference_vae
 
 VAE_FILE = "diffusion_pytorch_model.safetensors"
+
+
+@pytest.fixture(autouse=True)
+def small_read_groups(monkeypatch):
+    """Every load here reads its file in many passes of a few tensors, as a full-size model is
+    read, so that each test below (every bad file) also holds for a file read in passes."""
+    monkeypatch.setattr(weights, "READ_GROUP_BYTES", 1024)
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +90,66 @@ def test_tampered_tensor_data_is_refused(tiny_vae_folder, tmp_path):
     path.write_bytes(bytes(data[:8]) + new_header + bytes(data[8 + header_len :]))
     with pytest.raises(WeightsError):
         load_vae(str(tmp_path))
+
+
+def count_opens(monkeypatch, before_open: Callable[[int], None] = lambda count: None) -> list:
+    """The files ``sd_parts.weights`` opens from now on; ``before_open`` sees how many so far."""
+    opened = []
+
+    def counted(*args, **kwargs):
+        before_open(len(opened))
+        opened.append(args[0])
+        return safe_open(*args, **kwargs)
+
+    monkeypatch.setattr(weights, "safe_open", counted)
+    return opened
+
+
+def test_file_is_read_in_groups(tiny_vae_folder, tmp_path, monkeypatch):
+    """Each group of tensors is read in a pass of its own, so that only its part of the file is
+    mapped at a time; the tensors are the file's, whatever the grouping."""
+    path = tmp_path / "tensors.safetensors"
+    in_file = {"a": torch.arange(100.0), "b": torch.arange(300.0), "c": torch.ones(2, 3),
+               "d": torch.zeros(500, dtype=torch.float16), "e": torch.arange(4)}
+    save_file(in_file, path)
+    opened = count_opens(monkeypatch)
+    monkeypatch.setattr(weights, "READ_GROUP_BYTES", 1000)
+    read = list(weights.read_tensors(path, ["a", "c", "b", "d", "e"]))
+    # a group ends with the tensor that brings it to 1000 bytes: a+c+b (424 bytes, then 1624)
+    # in the first pass, d (1000 bytes) alone, then e
+    assert len(opened) == 3
+    assert [key for key, _ in read] == ["a", "c", "b", "d", "e"]
+    for key, tensor in read:
+        assert tensor.dtype == in_file[key].dtype and torch.equal(tensor, in_file[key])
+
+    # a whole model: every tensor in its own pass, loaded as the file holds it
+    monkeypatch.setattr(weights, "READ_GROUP_BYTES", 1)
+    opened.clear()
+    vae = load_vae(str(tiny_vae_folder))
+    state = load_file(tiny_vae_folder / VAE_FILE)
+    assert len(opened) == 1 + len(state)  # the keys first, then one pass per tensor
+    assert vae.state_dict().keys() == state.keys()
+    for key, tensor in vae.state_dict().items():
+        assert torch.equal(tensor, state[key]), key
+
+
+def test_file_changed_between_passes_is_refused(tiny_vae_folder, tmp_path, monkeypatch):
+    """A later pass checks the header again: a file replaced meanwhile by one cut short is refused
+    as it is at first."""
+    state = load_file(tiny_vae_folder / VAE_FILE)
+    folder = copy_with_state(tiny_vae_folder, tmp_path / "vae", state)
+    path = folder / VAE_FILE
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+    def replace_before_third(count: int) -> None:  # the keys, one group, then a new file
+        if count == 2:
+            os.replace(cut, path)  # a new file; the one already mapped stays whole
+
+    opened = count_opens(monkeypatch, replace_before_third)
+    with pytest.raises(WeightsError, match="not a valid safetensors file"):
+        load_vae(str(folder))
+    assert len(opened) == 3
 
 
 def test_unsupported_config_is_refused(tiny_vae_folder, tmp_path):
