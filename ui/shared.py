@@ -14,7 +14,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -105,3 +105,14 @@ class PictureFiles:
         for _, path in self._written.values():
             Path(path).unlink(missing_ok=True)
         self._written.clear()
+
+
+def on_zero_gpu(handler: Callable) -> Callable:
+    """``handler`` run on a GPU of Hugging Face's ZeroGPU Spaces, where the ``spaces`` package is
+    installed (a GPU is attached there only while a function marked this way runs); elsewhere
+    ``handler`` itself."""
+    try:
+        import spaces
+    except ImportError:
+        return handler
+    return spaces.GPU(duration=300)(handler)

@@ -27,7 +27,14 @@ import torch
 import sd_parts
 from sd_parts.pipeline import GenerationResult, StepState, check_arguments
 from ui.loading import ModelUnavailable
-from ui.shared import PictureFiles, failure, mode_note, output_path, random_banner
+from ui.shared import (
+    PictureFiles,
+    failure,
+    mode_note,
+    on_zero_gpu,
+    output_path,
+    random_banner,
+)
 from ui.tabs import forward
 from ui.tabs.image import MAX_PIXELS, latent_space
 from viz import diffusion, latents, pixels, upload
@@ -439,6 +446,7 @@ def build(models: Models) -> None:
         event.set()
         return "Stopping after this step..."
 
+    start = on_zero_gpu(start)
     generate_inputs = [prompt, negative, steps, guidance, scheduler, karras, seed, width, height,
                        init_image, strength, exact]
     gr.on([run.click, prompt.submit], start, generate_inputs, [*out.values(), record],
