@@ -25,7 +25,17 @@ from PIL import Image, ImageDraw
 from PIL.PngImagePlugin import PngInfo
 from safetensors.torch import save_file
 
-from viz.heatmap import INK, Picture, add_colorbar, add_title, arrange, colorize, font, heatmap
+from viz.heatmap import (
+    INK,
+    Box,
+    Picture,
+    add_colorbar,
+    add_title,
+    arrange,
+    colorize,
+    font,
+    heatmap,
+)
 from viz.latents import apply_rgb_map, enlarge_to
 from viz.plot import add_axes, new_figure
 from viz.tokens import SPECIAL, _words
@@ -180,7 +190,9 @@ def word_maps_view(maps: torch.Tensor, groups: Sequence[tuple[str, list[int]]],
         peak = float(resized.max())
         colours = colorize(resized, WORD_MAP_CMAP, 0.0, peak if peak > 0 else 1.0)
         blended = (0.45 * base + 0.55 * colours).astype(np.uint8)
-        pictures.append(add_title(Picture(blended), label))
+        # where the map lies in the picture (one cell per pixel), as every heat map records it
+        box = Box(0, 0, size[1], size[0], 1, 1)
+        pictures.append(add_title(Picture(blended, (box,)), label))
     return add_colorbar(arrange(pictures, columns), WORD_MAP_CMAP, (0.0, 1.0),
                         "share of the word's peak", ticks=(0.0, 0.5, 1.0))
 
