@@ -52,7 +52,8 @@ EXAMPLE_PROMPTS = [
     ["a watercolour painting of a lighthouse at dusk", "blurry, low quality", 7.5],
     ["a bowl of ramen, studio lighting, 35mm photo", "", 5.0],
 ]
-OUTPUTS = ("status", "step_preview", "x0_preview", "channels", "chart", "final", "strip",
+# the order of the API's answer
+OUTPUTS = ("status", "step_preview", "x0_preview", "chart", "channels", "final", "strip",
            "guidance", "word_maps", "downloads")
 # seconds per UNet call per latent pixel, measured by the runs on this machine: the estimate
 # shown before a run starts
@@ -449,8 +450,9 @@ def build(models: Models) -> None:
     start = on_zero_gpu(start)
     generate_inputs = [prompt, negative, steps, guidance, scheduler, karras, seed, width, height,
                        init_image, strength, exact]
-    gr.on([run.click, prompt.submit], start, generate_inputs, [*out.values(), record],
-          api_name="generate", concurrency_id="generate", concurrency_limit=1)
+    gr.on([run.click, prompt.submit], start, generate_inputs,
+          [*(out[name] for name in OUTPUTS), record], api_name="generate",
+          concurrency_id="generate", concurrency_limit=1)
     stop.click(request_stop, None, out["status"], api_name="stop", queue=False)
 
     def show_step(run_record, step):
