@@ -38,6 +38,7 @@ from ui.shared import (
 from ui.tabs import forward
 from ui.tabs.image import MAX_PIXELS, latent_space
 from viz import diffusion, latents, pixels, upload
+from viz.heatmap import Picture
 
 if TYPE_CHECKING:
     from app import Models
@@ -234,7 +235,7 @@ def _step_views(record: RunRecord, state: StepState, seconds: float, levels: lis
         "x0_preview": diffusion.latent_preview(x0, record.rgb_matrix, record.size),
         "channels": latents.latent_channels_view(latent / record.scaling_factor,
                                                  pipe.latent_downscale),
-        "chart": diffusion.step_chart(levels, state.index),
+        "chart": _chart(levels, state.index),
     }
 
 
@@ -272,11 +273,16 @@ def _final_views(models: Models, record: RunRecord, result: GenerationResult, re
                                                    record.rgb_matrix, record.size),
             "channels": latents.latent_channels_view(record.latents[-1] / record.scaling_factor,
                                                      pipe.latent_downscale),
-            "chart": diffusion.step_chart(record.noise_levels, last),
+            "chart": _chart(record.noise_levels, last),
             "guidance": _guidance(record, last),
             "word_maps": word_maps(record, 1, record.steps, "latent grid"),
         }
     return views
+
+
+def _chart(levels: list[float], index: int) -> Picture:
+    # a Picture, so the file gets a strip on top for the label Gradio draws over it
+    return Picture(diffusion.step_chart(levels, index))
 
 
 def _strip(record: RunRecord) -> object:
