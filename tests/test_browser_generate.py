@@ -1,0 +1,145 @@
+"""The generation tab in a real browser: Playwright drives Debian's Chromium through what a person
+does. Type a prompt, press Generate and watch the step preview change while the run goes; scrub
+through the steps afterwards; see the word maps; stop a long run part way.
+
+Screenshots go to ``test-output/screenshots/``; with ``SD_PARTS_SCREENSHOTS=docs/screenshots``
+the README's picture of the tab is written too. Without Chromium these tests skip on a
+developer's machine and fail under ``CI=true``, as tests/test_browser.py does.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from collections.abc import Iterator
+
+import pytest
+from serve import serve
+from test_browser import CHROMIUM, CHROMIUM_ARGS, SHOTS, loaded_image, require_chromium, shot
+
+from ui.tabs.generate import TITLE
+
+WAIT_MS = 60_000
+STEPS = 8  # PNDM visits one timestep more: 9 updates, a few seconds with tiny weights
+SIDE = 96  # pixels: big enough to see in the screenshot (the tiny app's default is 32)
+# Every change of the step preview's picture, with the status shown at that moment.
+WATCH_PREVIEWS = """() => {
+    window.previews = [];
+    const look = () => {
+        const image = document.querySelector('#step-preview img');
+        const status = document.querySelector('#generate-status');
+        const src = image ? image.src : null;
+        const last = window.previews[window.previews.length - 1];
+        if (src && (!last || last.src !== src)) {
+            window.previews.push({src, status: status ? status.innerText : ''});
+        }
+    };
+    new MutationObserver(look).observe(document.body,
+        {subtree: true, childList: true, attributes: true, attributeFilter: ['src']});
+}"""
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    require_chromium()
+    with serve(tmp_path_factory.mktemp("browser-generate")) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def page(server) -> Iterator:
+    """One page on the generation tab, in a fresh profile."""
+    from playwright.sync_api import sync_playwright
+
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile, \
+            sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            profile, executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
+            viewport={"width": 1280, "height": 900})
+        context.set_default_timeout(WAIT_MS)
+        page = context.pages[0] if context.pages else context.new_page()
+        page.errors = []
+        page.on("pageerror", lambda error: page.errors.append(str(error)))
+        page.goto(server.url)
+        page.get_by_role("tab", name=TITLE).click()
+        page.locator("#generate-prompt textarea").wait_for()
+        try:
+            yield page
+        finally:
+            context.close()
+    assert page.errors == []
+
+
+def set_number(page, label: str, value: int) -> None:
+    box = page.get_by_label(label, exact=True)
+    box.fill(str(value))
+    box.press("Tab")
+
+
+def status(page, pattern: str) -> re.Match:
+    """The status box's text once it matches ``pattern``; the match."""
+    box = page.locator("#generate-status").filter(has_text=re.compile(pattern))
+    box.wait_for()
+    return re.search(pattern, box.inner_text())
+
+
+def image_in(page, label: str) -> dict:
+    """The picture of the image box labelled ``label``, once it has loaded."""
+    block = page.locator(".block").filter(
+        has=page.locator("[data-testid=block-label]", has_text=re.compile(rf"^\s*{label}\s*$")))
+    image = block.locator("img").first
+    image.wait_for()
+    image.scroll_into_view_if_needed()  # the pictures load lazily, once in view
+    return image.evaluate(
+        "i => new Promise(done => { const d = () => done({src: i.src, width: i.naturalWidth});"
+        " i.complete && i.naturalWidth ? d() : i.addEventListener('load', d); })")
+
+
+def test_generate_shows_each_step_then_the_image(page):
+    page.evaluate(WATCH_PREVIEWS)
+    page.locator("#generate-prompt textarea").fill("a lighthouse on a cliff at dusk")
+    set_number(page, "number input for Steps", STEPS)
+    set_number(page, "Width", SIDE)
+    set_number(page, "Height", SIDE)
+    page.locator("#generate-button").click()
+    done = status(page, r"Done: (\d+) steps")
+    assert int(done[1]) == STEPS + 1  # PNDM, the default sampler, repeats one timestep
+    final = loaded_image(page, "#final-image")
+    assert (final["width"], final["height"]) == (SIDE, SIDE)
+    previews = page.evaluate("window.previews")
+    during = [p for p in previews if re.match(r"\s*Step \d+ of", p["status"])]
+    # the preview changed while the run went on, one picture per step shown
+    assert len({p["src"] for p in during}) >= 2, previews
+    steps_seen = [int(re.search(r"Step (\d+)", p["status"])[1]) for p in during]
+    assert steps_seen == sorted(steps_seen)
+    word_maps = loaded_image(page, "#word-maps")
+    assert word_maps["width"] > 200  # a panel per word, not a placeholder
+    shot(page, "generate-tab", readme=True)
+
+
+def test_scrub_through_the_steps(page):
+    set_number(page, "number input for Step (0: the start noise)", 3)
+    page.get_by_text(re.compile(r"^After step 3 of \d+")).wait_for()
+    third = image_in(page, "Latent")
+    set_number(page, "number input for Step (0: the start noise)", 0)
+    page.get_by_text("Step 0: the start latent", exact=False).wait_for()
+    page.wait_for_function(
+        "old => [...document.querySelectorAll('img')].every(i => i.src !== old)",
+        arg=third["src"])
+    start = image_in(page, "Latent")
+    assert start["src"] != third["src"] and start["width"] == third["width"] == SIDE
+    shot(page, "generate-scrubbed")
+
+
+def test_stop_ends_a_long_run(page):
+    set_number(page, "number input for Steps", 100)
+    set_number(page, "Width", 32)
+    set_number(page, "Height", 32)
+    page.locator("#generate-button").click()
+    status(page, r"Step \d+ of 101")
+    page.locator("#stop-button").click()
+    stopped = status(page, r"Stopped after (\d+) of 100 steps")
+    assert int(stopped[1]) < 100
+    loaded_image(page, "#final-image")
+    shot(page, "generate-stopped")
