@@ -383,7 +383,7 @@ def build(models: Models) -> None:
                                 label="Exact mode (float32)")
             gr.Examples(EXAMPLE_PROMPTS, inputs=[prompt, negative, guidance], label="Examples")
         with gr.Column(scale=2):
-            out = {"status": gr.Markdown(elem_classes="status", elem_id="generate-status")}
+            out = {"status": gr.Markdown(elem_classes="progress", elem_id="generate-status")}
             with gr.Row():
                 out["step_preview"] = gr.Image(label="The latent now (linear RGB preview)",
                                                format="png", elem_id="step-preview")
