@@ -421,7 +421,9 @@ def build(models: Models) -> None:
                                        "latents of every step (.safetensors)",
                                        file_count="multiple")
     forward.build(models, exact)
-    record = gr.State(None)
+    # a finished run's record (every step's latents and predictions, ~19 MB at 512 px and 50
+    # steps) is kept for the scrubber for a while, not for as long as Gradio keeps the session
+    record = gr.State(None, time_to_live=settings.cache_max_age)
 
     def start(prompt_text, negative_text, n, g, kind, use_karras, seed_value, w, h, init,
               amount, is_exact, request: gr.Request):
