@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,24 @@ README_SHOTS = os.environ.get("SD_PARTS_SCREENSHOTS")
 WAIT_MS = 60_000  # one tiny-weights round trip takes a few seconds on 2 busy cores
 IMAGE_TAB = "Image → latent → image"
 PROMPT_TAB = "Prompt → tokens → embeddings → attention"
+
+
+@contextmanager
+def chromium_page(**options: object) -> Iterator:
+    """A page of headless Chromium in a fresh profile, with the tests' wait; closed after."""
+    from playwright.sync_api import sync_playwright
+
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile, \
+            sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            profile, executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
+            viewport={"width": 1280, "height": 900}, **options)
+        context.set_default_timeout(WAIT_MS)
+        try:
+            yield context.pages[0] if context.pages else context.new_page()
+        finally:
+            context.close()
 
 
 def require_chromium() -> None:
@@ -57,16 +76,7 @@ def server(tiny_server):
 @pytest.fixture(scope="module")
 def page(server) -> Iterator:
     """One page for the whole walk-through, in a fresh profile; a JavaScript dialog fails it."""
-    from playwright.sync_api import sync_playwright
-
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile, \
-            sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            profile, executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
-            viewport={"width": 1280, "height": 900}, accept_downloads=True)
-        context.set_default_timeout(WAIT_MS)
-        page = context.pages[0] if context.pages else context.new_page()
+    with chromium_page(accept_downloads=True) as page:
         page.dialogs = []  # alert(), confirm() ...: markup that ran as code
         page.on("dialog", lambda dialog: (page.dialogs.append(dialog.message), dialog.dismiss()))
         # the browser may fetch only from the app itself
@@ -76,10 +86,7 @@ def page(server) -> Iterator:
                 else page.foreign.append(request.url))
         page.goto(server.url)
         page.locator("#image-input").wait_for()
-        try:
-            yield page
-        finally:
-            context.close()
+        yield page
     assert page.dialogs == []
     assert page.foreign == []
 

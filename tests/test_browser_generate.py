@@ -10,16 +10,14 @@ developer's machine and fail under ``CI=true``, as tests/test_browser.py does.
 from __future__ import annotations
 
 import re
-import tempfile
 from collections.abc import Iterator
 
 import pytest
 from serve import serve
-from test_browser import CHROMIUM, CHROMIUM_ARGS, SHOTS, loaded_image, require_chromium, shot
+from test_browser import chromium_page, loaded_image, require_chromium, shot
 
 from ui.tabs.generate import TITLE
 
-WAIT_MS = 60_000
 STEPS = 8  # PNDM visits one timestep more: 9 updates, a few seconds with tiny weights
 SIDE = 96  # pixels: big enough to see in the screenshot (the tiny app's default is 32)
 # Every change of the step preview's picture, with the status shown at that moment.
@@ -49,25 +47,13 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def page(server) -> Iterator:
     """One page on the generation tab, in a fresh profile."""
-    from playwright.sync_api import sync_playwright
-
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile, \
-            sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            profile, executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
-            viewport={"width": 1280, "height": 900})
-        context.set_default_timeout(WAIT_MS)
-        page = context.pages[0] if context.pages else context.new_page()
+    with chromium_page() as page:
         page.errors = []
         page.on("pageerror", lambda error: page.errors.append(str(error)))
         page.goto(server.url)
         page.get_by_role("tab", name=TITLE).click()
         page.locator("#generate-prompt textarea").wait_for()
-        try:
-            yield page
-        finally:
-            context.close()
+        yield page
     assert page.errors == []
 
 
