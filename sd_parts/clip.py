@@ -21,7 +21,7 @@ from .config import CLIPTextConfig
 
 @dataclass
 class CLIPTextOutput:
-    last_hidden_state: torch.Tensor  # (B, T, D), after the final LayerNorm
+    last_hidden_state: torch.Tensor  # (B, T, D), the last (or clip_skip) layer + final LayerNorm
     # embeddings + the output of each layer (13 for SD v1); the last one is before the final norm
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None  # per layer (B, heads, T, T)
@@ -130,7 +130,22 @@ class CLIPTextEncoder(nn.Module):
         input_ids: torch.Tensor,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
+        clip_skip: int | None = None,
     ) -> CLIPTextOutput:
+        """Encode ``input_ids`` (B, T); ``last_hidden_state`` is what the UNet receives.
+
+        ``clip_skip=k`` (diffusers' numbering; None or 0: the last layer) returns the output of
+        the layer k before the last, passed through the final LayerNorm, as SD 1.5 fine-tunes
+        trained on those embeddings expect. The web UIs count from 1: their "CLIP skip 2" is
+        ``clip_skip=1``. All layers still run, so ``hidden_states`` and ``attentions`` are whole.
+        """
+        n_layers = len(self.encoder.layers)
+        skip = 0 if clip_skip is None else clip_skip
+        if isinstance(skip, bool) or not isinstance(skip, int) or not 0 <= skip < n_layers:
+            raise ValueError(
+                f"clip_skip must be None or an integer from 0 to {n_layers - 1} (the number of "
+                f"final layers to leave out of {n_layers}), got {clip_skip!r}"
+            )
         if input_ids.ndim != 2 or input_ids.shape[1] > self.config.max_position_embeddings:
             raise ValueError(
                 f"input_ids must be (batch, at most {self.config.max_position_embeddings}) token "
@@ -143,8 +158,9 @@ class CLIPTextEncoder(nn.Module):
             x, weights = layer(x, output_attentions)
             hidden_states.append(x)
             attentions.append(weights)
+        # hidden_states[-1] is x, the last layer's output; skipping k layers reads -(k + 1)
         return CLIPTextOutput(
-            last_hidden_state=self.final_layer_norm(x),
+            last_hidden_state=self.final_layer_norm(hidden_states[-(skip + 1)]),
             hidden_states=tuple(hidden_states) if output_hidden_states else None,
             attentions=tuple(attentions) if output_attentions else None,
         )

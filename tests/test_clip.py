@@ -103,3 +103,47 @@ def test_attention_path_equals_fast_path(tiny_encoder):
 def test_too_long_input_is_refused(tiny_encoder):
     with pytest.raises(ValueError, match="at most 77"):
         tiny_encoder(torch.zeros(1, 78, dtype=torch.long))
+
+
+@pytest.mark.parametrize("clip_skip", [0, 1, 2])
+def test_clip_skip_matches_diffusers_rule(tmp_path, clip_skip):
+    """diffusers' encode_prompt(clip_skip=k): final_layer_norm(hidden_states[-(k + 1)]).
+
+    diffusers 0.42.1 reads ``text_encoder.text_model.final_layer_norm``, which transformers 5's
+    CLIPTextModel no longer has, so its rule is applied to transformers' outputs here."""
+    from sd_parts import load_tokenizer
+
+    reference = reference_text_encoder(hidden_size=32, intermediate_size=64, layers=3, heads=4)
+    reference.save_pretrained(tmp_path)
+    encoder = load_text_encoder(str(tmp_path))
+    ids = load_tokenizer()(["a photo of a cat", "an astronaut riding a horse on the moon"])
+    with torch.inference_mode():
+        states = reference(ids, output_hidden_states=True).hidden_states
+        expected = reference.final_layer_norm(states[-(clip_skip + 1)])
+        ours = encoder(ids, clip_skip=clip_skip).last_hidden_state
+        default = encoder(ids).last_hidden_state
+    torch.testing.assert_close(ours, expected, atol=TOL, rtol=0)
+    # skipping layers gives other embeddings; skipping none is the default
+    assert torch.equal(ours, default) == (clip_skip == 0)
+
+
+@pytest.mark.parametrize("clip_skip", [None, 0, 1])
+def test_appended_word_changes_only_later_positions(tiny_encoder, clip_skip):
+    """Causal attention: a word appended to a prompt leaves every position before it as it was,
+    and changes every position from it on, padding included."""
+    from sd_parts import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    ids = tokenizer(["a photo of a cat", "a photo of a cat sitting"])
+    first_new = 1 + len(tokenizer.tokenize("a photo of a cat"))  # after BOS and the 5 tokens
+    with torch.inference_mode():
+        short, longer = tiny_encoder(ids, clip_skip=clip_skip).last_hidden_state
+    change = (short - longer).abs().amax(dim=-1)  # (77,)
+    assert change[:first_new].max() < 1e-6
+    assert change[first_new:].min() > 1e-3
+
+
+@pytest.mark.parametrize("clip_skip", [-1, 2, True, 1.0])
+def test_clip_skip_out_of_range_is_refused(tiny_encoder, clip_skip):
+    with pytest.raises(ValueError, match="clip_skip must be None or an integer from 0 to 1"):
+        tiny_encoder(torch.zeros(1, 77, dtype=torch.long), clip_skip=clip_skip)
