@@ -170,7 +170,7 @@ def get_scheduler_config(settings: Settings) -> sd_parts.SchedulerConfig:
                     "the scheduler settings")
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=3)  # the text encoder and the VAE in exact and fast mode
 def on_device(module: torch.nn.Module) -> torch.nn.Module:
     """The generation tab's copy of a model the other tabs use on the CPU (the same one on a
     machine without a GPU)."""
@@ -192,13 +192,23 @@ class Models:
     def tokenizer(self) -> sd_parts.CLIPTokenizer:
         return get_tokenizer(self.settings)
 
+    @property
+    def device(self) -> str:
+        """Where the generation tab runs: a CUDA GPU when there is one, else the CPU."""
+        return DEVICE
+
+    def generation_vae(self, exact: bool) -> sd_parts.AutoencoderKL:
+        """The first VAE choice on the generation tab's device (no UNet loaded for it)."""
+        return on_device(get_vae(self.settings, self.settings.vae_choices[0], exact))
+
+    def scheduler_config(self) -> sd_parts.SchedulerConfig:
+        return get_scheduler_config(self.settings)
+
     def pipeline(self, exact: bool) -> sd_parts.StableDiffusionPipeline:
         """SD v1 from the models above (the first VAE choice), sharing them with the tabs."""
-        settings = self.settings
-        vae = on_device(get_vae(settings, settings.vae_choices[0], exact))
         return sd_parts.StableDiffusionPipeline(
-            self.tokenizer(), on_device(self.text_encoder()), get_unet(settings, exact), vae,
-            get_scheduler_config(settings))
+            self.tokenizer(), on_device(self.text_encoder()), get_unet(self.settings, exact),
+            self.generation_vae(exact), self.scheduler_config())
 
 
 def downloads(settings: Settings) -> list[loading.Download]:

@@ -4,6 +4,14 @@ and the pipeline that joins them, written to be read."""
 from .clip import CLIPTextEncoder, CLIPTextOutput
 from .config import TINY_CLIP, TINY_VAE, CLIPTextConfig, VAEConfig
 from .pipeline import GenerationResult, StableDiffusionPipeline, StepState, Trace, load_pipeline
+from .prompts import (
+    apply_weights,
+    chunk_ids,
+    encode_long,
+    encode_prompts,
+    parse_weights,
+    token_weights,
+)
 from .runtime import fast_dtype
 from .schedulers import Scheduler, SchedulerConfig, load_scheduler
 from .single_file import load_single_file
@@ -16,7 +24,8 @@ __all__ = [
     "DEFAULT_REPO", "TINY_CLIP", "TINY_UNET", "TINY_VAE", "AutoencoderKL", "CLIPTextConfig",
     "CLIPTextEncoder", "CLIPTextOutput", "CLIPTokenizer", "DiagonalGaussian", "GenerationResult",
     "Scheduler", "SchedulerConfig", "StableDiffusionPipeline", "StepState", "Trace",
-    "UNet2DConditionModel", "UNetConfig", "VAEConfig", "WeightsError", "fast_dtype",
-    "load_pipeline", "load_scheduler", "load_single_file", "load_text_encoder", "load_tokenizer",
-    "load_unet", "load_vae",
+    "UNet2DConditionModel", "UNetConfig", "VAEConfig", "WeightsError", "apply_weights",
+    "chunk_ids", "encode_long", "encode_prompts", "fast_dtype", "load_pipeline", "load_scheduler",
+    "load_single_file", "load_text_encoder", "load_tokenizer", "load_unet", "load_vae",
+    "parse_weights", "token_weights",
 ]

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from .clip import CLIPTextEncoder
 from .schedulers import Scheduler, SchedulerConfig, load_scheduler, read_scheduler_config
+from .schedulers.schedule import random_normal
 from .tokenizer import CLIPTokenizer, load_tokenizer
 from .unet import UNet2DConditionModel
 from .vae import AutoencoderKL
@@ -81,11 +82,15 @@ class GenerationResult:
 
 
 class CrossAttentionCollector:
-    """Sums the UNet's cross-attention maps of one step, for the prompt's half of the batch."""
+    """Sums the UNet's cross-attention maps of one step, for the prompt's half of the batch.
 
-    def __init__(self, batch: int, grid: tuple[int, int]):
-        self.batch, self.grid = batch, grid
-        self.total: torch.Tensor | None = None  # (B, T, h, w)
+    A 16-bit UNet call that overflows is repeated in float32 and calls the hook again from the
+    first layer, so only the last ``layers`` maps (the complete, finite pass) are summed.
+    """
+
+    def __init__(self, batch: int, grid: tuple[int, int], layers: int):
+        self.batch, self.grid, self.layers = batch, grid, layers
+        self.maps: list[torch.Tensor] = []  # (B, T, h, w) per layer call
 
     def __call__(self, probs: torch.Tensor, size: tuple[int, int]) -> None:
         # probs (2B or B, heads, hw, T): with guidance the prompt's rows are the second half
@@ -93,7 +98,11 @@ class CrossAttentionCollector:
         maps = maps.transpose(1, 2).reshape(self.batch, -1, *size)  # (B, T, h_l, w_l)
         if size != self.grid:
             maps = F.interpolate(maps, size=self.grid, mode="bilinear", align_corners=False)
-        self.total = maps if self.total is None else self.total + maps
+        self.maps.append(maps)
+
+    @property
+    def total(self) -> torch.Tensor:
+        return torch.stack(self.maps[-self.layers:]).sum(dim=0)
 
 
 class StableDiffusionPipeline:
@@ -195,10 +204,11 @@ class StableDiffusionPipeline:
             start_latents = self.vae.encode(image).sample(generator) * scaling
             latents = start_latents
             if len(timesteps):
-                noise = torch.randn(shape, generator=generator).to(device)
+                noise = random_normal(shape, generator, device, torch.float32)
                 latents = sampler.add_noise(start_latents, noise, timesteps[:1].repeat(batch))
         else:
-            latents = torch.randn(shape, generator=generator).to(device) * sampler.init_noise_sigma
+            latents = random_normal(shape, generator, device, torch.float32) \
+                * sampler.init_noise_sigma
 
         record = Trace(latents=[latents.cpu()]) if trace else None
         word_maps = None
@@ -207,7 +217,8 @@ class StableDiffusionPipeline:
         for index, t in enumerate(timesteps):
             model_input = torch.cat([latents] * 2) if guided else latents
             model_input = sampler.scale_model_input(model_input, t)
-            collector = CrossAttentionCollector(batch, grid) if trace else None
+            collector = CrossAttentionCollector(batch, grid, self.unet.cross_attention_layers) \
+                if trace else None
             noise = self.unet(model_input, t, context, on_cross_attention=collector)
             noise_uncond, noise_text = noise.chunk(2) if guided else (None, noise)
             if guided:

@@ -408,6 +408,11 @@ class UNet2DConditionModel(nn.Module):
                       tuple(skips[-1].shape[-2:]) if skips else None)
         return self.conv_out(F.silu(self.conv_norm_out(x), inplace=True))
 
+    @property
+    def cross_attention_layers(self) -> int:
+        """How many layers attend to the text (16 in SD v1): the hook's calls per forward."""
+        return sum(1 for m in self.modules() if isinstance(m, BasicTransformerBlock))
+
     def _check_inputs(self, latents: torch.Tensor, context: torch.Tensor) -> None:
         config = self.config
         if (latents.ndim != 4 or latents.shape[1] != config.in_channels

@@ -240,9 +240,14 @@ class DiagonalGaussian:
         self.std = torch.exp(0.5 * self.logvar)
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        """The reparameterization trick: z = mean + std * eps with eps ~ N(0, I)."""
-        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device,
-                            dtype=self.mean.dtype)
+        """The reparameterization trick: z = mean + std * eps with eps ~ N(0, I).
+
+        The draws are made on the generator's device and then moved, as diffusers makes them, so
+        a CPU generator gives the same latent whatever device the VAE runs on.
+        """
+        draw_on = generator.device if generator is not None else self.mean.device
+        noise = torch.randn(self.mean.shape, generator=generator, device=draw_on,
+                            dtype=self.mean.dtype).to(self.mean.device)
         return self.mean + self.std * noise
 
 

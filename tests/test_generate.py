@@ -269,6 +269,7 @@ def test_guidance_nan_gets_its_message(url):
     ((4, float("nan"), 32), "Guidance scale must be from 1 (no guidance) to 20; got nan."),
     ((4, 7.5, 2048), "Width must be a multiple of 8 from 8 to 1024 pixels; got 2048."),
     ((4, 7.5, 100), "Width must be a multiple of 8 from 8 to 1024 pixels; got 100."),
+    ((float("inf"), 7.5, 32), "Steps, seed and strength must be finite numbers."),
 ])
 def test_the_tab_checks_every_value_itself(values, message):
     """The same limits for a caller of the tab's function, where no form has checked them."""
@@ -277,6 +278,12 @@ def test_the_tab_checks_every_value_itself(values, message):
         generate.parse_request("a cat", "", steps, guidance, "DDIM", False, 0, size, size, None,
                                0.8, 8)
     assert str(error.value) == message
+
+
+@pytest.mark.parametrize("seed", [-1, 2.5, 1e20])
+def test_seeds_outside_a_generator_are_refused(seed):
+    with pytest.raises(ValueError, match=r"The seed must be a whole number from 0 to 2\^63 - 1"):
+        generate.parse_request("a cat", "", 4, 7.5, "DDIM", False, seed, 32, 32, None, 0.8, 8)
 
 
 def test_a_missing_unet_gets_its_message(tmp_path, monkeypatch):

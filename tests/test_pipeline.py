@@ -200,3 +200,17 @@ def test_bad_arguments_are_refused(pipes, arguments, message):
     _, pipe = pipes
     with pytest.raises(ValueError, match=message):
         pipe(PROMPT, **{"height": SIZE, "width": SIZE} | arguments)
+
+
+def test_word_maps_keep_only_the_last_complete_pass():
+    """A 16-bit UNet call that overflows is repeated in float32 and calls the hook again: the
+    collector sums the second, finite pass only."""
+    from sd_parts.pipeline import CrossAttentionCollector
+
+    collector = CrossAttentionCollector(batch=1, grid=(4, 4), layers=2)
+    probs = torch.full((2, 1, 16, 77), 1 / 77)
+    for value in (float("nan"), float("nan")):  # the overflowing pass
+        collector(torch.full_like(probs, value), (4, 4))
+    for _ in range(2):
+        collector(probs, (4, 4))
+    torch.testing.assert_close(collector.total, torch.full((1, 77, 4, 4), 2 / 77))

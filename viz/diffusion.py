@@ -38,7 +38,7 @@ from viz.heatmap import (
 )
 from viz.latents import apply_rgb_map, enlarge_to
 from viz.plot import add_axes, new_figure
-from viz.tokens import SPECIAL, _words
+from viz.tokens import SPECIAL, words
 
 WORD_MAP_CMAP = "inferno"
 STEP_CHART_SIZE = (360, 150)  # pixels: wide enough for 100 steps, small enough to stream
@@ -160,7 +160,7 @@ def word_groups(pieces: Sequence[str], context_length: int) -> list[tuple[str, l
     and all padding positions together. ``pieces`` are the prompt's pieces as the text encoder
     got them (at most 75)."""
     groups = [("<start>", [0])]
-    for text, start, end in _words(list(pieces)):
+    for text, start, end in words(list(pieces)):
         if text not in SPECIAL:
             groups.append((text, list(range(start + 1, end + 1))))
     eos = len(pieces) + 1

@@ -95,6 +95,11 @@ def image_to_tensor(image: Image.Image) -> torch.Tensor:
     return (pixels / 127.5 - 1.0).permute(2, 0, 1).unsqueeze(0).contiguous()
 
 
+def images_to_pixels(images: torch.Tensor) -> np.ndarray:
+    """The first of a batch of images (B, 3, H, W) in [-1, 1], on any device, as (H, W, 3) uint8."""
+    return np.asarray(tensor_to_image(images[0]))
+
+
 def tensor_to_image(tensor: torch.Tensor) -> Image.Image:
     """A (3, H, W) or (1, 3, H, W) tensor in [-1, 1] as an RGB image (clamped, rounded).
 

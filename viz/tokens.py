@@ -138,7 +138,7 @@ def readable_pieces(pieces: Sequence[str]) -> list[str]:
 # Notes
 
 
-def _words(pieces: Sequence[str]) -> list[tuple[str, int, int]]:
+def words(pieces: Sequence[str]) -> list[tuple[str, int, int]]:
     """Words rebuilt from BPE pieces: (readable word, first piece index, end piece index)."""
     words, start = [], 0
     for index, piece in enumerate(pieces):
@@ -160,7 +160,7 @@ def truncation_note(pieces: Sequence[str], max_length: int = MAX_LENGTH) -> str:
     if len(pieces) <= room:
         return ""
     cut = [word if start >= room else f"{word} (partly)"
-           for word, start, end in _words(pieces) if end > room]
+           for word, start, end in words(pieces) if end > room]
     shown = ", ".join(f"“{word}”" for word in cut[:40])
     more = f" and {len(cut) - 40} more" if len(cut) > 40 else ""
     return (

@@ -16,7 +16,7 @@ import torch
 
 import sd_parts
 from ui.loading import ModelUnavailable
-from ui.shared import PictureFiles, failure
+from ui.shared import PictureFiles, failure, literal
 from ui.tabs.image import EXAMPLE_IMAGES, MAX_PIXELS
 from viz import diffusion, pixels, upload
 
@@ -31,33 +31,41 @@ def forward_noise(models: Models, path: str | None, t: float, seed: float, ask_u
     names = ("forward_status", "forward_noisy", "forward_schedule", "forward_x0")
     if not path:
         return failure(names, "forward_status", "Choose an image first.")
+    if seed is None or not np.isfinite(seed) or seed != int(seed) or not 0 <= seed < 2**63:
+        return failure(names, "forward_status",
+                       "The noise seed must be a whole number from 0 to 2^63 - 1.")
     try:
-        pipe = models.pipeline(exact)
+        vae = models.generation_vae(exact)
+        schedule = sd_parts.load_scheduler(models.scheduler_config(), kind="ddpm")
         image = upload.load_image(path, MAX_PIXELS)
     except (ModelUnavailable, upload.ImageInputError) as exc:
         return failure(names, "forward_status", str(exc))
-    t = int(min(max(t, 0), 1000))
-    multiple = pipe.latent_downscale
-    fitted, _ = pixels.fit_for_vae(image, models.settings.generate_size, multiple)
-    scaling = pipe.vae.config.scaling_factor
-    latent = pipe.vae.encode(pixels.image_to_tensor(fitted)).mean * scaling
+    t = int(min(max(t or 0, 0), 1000))
+    device = next(vae.parameters()).device
+    fitted, _ = pixels.fit_for_vae(image, models.settings.generate_size, vae.downscale)
+    scaling = vae.config.scaling_factor
+    latent = vae.encode(pixels.image_to_tensor(fitted).to(device)).mean * scaling
     noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(int(seed)))
-    schedule = pipe.make_scheduler("ddpm")
+    noise = noise.to(device)
     x_t = diffusion.forward_noise(latent, noise, schedule.alphas_cumprod, t)
     views = {
         "forward_status": ("t = 0: the clean latent, decoded (the VAE's reconstruction)."
                            if t == 0 else
                            f"t = {t}: x_t keeps {schedule_signal(schedule.alphas_cumprod, t)} "
                            "of the image's latent; the rest is noise."),
-        "forward_noisy": _decoded(pipe, x_t),
+        "forward_noisy": _decoded(vae, x_t),
         "forward_schedule": diffusion.schedule_figure(schedule.alphas_cumprod, t),
         "forward_x0": None,
     }
     if ask_unet and t > 0:
+        try:
+            pipe = models.pipeline(exact)
+        except ModelUnavailable as exc:
+            return views | {"forward_status": literal(str(exc))}
         context = pipe.encode_prompt([""])
         eps = pipe.unet(x_t, t - 1, context)
         x0 = diffusion.predicted_original(x_t, eps, schedule.alphas_cumprod, t)
-        views["forward_x0"] = _decoded(pipe, x0)
+        views["forward_x0"] = _decoded(vae, x0)
     return views
 
 
@@ -66,9 +74,8 @@ def schedule_signal(alphas_cumprod: torch.Tensor, t: int) -> str:
     return f"sqrt(ᾱ) = {share:.3f}"
 
 
-def _decoded(pipe: sd_parts.StableDiffusionPipeline, latent: torch.Tensor) -> np.ndarray:
-    image = (pipe.vae.decode(latent / pipe.vae.config.scaling_factor)[0] / 2 + 0.5).clamp(0, 1)
-    return (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+def _decoded(vae: sd_parts.AutoencoderKL, latent: torch.Tensor) -> np.ndarray:
+    return pixels.images_to_pixels(vae.decode(latent / vae.config.scaling_factor))
 
 
 def build(models: Models, exact: gr.Checkbox) -> None:

@@ -124,6 +124,10 @@ def parse_request(prompt: str | None, negative: str | None, steps: float | None,
     missing = [name for name, value in numbers.items() if value is None]
     if missing:
         raise ValueError(f"Fill in {', '.join(missing)}.")
+    if not all(np.isfinite(float(numbers[name])) for name in ("steps", "seed", "strength")):
+        raise ValueError("Steps, seed and strength must be finite numbers.")
+    if seed != int(seed) or not 0 <= seed < 2**63:
+        raise ValueError(f"The seed must be a whole number from 0 to 2^63 - 1; got {seed:g}.")
     if float(steps) != int(steps) or not 1 <= steps <= 100:
         raise ValueError(f"Steps must be a whole number from 1 to 100; got {steps:g}.")
     if not np.isfinite(guidance) or not 1 <= guidance <= 20:
@@ -172,6 +176,10 @@ def generate(models: Models, request: Request, exact: bool, stop: threading.Even
                                       request.strength if init is not None else 1.0)
     levels = [sampler.noise_level(t) for t in timesteps]
     rgb_map = latents.rgb_map_for(pipe.unet.config.in_channels, scale)
+    if rgb_map is None:
+        yield failure(OUTPUTS, "status", f"No RGB preview map is known for "
+                      f"{pipe.unet.config.in_channels}-channel latents scaled by {scale:g}.")
+        return
     size = (request.width, request.height)
     updates: queue.Queue = queue.Queue()
     calls = 2 if request.guidance > 1 else 1
@@ -201,7 +209,7 @@ def generate(models: Models, request: Request, exact: bool, stop: threading.Even
     worker = threading.Thread(target=run, name="generate", daemon=True)
     worker.start()
     record = RunRecord([], [], [], [], [], [], request.guidance, size,
-                       rgb_map.matrix() if rgb_map else np.zeros((4, 3)), scale)
+                       rgb_map.matrix(), scale)
     try:
         while True:
             item = updates.get()
@@ -216,10 +224,11 @@ def generate(models: Models, request: Request, exact: bool, stop: threading.Even
             record.noise_uncond.append(None if state.noise_uncond is None
                                        else state.noise_uncond[0].cpu())
             yield _step_views(record, state, seconds, levels, pipe)
-    finally:  # a client that left closes this generator: the worker stops at its next step
-        stop.set()
+    finally:  # a client that left closes this generator: the worker stops at its next step,
+        stop.set()  # and the next run waits for it, so two runs never share the machine
+        worker.join()
     result: GenerationResult = item[1]
-    yield _final_views(models, record, result, request, pipe, exact,
+    yield _final_views(models, record, result, len(timesteps), request, pipe, exact,
                        time.perf_counter() - started)
 
 
@@ -239,7 +248,8 @@ def _step_views(record: RunRecord, state: StepState, seconds: float, levels: lis
     }
 
 
-def _final_views(models: Models, record: RunRecord, result: GenerationResult, request: Request,
+def _final_views(models: Models, record: RunRecord, result: GenerationResult, planned: int,
+                 request: Request,
                  pipe: sd_parts.StableDiffusionPipeline, exact: bool, total_s: float
                  ) -> dict[str, object]:
     trace = result.trace
@@ -248,14 +258,14 @@ def _final_views(models: Models, record: RunRecord, result: GenerationResult, re
     record.step_maps = [m[0] for m in trace.step_maps]
     record.word_maps = None if trace.word_maps is None else trace.word_maps[0]
     record.pieces = pipe.tokenizer.tokenize(request.prompt)[: pipe.tokenizer.model_max_length - 2]
-    image = (result.images[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    image = pixels.images_to_pixels(result.images * 2 - 1)
     record.image = image
     max_age = models.settings.output_max_age
     settings = request.settings()
     png = diffusion.save_png_with_settings(image, settings, output_path("image.png", max_age))
     steps_file = diffusion.save_step_latents(trace.latents, record.timesteps, settings,
                                              output_path("latents.safetensors", max_age))
-    ended = (f"Stopped after {result.steps_done} of {request.steps} steps" if result.stopped
+    ended = (f"Stopped after {result.steps_done} of {planned} steps" if result.stopped
              else f"Done: {result.steps_done} steps")
     views = {
         "status": f"{ended} in {total_s:.1f} s. {mode_note(exact)}",
@@ -304,7 +314,9 @@ def word_maps(record: RunRecord, first: int, last: int, resolution: str) -> obje
     else from the per-step 16 x 16 maps."""
     if record.image is None or not record.step_maps:
         return None
-    first, last = max(1, int(first)), min(record.steps, int(last))
+    first = max(1, int(first)) if first is not None and np.isfinite(first) else 1
+    last = min(record.steps, int(last)) if last is not None and np.isfinite(last) else \
+        record.steps
     if first > last:
         first, last = last, first
     if resolution == "latent grid" and (first, last) == (1, record.steps) and \
@@ -342,11 +354,10 @@ def decode_step(models: Models, record: RunRecord | None, step: float, exact: bo
     """The VAE's image of the latent after step ``step`` (the slow, exact view of a step)."""
     if record is None or not record.steps:
         return None
-    pipe = models.pipeline(exact)
-    step = min(max(int(step), 0), record.steps)
-    latent = record.latents[step][None] / pipe.vae.config.scaling_factor
-    image = (pipe.vae.decode(latent)[0] / 2 + 0.5).clamp(0, 1)
-    return (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    vae = models.generation_vae(exact)
+    step = min(max(int(step or 0), 0), record.steps)
+    latent = record.latents[step][None] / vae.config.scaling_factor
+    return pixels.images_to_pixels(vae.decode(latent.to(next(vae.parameters()).device)))
 
 
 def build(models: Models) -> None:
@@ -379,7 +390,7 @@ def build(models: Models) -> None:
                                       sources=["upload"])
                 strength = gr.Slider(0, 1, value=0.8, step=0.05,
                                      label="Strength (0: the image as it is, 1: ignore it)")
-            exact = gr.Checkbox(sd_parts.fast_dtype("cpu") == torch.float32,
+            exact = gr.Checkbox(sd_parts.fast_dtype(models.device) == torch.float32,
                                 label="Exact mode (float32)")
             gr.Examples(EXAMPLE_PROMPTS, inputs=[prompt, negative, guidance], label="Examples")
         with gr.Column(scale=2):
