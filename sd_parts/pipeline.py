@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .clip import CLIPTextEncoder
+from .prompts import encode_prompts
 from .schedulers import Scheduler, SchedulerConfig, load_scheduler, read_scheduler_config
 from .schedulers.schedule import random_normal
 from .tokenizer import CLIPTokenizer, load_tokenizer
@@ -64,9 +65,9 @@ class Trace:
     noise_levels: list[float] = field(default_factory=list)  # sigma_t = sqrt((1 - abar) / abar)
     latents: list[torch.Tensor] = field(default_factory=list)  # the start, then after each step
     pred_original: list[torch.Tensor] = field(default_factory=list)  # per step
-    # Cross-attention of every pixel to each of the 77 context tokens, for the prompt's half of
-    # the batch: averaged over heads, upsampled to the latent grid and summed over the 16 layers
-    # and all steps (DAAM's aggregation): (B, 77, h, w).
+    # Cross-attention of every pixel to each context token (T = 77, or 77 x chunks with
+    # long_prompts), for the prompt's half of the batch: averaged over heads, upsampled to the
+    # latent grid and summed over the 16 layers and all steps (DAAM's aggregation): (B, T, h, w).
     word_maps: torch.Tensor | None = None
     # The same per step, at STEP_MAP_SIZE x STEP_MAP_SIZE: (steps, B, 77, 16, 16).
     step_maps: list[torch.Tensor] = field(default_factory=list)
@@ -79,6 +80,7 @@ class GenerationResult:
     steps_done: int
     stopped: bool  # the callback ended the run before the last step
     trace: Trace | None = None
+    notes: list[str] = field(default_factory=list)  # what the weighting parser could not read
 
 
 class CrossAttentionCollector:
@@ -151,10 +153,18 @@ class StableDiffusionPipeline:
         return sampler, timesteps, start
 
     @torch.no_grad()
-    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
-        """(B, 77, hidden): the text encoder's last hidden state, as SD v1 conditions on."""
-        ids = self.tokenizer(prompts).to(self.device)
-        return self.text_encoder(ids).last_hidden_state.float()
+    def encode_prompt(self, prompts: list[str], long_prompts: bool = False,
+                      weighting: bool = False, clip_skip: int | None = None) -> torch.Tensor:
+        """(B, 77, hidden): the text encoder's last hidden state, as SD v1 conditions on; the
+        options as in ``sd_parts.prompts.encode_prompts`` (all off: diffusers' encoding)."""
+        return self._encode(prompts, long_prompts, weighting, clip_skip)[0]
+
+    def _encode(self, prompts: list[str], long_prompts: bool, weighting: bool,
+                clip_skip: int | None) -> tuple[torch.Tensor, list[str]]:
+        context, notes = encode_prompts(self.text_encoder, self.tokenizer, prompts,
+                                        long=long_prompts, weighting=weighting,
+                                        clip_skip=clip_skip)
+        return context.to(self.device, torch.float32), notes
 
     @torch.no_grad()
     def __call__(
@@ -172,6 +182,9 @@ class StableDiffusionPipeline:
         strength: float = 0.8,
         callback: Callable[[int, float, StepState], bool | None] | None = None,
         trace: bool = False,
+        long_prompts: bool = False,
+        weighting: bool = False,
+        clip_skip: int | None = None,
     ) -> GenerationResult:
         """Generate images (B, 3, H, W) in [0, 1].
 
@@ -180,6 +193,11 @@ class StableDiffusionPipeline:
         image, no step taken; 1: the image is not used at all, as in text to image; diffusers
         still mixes about 7% of it in at 1). ``callback(index, t, state)`` runs after every step;
         returning False stops the run there, keeping what was made.
+
+        Off by default, as diffusers has none of them: ``long_prompts`` encodes prompts past 75
+        tokens in chunks (the UNet then attends to 77 x n context vectors), ``weighting`` reads
+        the web UIs' ``(word:1.3)`` syntax, ``clip_skip`` conditions on an earlier text-encoder
+        layer (diffusers' numbering: 1 is the web UIs' "CLIP skip 2"). See ``sd_parts.prompts``.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) \
@@ -189,7 +207,8 @@ class StableDiffusionPipeline:
         check_arguments(len(prompts), len(negatives), num_inference_steps, guidance_scale,
                         height, width, self.latent_downscale, image, strength)
         guided = guidance_scale > 1  # at 1, uncond + 1 (text - uncond) is just the text branch
-        context = self.encode_prompt(negatives + prompts if guided else prompts)
+        context, notes = self._encode(negatives + prompts if guided else prompts, long_prompts,
+                                      weighting, clip_skip)
         img2img = image is not None and strength < 1
         sampler, timesteps, start = self.plan(num_inference_steps, scheduler, karras,
                                               strength if img2img else 1.0)
@@ -245,7 +264,8 @@ class StableDiffusionPipeline:
             record.word_maps = word_maps.cpu()
         decoded = self.vae.decode(latents / scaling)
         return GenerationResult(images=(decoded / 2 + 0.5).clamp(0, 1), latents=latents,
-                                steps_done=steps_done, stopped=stopped, trace=record)
+                                steps_done=steps_done, stopped=stopped, trace=record,
+                                notes=notes)
 
 
 def check_arguments(

@@ -3,6 +3,7 @@ components that diffusers writes in the Hub layout; then stopping, tracing and b
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -214,3 +215,27 @@ def test_word_maps_keep_only_the_last_complete_pass():
     for _ in range(2):
         collector(probs, (4, 4))
     torch.testing.assert_close(collector.total, torch.full((1, 77, 4, 4), 2 / 77))
+
+
+def test_prompt_options(pipes):
+    """Off by default (the parity tests above); on, they change the context the UNet sees."""
+    _, pipe = pipes
+    encoder, tokenizer = pipe.text_encoder, pipe.tokenizer
+    skipped = encoder(tokenizer([PROMPT]), clip_skip=1).last_hidden_state
+    torch.testing.assert_close(pipe.encode_prompt([PROMPT], clip_skip=1), skipped)
+    assert not torch.allclose(skipped, pipe.encode_prompt([PROMPT]))
+    long_prompt = " ".join(["a red cat"] * 60)  # 180 tokens: three chunks of 75
+    run = dict(num_inference_steps=2, height=SIZE, width=SIZE, scheduler="ddim")
+    result = pipe(long_prompt, long_prompts=True, trace=True,
+                  generator=torch.Generator().manual_seed(0), **run)
+    assert result.trace.word_maps.shape[1] == 3 * 77
+    # restoring the mean needs a context whose mean is not 0: a trained final LayerNorm has a
+    # bias, a freshly initialised one has none
+    biased = copy.copy(pipe)
+    biased.text_encoder = copy.deepcopy(pipe.text_encoder)
+    with torch.no_grad():
+        biased.text_encoder.final_layer_norm.bias.normal_(generator=torch.Generator().manual_seed(0))
+    weighted = biased("a ((red cat", weighting=True, generator=torch.Generator().manual_seed(0),
+                      **run)
+    assert weighted.notes and not pipe(PROMPT, generator=torch.Generator().manual_seed(0),
+                                       **run).notes
