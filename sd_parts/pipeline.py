@@ -185,6 +185,7 @@ class StableDiffusionPipeline:
         long_prompts: bool = False,
         weighting: bool = False,
         clip_skip: int | None = None,
+        on_start: Callable[[torch.Tensor], None] | None = None,
     ) -> GenerationResult:
         """Generate images (B, 3, H, W) in [0, 1].
 
@@ -192,7 +193,8 @@ class StableDiffusionPipeline:
         the level ``strength`` picks and denoised from there (0: the VAE's reconstruction of the
         image, no step taken; 1: the image is not used at all, as in text to image; diffusers
         still mixes about 7% of it in at 1). ``callback(index, t, state)`` runs after every step;
-        returning False stops the run there, keeping what was made.
+        returning False stops the run there, keeping what was made. ``on_start(latents)`` runs
+        once with the start latents (noise, or the noised image), before the first UNet call.
 
         Off by default, as diffusers has none of them: ``long_prompts`` encodes prompts past 75
         tokens in chunks (the UNet then attends to 77 x n context vectors), ``weighting`` reads
@@ -229,6 +231,8 @@ class StableDiffusionPipeline:
             latents = random_normal(shape, generator, device, torch.float32) \
                 * sampler.init_noise_sigma
 
+        if on_start is not None:
+            on_start(latents)
         record = Trace(latents=[latents.cpu()]) if trace else None
         word_maps = None
         stopped = False

@@ -116,6 +116,10 @@ def test_a_streamed_run_yields_each_step_then_the_image(first_run):
     assert start["status"].startswith("Running 4 steps.")
     assert len(step_updates) == 4  # one update per step
     matrix, previews, chart_xs = rgb_matrix(), [], []
+    # the start latent is shown before the first UNet call
+    np.testing.assert_array_equal(
+        picture(start["step_preview"]),
+        diffusion.latent_preview(steps_file["step_000"][0], matrix, (SIZE, SIZE)))
     for i, update in enumerate(step_updates):
         assert update["status"].startswith(f"Step {i + 1} of 4 · timestep ")
         assert update["final"] is None  # the image comes at the end

@@ -193,18 +193,22 @@ def generate(models: Models, request: Request, exact: bool, stop: threading.Even
         updates.put(("step", state, seconds))
         return not stop.is_set()
 
+    def on_start(start_latents: torch.Tensor) -> None:
+        last[0] = time.perf_counter()
+        updates.put(("start", start_latents))
+
     def run() -> None:
         try:
             result = pipe(request.prompt, request.negative, request.steps, request.guidance,
                           request.height, request.width,
                           torch.Generator().manual_seed(request.seed), request.scheduler,
-                          request.karras or None, init, request.strength, on_step, trace=True)
+                          request.karras or None, init, request.strength, on_step, trace=True,
+                          on_start=on_start)
             updates.put(("done", result))
         except Exception as exc:  # noqa: BLE001 - shown in the status box, the thread ends
             updates.put(("error", exc))
 
     plan = estimate(len(timesteps), request, multiple)
-    yield {"status": f"Running {len(timesteps)} steps. {plan} {mode_note(exact)}"}
     started = time.perf_counter()
     worker = threading.Thread(target=run, name="generate", daemon=True)
     worker.start()
@@ -218,6 +222,11 @@ def generate(models: Models, request: Request, exact: bool, stop: threading.Even
                 return
             if item[0] == "done":
                 break
+            if item[0] == "start":  # the start latent, shown before the first UNet call
+                yield {"status": f"Running {len(timesteps)} steps. {plan} {mode_note(exact)}",
+                       "step_preview": diffusion.latent_preview(item[1][0].cpu(),
+                                                                record.rgb_matrix, size)}
+                continue
             _, state, seconds = item
             record.pred_original.append(state.pred_original[0].cpu())
             record.noise_text.append(state.noise_text[0].cpu())
