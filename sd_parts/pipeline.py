@@ -255,9 +255,10 @@ class StableDiffusionPipeline:
                 record.noise_levels.append(sampler.noise_level(t))
                 record.latents.append(latents.cpu())
                 record.pred_original.append(out.pred_original_sample.cpu())
-                word_maps = collector.total if word_maps is None else word_maps + collector.total
+                step_maps = collector.total
+                word_maps = step_maps if word_maps is None else word_maps + step_maps
                 record.step_maps.append(F.interpolate(
-                    collector.total, size=(STEP_MAP_SIZE, STEP_MAP_SIZE), mode="area").cpu())
+                    step_maps, size=(STEP_MAP_SIZE, STEP_MAP_SIZE), mode="area").cpu())
             if callback is not None:
                 state = StepState(index, len(timesteps), t_value, latents,
                                   out.pred_original_sample, noise_text, noise_uncond)

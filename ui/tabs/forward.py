@@ -53,7 +53,7 @@ def forward_noise(models: Models, path: str | None, t: float, seed: float, ask_u
                            if t == 0 else
                            f"t = {t}: x_t keeps {schedule_signal(schedule.alphas_cumprod, t)} "
                            "of the image's latent; the rest is noise."),
-        "forward_noisy": _decoded(vae, x_t),
+        "forward_noisy": decoded(vae, x_t),
         "forward_schedule": diffusion.schedule_figure(schedule.alphas_cumprod, t),
         "forward_x0": None,
     }
@@ -65,7 +65,7 @@ def forward_noise(models: Models, path: str | None, t: float, seed: float, ask_u
         context = pipe.encode_prompt([""])
         eps = pipe.unet(x_t, t - 1, context)
         x0 = diffusion.predicted_original(x_t, eps, schedule.alphas_cumprod, t)
-        views["forward_x0"] = _decoded(vae, x0)
+        views["forward_x0"] = decoded(vae, x0)
     return views
 
 
@@ -74,8 +74,10 @@ def schedule_signal(alphas_cumprod: torch.Tensor, t: int) -> str:
     return f"sqrt(ᾱ) = {share:.3f}"
 
 
-def _decoded(vae: sd_parts.AutoencoderKL, latent: torch.Tensor) -> np.ndarray:
-    return pixels.images_to_pixels(vae.decode(latent / vae.config.scaling_factor))
+def decoded(vae: sd_parts.AutoencoderKL, latent: torch.Tensor) -> np.ndarray:
+    """A model-space latent (B, C, h, w), on any device, as the VAE's image (H, W, 3) uint8."""
+    device = next(vae.parameters()).device
+    return pixels.images_to_pixels(vae.decode(latent.to(device) / vae.config.scaling_factor))
 
 
 def build(models: Models, exact: gr.Checkbox) -> None:

@@ -6,7 +6,7 @@ then the decoded image, the steps side by side, guidance and the word maps. A St
 client that leaves, ends the run at the next step and keeps what was made. Below it,
 ``ui/tabs/forward.py`` shows the other direction. Every picture comes from ``viz.diffusion``.
 
-Length: about 460 lines, because the run, the record it leaves and the controls that read that
+Length: about 500 lines, because the run, the record it leaves and the controls that read that
 record (scrubber, word maps, decode) share one state and one layout; the forward process, which
 shares neither, has its own file.
 """
@@ -26,6 +26,7 @@ import torch
 
 import sd_parts
 from sd_parts.pipeline import GenerationResult, StepState, check_arguments
+from sd_parts.tokenizer import tokens_kept
 from ui.loading import ModelUnavailable
 from ui.shared import (
     PictureFiles,
@@ -243,17 +244,23 @@ def generate(models: Models, request: Request, exact: bool, stop: threading.Even
 
 def _step_views(record: RunRecord, state: StepState, seconds: float, levels: list[float],
                 pipe: sd_parts.StableDiffusionPipeline) -> dict[str, object]:
-    latent = state.latents[0].cpu()
-    x0 = record.pred_original[-1]
+    status = (f"Step {state.index + 1} of {state.total} · timestep {state.timestep:g} · "
+              f"noise level σ = {levels[state.index]:.3g} · {seconds:.2f} s for this step. "
+              "Stop keeps what is made so far.")
+    return {"status": status} | _latent_views(record, state.latents[0].cpu(),
+                                              record.pred_original[-1], levels, state.index,
+                                              pipe.latent_downscale)
+
+
+def _latent_views(record: RunRecord, latent: torch.Tensor, x0: torch.Tensor,
+                  levels: list[float], index: int, downscale: int) -> dict[str, object]:
+    """The latent after step ``index`` (model space) and its x0, as colours and channels, and
+    the noise level chart with that step marked."""
     return {
-        "status": (f"Step {state.index + 1} of {state.total} · timestep {state.timestep:g} · "
-                   f"noise level σ = {levels[state.index]:.3g} · {seconds:.2f} s for this step. "
-                   "Stop keeps what is made so far."),
         "step_preview": diffusion.latent_preview(latent, record.rgb_matrix, record.size),
         "x0_preview": diffusion.latent_preview(x0, record.rgb_matrix, record.size),
-        "channels": latents.latent_channels_view(latent / record.scaling_factor,
-                                                 pipe.latent_downscale),
-        "chart": _chart(levels, state.index),
+        "channels": latents.latent_channels_view(latent / record.scaling_factor, downscale),
+        "chart": _chart(levels, index),
     }
 
 
@@ -266,7 +273,8 @@ def _final_views(models: Models, record: RunRecord, result: GenerationResult, pl
     record.timesteps, record.noise_levels = trace.timesteps, trace.noise_levels
     record.step_maps = [m[0] for m in trace.step_maps]
     record.word_maps = None if trace.word_maps is None else trace.word_maps[0]
-    record.pieces = pipe.tokenizer.tokenize(request.prompt)[: pipe.tokenizer.model_max_length - 2]
+    pieces = pipe.tokenizer.tokenize(request.prompt)
+    record.pieces = pieces[:tokens_kept(len(pieces), pipe.tokenizer.model_max_length)]
     image = pixels.images_to_pixels(result.images * 2 - 1)
     record.image = image
     max_age = models.settings.output_max_age
@@ -285,14 +293,8 @@ def _final_views(models: Models, record: RunRecord, result: GenerationResult, pl
     }
     if record.steps:
         last = record.steps - 1
-        views |= {
-            "step_preview": diffusion.latent_preview(record.latents[-1], record.rgb_matrix,
-                                                     record.size),
-            "x0_preview": diffusion.latent_preview(record.pred_original[last],
-                                                   record.rgb_matrix, record.size),
-            "channels": latents.latent_channels_view(record.latents[-1] / record.scaling_factor,
-                                                     pipe.latent_downscale),
-            "chart": _chart(record.noise_levels, last),
+        views |= _latent_views(record, record.latents[-1], record.pred_original[last],
+                               record.noise_levels, last, pipe.latent_downscale) | {
             "guidance": _guidance(record, last),
             "word_maps": word_maps(record, 1, record.steps, "latent grid"),
         }
@@ -363,10 +365,8 @@ def decode_step(models: Models, record: RunRecord | None, step: float, exact: bo
     """The VAE's image of the latent after step ``step`` (the slow, exact view of a step)."""
     if record is None or not record.steps:
         return None
-    vae = models.generation_vae(exact)
     step = min(max(int(step or 0), 0), record.steps)
-    latent = record.latents[step][None] / vae.config.scaling_factor
-    return pixels.images_to_pixels(vae.decode(latent.to(next(vae.parameters()).device)))
+    return forward.decoded(models.generation_vae(exact), record.latents[step][None])
 
 
 def build(models: Models) -> None:
