@@ -2,7 +2,16 @@
 and the pipeline that joins them, written to be read."""
 
 from .clip import CLIPTextEncoder, CLIPTextOutput
-from .config import TINY_CLIP, TINY_VAE, CLIPTextConfig, VAEConfig
+from .config import (
+    FLUX_VAE,
+    SD3_VAE,
+    SDXL_VAE,
+    TINY_CLIP,
+    TINY_VAE,
+    TINY_VAE_16,
+    CLIPTextConfig,
+    VAEConfig,
+)
 from .pipeline import GenerationResult, StableDiffusionPipeline, StepState, Trace, load_pipeline
 from .prompts import (
     apply_weights,
@@ -21,7 +30,8 @@ from .vae import AutoencoderKL, DiagonalGaussian
 from .weights import DEFAULT_REPO, WeightsError, load_text_encoder, load_unet, load_vae
 
 __all__ = [
-    "DEFAULT_REPO", "TINY_CLIP", "TINY_UNET", "TINY_VAE", "AutoencoderKL", "CLIPTextConfig",
+    "DEFAULT_REPO", "FLUX_VAE", "SD3_VAE", "SDXL_VAE", "TINY_CLIP", "TINY_UNET", "TINY_VAE",
+    "TINY_VAE_16", "AutoencoderKL", "CLIPTextConfig",
     "CLIPTextEncoder", "CLIPTextOutput", "CLIPTokenizer", "DiagonalGaussian", "GenerationResult",
     "Scheduler", "SchedulerConfig", "StableDiffusionPipeline", "StepState", "Trace",
     "UNet2DConditionModel", "UNetConfig", "VAEConfig", "WeightsError", "apply_weights",

@@ -13,34 +13,58 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class VAEConfig:
-    """AutoencoderKL of SD v1 (``vae/config.json`` of stable-diffusion-v1-5)."""
+    """AutoencoderKL of SD v1 (``vae/config.json`` of stable-diffusion-v1-5).
+
+    SDXL, SD3 and FLUX use the same network with other fields (see ``SDXL_VAE``, ``SD3_VAE``,
+    ``FLUX_VAE`` below): the diffusion model sees ``(latent - shift_factor) * scaling_factor``.
+    """
 
     in_channels: int = 3
     out_channels: int = 3
+    # 4 in SD v1/v2 and SDXL; 16 in SD3 and FLUX, which keep more detail per latent position
     latent_channels: int = 4
     # channels of the four resolution levels, highest resolution first; each level halves H and W
     block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
     layers_per_block: int = 2  # residual blocks per encoder level (the decoder has one more)
     norm_num_groups: int = 32
-    # Multiplies latents before the UNet sees them, bringing them to roughly unit variance.
-    # SD v1.5's config.json has no such key, so the default is the value SD v1 was trained with.
+    # Multiplies latents before the diffusion model sees them, bringing them to roughly unit
+    # variance. SD v1.5's config.json has no such key, so the default is the value SD v1 was
+    # trained with.
     scaling_factor: float = 0.18215
+    # Subtracted before scaling, so the latents the diffusion model sees have roughly zero mean.
+    # SD v1 and SDXL have none (0.0); SD3 and FLUX measured one on their training latents.
+    shift_factor: float = 0.0
+    # A 1x1 conv on the encoder's moments (quant_conv) and on the latent before the decoder
+    # (post_quant_conv), kept from the VQGAN code LDM grew out of. SD3 and FLUX drop both: a 1x1
+    # conv beside a 3x3 one adds no capacity.
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
 
     @classmethod
     def from_dict(cls, config: dict) -> VAEConfig:
+        """A config from a diffusers ``config.json``'s dict.
+
+        Keys that do not change the network are ignored: ``sample_size`` (the training size,
+        informative) and ``force_upcast`` (a hint to pipelines to run this VAE in float32 because
+        its float16 activations overflow; precision is chosen here by the weights' dtype, see
+        ``sd_parts.fast_dtype``). Keys that would change what is computed are refused by name.
+        """
         _check_supported(config, {
             "act_fn": "silu",
             "down_block_types": ("DownEncoderBlock2D",),
             "up_block_types": ("UpDecoderBlock2D",),
-            "use_quant_conv": True,
-            "use_post_quant_conv": True,
             "mid_block_add_attention": True,
+            # per-channel latent statistics (used by some fine-tunes in place of one scaling and
+            # shift): a caller using only scaling_factor would give their model wrong latents
+            "latents_mean": None,
+            "latents_std": None,
         })
         values = _known_fields(cls, config)
         if "block_out_channels" in values:
             values["block_out_channels"] = tuple(values["block_out_channels"])
-        if values.get("scaling_factor") is None:
-            values.pop("scaling_factor", None)
+        for key in ("scaling_factor", "shift_factor"):  # null in the file means the default
+            if key in values and values[key] is None:
+                del values[key]
         return cls(**values)
 
 
@@ -80,7 +104,8 @@ def _check_supported(config: dict, supported: dict) -> None:
         ok = set(actual) <= set(value) if isinstance(value, tuple) else actual == value
         if not ok:
             raise ValueError(
-                f"unsupported VAE config: {key}={actual!r} (this package builds {value!r})"
+                f"unsupported VAE config: {key}={actual!r} (this package builds {key}={value!r} "
+                "only)"
             )
 
 
@@ -202,7 +227,19 @@ def _check_builds(config: dict) -> None:
             raise ValueError(f"unsupported UNet config: {key}={config[key]!r} (one int only)")
 
 
+# The Hub's VAEs of SD v1's successors, each equal to its vae/config.json.
+SDXL_VAE = VAEConfig(scaling_factor=0.13025)  # stabilityai/sdxl-vae: SD v1's shape, retrained
+# stabilityai/stable-diffusion-3-medium-diffusers (gated) and black-forest-labs/FLUX.1-dev
+SD3_VAE = VAEConfig(latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609,
+                    use_quant_conv=False, use_post_quant_conv=False)
+FLUX_VAE = VAEConfig(latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159,
+                     use_quant_conv=False, use_post_quant_conv=False)
+
 TINY_VAE = VAEConfig(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8)
+# the SD3/FLUX shape in miniature: 16 latent channels, a shift, no quant convs
+TINY_VAE_16 = VAEConfig(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+                        latent_channels=16, scaling_factor=0.5, shift_factor=0.1,
+                        use_quant_conv=False, use_post_quant_conv=False)
 TINY_CLIP = CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                            num_attention_heads=4)
 TINY_UNET = UNetConfig(sample_size=8, block_out_channels=(32, 64), layers_per_block=1,

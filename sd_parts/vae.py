@@ -1,9 +1,12 @@
-"""The variational autoencoder (AutoencoderKL) of Stable Diffusion v1.
+"""The variational autoencoder (AutoencoderKL) of Stable Diffusion v1, SDXL, SD3 and FLUX.
 
 Rombach et al., "High-Resolution Image Synthesis with Latent Diffusion Models" (2022). The encoder
-maps an image (B, 3, H, W) in [-1, 1] to a diagonal Gaussian over latents (B, 4, H/8, W/8); the
-decoder maps a latent back to an image. The diffusion model works on latents multiplied by
-``config.scaling_factor``; that multiplication belongs to the caller, never to this module.
+maps an image (B, 3, H, W) in [-1, 1] to a diagonal Gaussian over latents (B, C, H/8, W/8); the
+decoder maps a latent back to an image. C is 4 for SD v1 and SDXL, 16 for SD3 and FLUX (Esser et
+al., "Scaling Rectified Flow Transformers for High-Resolution Image Synthesis", 2024, whose more
+latent channels keep finer detail). The diffusion model works on
+``(latent - config.shift_factor) * config.scaling_factor``; that shift and scaling belong to the
+caller, never to this module.
 
 Parameter names equal the keys of the Hub's ``vae/diffusion_pytorch_model.safetensors``.
 """
@@ -252,7 +255,8 @@ class DiagonalGaussian:
 
 
 class AutoencoderKL(nn.Module):
-    """SD v1's VAE: ``encode`` gives a posterior over latents, ``decode`` gives images back.
+    """The VAE of SD v1, SDXL, SD3 and FLUX: ``encode`` gives a posterior over latents,
+    ``decode`` gives images back.
 
     Both run in the dtype of the weights (float32: exact mode; bfloat16 or float16: fast mode, see
     ``sd_parts.fast_dtype``) and return tensors in the caller's dtype. Activations are kept
@@ -266,8 +270,12 @@ class AutoencoderKL(nn.Module):
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
         latent = config.latent_channels
-        self.quant_conv = nn.Conv2d(2 * latent, 2 * latent, 1)
-        self.post_quant_conv = nn.Conv2d(latent, latent, 1)
+        # 1x1 convs on the moments and on the latent; absent (no tensors at all, so a file that has
+        # them is refused) when the config drops them, as SD3 and FLUX do
+        self.quant_conv = nn.Conv2d(2 * latent, 2 * latent, 1) if config.use_quant_conv else None
+        self.post_quant_conv = (
+            nn.Conv2d(latent, latent, 1) if config.use_post_quant_conv else None
+        )
         # tile side and overlap in latent positions, used with tiled=True
         self.tile_size = TILE_SIZE
         self.tile_overlap = TILE_OVERLAP
@@ -289,7 +297,7 @@ class AutoencoderKL(nn.Module):
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, tiled: bool = False) -> torch.Tensor:
-        """Unscaled latents (B, 4, h, w) -> images (B, 3, 8h, 8w), roughly in [-1, 1]."""
+        """Unscaled, unshifted latents (B, C, h, w) -> images (B, 3, 8h, 8w), roughly in [-1, 1]."""
         _check_shape(latents, self.config.latent_channels, 1, "latents")
         if tiled:
             return blend_tiles(self._decode_images, latents, self.tile_size, self.tile_overlap,
@@ -297,10 +305,19 @@ class AutoencoderKL(nn.Module):
         return self._decode_images(latents)
 
     def _encode_moments(self, images: torch.Tensor) -> torch.Tensor:
-        return run_with_fallback(self, lambda x: self.quant_conv(self.encoder(x)), images)
+        return run_with_fallback(self, self._encoder_and_quant_conv, images)
 
     def _decode_images(self, latents: torch.Tensor) -> torch.Tensor:
-        return run_with_fallback(self, lambda z: self.decoder(self.post_quant_conv(z)), latents)
+        return run_with_fallback(self, self._post_quant_conv_and_decoder, latents)
+
+    def _encoder_and_quant_conv(self, images: torch.Tensor) -> torch.Tensor:
+        moments = self.encoder(images)
+        return moments if self.quant_conv is None else self.quant_conv(moments)
+
+    def _post_quant_conv_and_decoder(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.post_quant_conv is not None:
+            latents = self.post_quant_conv(latents)
+        return self.decoder(latents)
 
 
 def tile_spans(length: int, tile: int, overlap: int) -> list[tuple[int, int]]:
