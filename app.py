@@ -27,13 +27,34 @@ from sd_parts.weights import TEXT_ENCODER_LAYOUT, UNET_LAYOUT, VAE_LAYOUT
 from ui import loading, server
 from ui.tabs import generate, how_it_works, image, prompt
 
-VAE_SOURCES = {  # label -> (source, subfolder)
+# The Stable Diffusion family's VAEs, label -> (source, subfolder). The first is SD v1.5's own,
+# the one the generation tab decodes with; the image tab and the comparison offer them all.
+VAE_SOURCES = {
     "SD v1.5 VAE": (sd_parts.DEFAULT_REPO, "vae"),
     "stabilityai/sd-vae-ft-mse": ("stabilityai/sd-vae-ft-mse", None),
     "stabilityai/sd-vae-ft-ema": ("stabilityai/sd-vae-ft-ema", None),
+    "stabilityai/sdxl-vae": ("stabilityai/sdxl-vae", None),
+    # SDXL's VAE fine-tuned so its activations stay within float16's range
+    "madebyollin/sdxl-vae-fp16-fix": ("madebyollin/sdxl-vae-fp16-fix", None),
+    # gated: the Hub asks for the licence to be accepted and a login (sd_parts says so)
+    "SD3 medium VAE (gated)": ("stabilityai/stable-diffusion-3-medium-diffusers", "vae"),
+    "FLUX.1-schnell VAE": ("black-forest-labs/FLUX.1-schnell", "vae"),  # Apache-2.0
 }
-RANDOM_VAE = {"random": "SD v1 VAE architecture, random weights",
-              "tiny": "tiny VAE, random weights"}
+# --weights random | tiny: label -> the configuration built with seeded random weights, one per
+# architecture (the SD v1.5 fine-tunes share SD v1's and SDXL's differs only in its scaling).
+RANDOM_VAES = {
+    "random": {
+        "SD v1 VAE architecture, random weights": sd_parts.VAEConfig(),
+        "SDXL VAE architecture, random weights": sd_parts.SDXL_VAE,
+        "SD3 VAE architecture, random weights": sd_parts.SD3_VAE,
+        "FLUX.1 VAE architecture, random weights": sd_parts.FLUX_VAE,
+    },
+    "tiny": {
+        "tiny VAE, random weights": sd_parts.TINY_VAE,  # 4 channels, like SD v1 and SDXL
+        "tiny 16-channel VAE, random weights": sd_parts.TINY_VAE_16,  # like SD3 and FLUX
+    },
+}
+RANDOM_VAE = {weights: next(iter(labels)) for weights, labels in RANDOM_VAES.items()}  # the first
 HUB = loading.HubAccess()
 # The UNet's half-size file (1.7 GB instead of 3.4 GB): the weights as float16 numbers, read into
 # float32 (exact mode) or bfloat16; outputs differ from the float32 file's by float16 rounding.
@@ -59,7 +80,7 @@ class Settings:
     @property
     def vae_choices(self) -> list[str]:
         if self.random:
-            return [RANDOM_VAE[self.weights]]
+            return list(RANDOM_VAES[self.weights])
         return [self.vae] if self.vae else list(VAE_SOURCES)
 
     @property
@@ -117,11 +138,17 @@ def vae_source(choice: str) -> tuple[str, str | None]:
     return VAE_SOURCES.get(choice, (choice, None))
 
 
-@functools.lru_cache(maxsize=2)
+# Room for every VAE of the catalogue in both modes: a comparison keeps them all loaded. Each
+# SD-family VAE is 84 M parameters, 335 MB in float32 (168 MB in bfloat16).
+@functools.lru_cache(maxsize=2 * len(VAE_SOURCES) + 2)
 def get_vae(settings: Settings, choice: str, exact: bool) -> sd_parts.AutoencoderKL:
     dtype = torch.float32 if exact else sd_parts.fast_dtype("cpu")
     if settings.random:
-        config = sd_parts.TINY_VAE if settings.weights == "tiny" else sd_parts.VAEConfig()
+        config = RANDOM_VAES[settings.weights].get(choice)
+        if config is None:
+            raise loading.ModelUnavailable(
+                f"No VAE is called {choice!r}; with --weights {settings.weights} the choices are "
+                f"{', '.join(RANDOM_VAES[settings.weights])}.")
         torch.manual_seed(0)
         return sd_parts.AutoencoderKL(config).eval().requires_grad_(False).to(dtype)
     source, subfolder = vae_source(choice)
