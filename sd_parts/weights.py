@@ -38,8 +38,6 @@ class WeightsError(RuntimeError):
 
 def _hub_failure(exc: Exception) -> str:
     """One line that says why the Hub could not give us a file."""
-    if isinstance(exc, hub_errors.GatedRepoError):
-        return "the repository is gated: accept its licence on the Hub and log in (hf auth login)"
     if isinstance(exc, hub_errors.RepositoryNotFoundError):
         return "no such repository (check the name, or log in if it is private)"
     if isinstance(exc, hub_errors.RevisionNotFoundError):
@@ -51,6 +49,18 @@ def _hub_failure(exc: Exception) -> str:
     if isinstance(exc, hub_errors.OfflineModeIsEnabled):
         return "HF_HUB_OFFLINE is set and the file is not cached"
     return f"{type(exc).__name__}: {exc}"
+
+
+def gated_message(repo: str) -> str:
+    """What to do about a gated repo: its files are given only to accounts that accepted its
+    licence (SD3's VAE lives in one), so both the acceptance and a login are needed."""
+    return (
+        f"{repo!r} is a gated repository: the Hub gives its files only to logged-in accounts that"
+        f" have accepted its licence. To fix: open https://huggingface.co/{repo}, accept the"
+        " licence there, then log in on this machine with `hf auth login` (`huggingface-cli"
+        " login` in older huggingface_hub versions) or set the HF_TOKEN environment variable to"
+        " an access token of that account."
+    )
 
 
 def fetch_files(
@@ -99,6 +109,8 @@ def _fetch_from(
     for name in filenames:
         try:
             local = hf_hub_download(source, name, subfolder=folder or None, revision=revision)
+        except hub_errors.GatedRepoError as exc:  # the whole repo is closed: no other folder helps
+            raise WeightsError(gated_message(source)) from exc
         except (hub_errors.HfHubHTTPError, hub_errors.LocalEntryNotFoundError,
                 hub_errors.OfflineModeIsEnabled, hub_errors.HFValidationError, OSError) as exc:
             tried.append(f"{source}/{folder + '/' if folder else ''}{name}: {_hub_failure(exc)}")
