@@ -24,10 +24,19 @@ from .prompts import (
 from .runtime import fast_dtype
 from .schedulers import Scheduler, SchedulerConfig, load_scheduler
 from .single_file import load_single_file
+from .tiny_vae import TAESD, TAESD3, TINY_TAESD, TINY_TAESD_16, AutoencoderTiny, TinyVAEConfig
 from .tokenizer import CLIPTokenizer, load_tokenizer
 from .unet import TINY_UNET, UNet2DConditionModel, UNetConfig
 from .vae import AutoencoderKL, DiagonalGaussian
-from .weights import DEFAULT_REPO, WeightsError, load_text_encoder, load_unet, load_vae
+from .weights import (
+    DEFAULT_REPO,
+    TAESD_REPO,
+    WeightsError,
+    load_text_encoder,
+    load_tiny_vae,
+    load_unet,
+    load_vae,
+)
 
 __all__ = [
     "DEFAULT_REPO", "FLUX_VAE", "SD3_VAE", "SDXL_VAE", "TINY_CLIP", "TINY_UNET", "TINY_VAE",
@@ -38,4 +47,6 @@ __all__ = [
     "chunk_ids", "encode_long", "encode_prompts", "fast_dtype", "load_pipeline", "load_scheduler",
     "load_single_file", "load_text_encoder", "load_tokenizer", "load_unet", "load_vae",
     "parse_weights", "token_weights",
+    "TAESD", "TAESD3", "TAESD_REPO", "TINY_TAESD", "TINY_TAESD_16", "AutoencoderTiny",
+    "TinyVAEConfig", "load_tiny_vae",
 ]

@@ -244,3 +244,79 @@ TINY_CLIP = CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_laye
                            num_attention_heads=4)
 TINY_UNET = UNetConfig(sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
                        cross_attention_dim=32, num_attention_heads=2, norm_num_groups=8)
+
+
+@dataclass(frozen=True)
+class TinyVAEConfig:
+    """AutoencoderTiny, the TAESD family (``config.json`` of madebyollin/taesd).
+
+    Both halves keep one width at every level: diffusers builds each level's convolutions from
+    that level's width alone, so only equal widths give a network its files can describe.
+    """
+
+    in_channels: int = 3
+    out_channels: int = 3
+    # 4 for SD v1/v2 and SDXL (TAESD, TAESDXL); 16 for SD3 and FLUX.1 (TAESD3, TAEF1)
+    latent_channels: int = 4
+    # channels of each level, highest resolution first; every level after the first halves H and
+    # W in the encoder and doubles them in the decoder, so four levels give SD's 8x
+    encoder_block_out_channels: tuple[int, ...] = (64, 64, 64, 64)
+    decoder_block_out_channels: tuple[int, ...] = (64, 64, 64, 64)
+    # residual blocks per level: the encoder spends its blocks at low resolution (cheap), the
+    # decoder at high resolution only one, since a block at 512x512 costs 64 times one at 64x64
+    num_encoder_blocks: tuple[int, ...] = (1, 3, 3, 3)
+    num_decoder_blocks: tuple[int, ...] = (3, 3, 3, 1)
+
+    def __post_init__(self) -> None:
+        for half in ("encoder", "decoder"):
+            widths = tuple(getattr(self, f"{half}_block_out_channels"))
+            counts = tuple(getattr(self, f"num_{half}_blocks"))
+            if len(widths) != len(counts):
+                raise ValueError(f"{half}_block_out_channels {widths} and num_{half}_blocks "
+                                 f"{counts} must give one value per level")
+            if len(set(widths)) != 1:
+                raise ValueError(f"{half}_block_out_channels {widths}: every level must have the "
+                                 "same width (the only layout AutoencoderTiny's files describe)")
+            object.__setattr__(self, f"{half}_block_out_channels", widths)
+            object.__setattr__(self, f"num_{half}_blocks", counts)
+        if len(self.encoder_block_out_channels) != len(self.decoder_block_out_channels):
+            raise ValueError("the encoder and the decoder must have the same number of levels, "
+                             "so that decoding undoes encoding's downscale")
+
+    @property
+    def downscale(self) -> int:
+        """How much smaller a latent is than its image: H and W must divide by it."""
+        return 2 ** (len(self.encoder_block_out_channels) - 1)
+
+    @classmethod
+    def from_dict(cls, config: dict) -> TinyVAEConfig:
+        """A config from a diffusers ``config.json``'s dict.
+
+        Ignored, as they change nothing that ``encode`` and ``decode`` compute: ``force_upcast``
+        and ``sample_size``, ``block_out_channels`` (a copy of the decoder's widths), and
+        ``latent_magnitude`` and ``latent_shift``, with which diffusers' ``forward`` rounds
+        latents to 8 bits (TAESD's latents-as-PNG format) between encoding and decoding.
+        """
+        name = config.get("_class_name", "AutoencoderTiny")
+        if name != "AutoencoderTiny":
+            raise ValueError(f"the config is for {name}, not for AutoencoderTiny (TAESD); "
+                             "load it with its own loader")
+        _check_supported(config, {
+            "act_fn": "relu",
+            "upsample_fn": "nearest",
+            "upsampling_scaling_factor": 2,
+            # TAESD's latents are the diffusion model's own: nothing to scale or shift
+            "scaling_factor": 1.0,
+            "shift_factor": 0.0,
+        })
+        return cls(**_known_fields(cls, config))
+
+
+# The Hub's tiny autoencoders, each equal to its config.json. madebyollin/taesdxl has TAESD's
+# shape (SDXL's latents have SD v1's 4 channels), madebyollin/taef1 has TAESD3's.
+TAESD = TinyVAEConfig()  # madebyollin/taesd, for SD v1 and v2
+TAESD3 = TinyVAEConfig(latent_channels=16)  # madebyollin/taesd3
+# In miniature, for tests and the app's tiny mode: two levels, so 2x like TINY_VAE
+TINY_TAESD = TinyVAEConfig(encoder_block_out_channels=(16, 16), decoder_block_out_channels=(16, 16),
+                           num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1))
+TINY_TAESD_16 = dataclasses.replace(TINY_TAESD, latent_channels=16)

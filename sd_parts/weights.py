@@ -25,7 +25,8 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .clip import CLIPTextEncoder
-from .config import CLIPTextConfig, VAEConfig
+from .config import CLIPTextConfig, TinyVAEConfig, VAEConfig
+from .tiny_vae import AutoencoderTiny
 from .unet import UNet2DConditionModel, UNetConfig
 from .vae import AutoencoderKL
 
@@ -388,3 +389,22 @@ def channels_last(unet: UNet2DConditionModel) -> UNet2DConditionModel:
     reference to it is held, so the peak memory grows by one tensor, not by a model.
     """
     return unet.to(memory_format=torch.channels_last)
+
+
+# The tiny autoencoders' files are written by diffusers under today's names: no rename rules.
+# Standalone repos (madebyollin/taesd) hold them at the top, pipelines in ``vae``.
+TINY_VAE_LAYOUT = CheckpointLayout("vae", "diffusion_pytorch_model", TinyVAEConfig, AutoencoderTiny,
+                                   [])
+TAESD_REPO = "madebyollin/taesd"
+
+
+def load_tiny_vae(
+    source: str = TAESD_REPO,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> AutoencoderTiny:
+    """A TAESD-family autoencoder (madebyollin/taesd, taesdxl, taesd3, taef1) from a
+    diffusers-layout folder (``config.json`` + ``diffusion_pytorch_model.safetensors``)."""
+    return load_model(TINY_VAE_LAYOUT, source, subfolder, revision, None, dtype, device)
