@@ -1,0 +1,225 @@
+"""Several VAEs on one image, side by side: what each gives back, where each errs, how each
+latent is spread, and the same small region of every reconstruction enlarged.
+
+Stable Diffusion's successors kept the autoencoder design of Rombach et al. (2022) and changed
+its size and training: SD v1 and SDXL squeeze each 8x8 block of pixels into 4 numbers, SD3 and
+FLUX into 16; the TAESD family (madebyollin) distils a big VAE into a network a hundred times
+smaller. Compared on one image, the extra channels show as sharper text and fine texture, and
+the tiny ones as softer detail. Everything here is drawn on one scale for all VAEs, so a
+difference in colour or length is a difference between the VAEs.
+
+Each function takes plain pictures (H, W, 3) uint8 and numbers; the VAEs are run by the caller.
+Pictures are drawn with Pillow (``viz.heatmap``) and record where each image lies
+(``Picture.maps``), so tests read the drawn pixels back; only the histogram uses matplotlib.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+from PIL import Image, ImageDraw
+
+from viz.heatmap import (
+    GAP,
+    INK,
+    Box,
+    Picture,
+    add_colorbar,
+    add_title,
+    arrange,
+    drawable,
+    enlarge,
+    font,
+    heatmap,
+    text_width,
+)
+from viz.metrics import abs_error_map
+from viz.plot import add_axes, new_figure
+
+Labelled = tuple[str, np.ndarray | Image.Image]  # (what it is, an RGB picture)
+
+ERROR_CMAP = "magma"
+ERROR_QUANTILE = 0.995  # the shared scale ends at the largest 99.5th percentile of the errors
+COLUMNS = 4  # pictures per row
+CROP_SIDES = (32, 64, 128)  # pixels of the original a crop may cover
+CROP_DISPLAY = 256  # pixels: a crop is enlarged by a whole factor to about this size
+TABLE_HEADERS = ["VAE", "latent shape", "channels", "latent space", "PSNR (dB)", "SSIM",
+                 "encode (s)", "decode (s)", "note"]
+
+
+def _rgb(picture: np.ndarray | Image.Image) -> np.ndarray:
+    pixels = np.asarray(picture.convert("RGB") if isinstance(picture, Image.Image) else picture)
+    if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8:
+        raise ValueError(f"expected an RGB picture (H, W, 3) uint8, got {pixels.shape} "
+                         f"{pixels.dtype}")
+    return pixels
+
+
+def _titled(pixels: np.ndarray, title: str, cell: int = 1) -> Picture:
+    """A picture with one line of text above it; its pixels are recorded as one map whose
+    cells are the ``cell`` x ``cell`` blocks of an enlargement."""
+    size = 13
+    top = font(size).size + GAP
+    height, width = pixels.shape[:2]
+    image = Image.new("RGB", (max(width, text_width([title], size)), top + height), "white")
+    image.paste(Image.fromarray(pixels), (0, top))
+    ImageDraw.Draw(image).text((0, 0), drawable(title), font=font(size), fill=INK)
+    box = Box(top, 0, height // cell, width // cell, cell, cell)
+    return Picture(np.asarray(image), (box,))
+
+
+def side_by_side(pictures: Sequence[Labelled], columns: int = COLUMNS) -> Picture:
+    """The original and every reconstruction at their own size, each titled, in rows of
+    ``columns``. ``maps`` holds one box per picture, in order, with 1x1-pixel cells."""
+    if not pictures:
+        raise ValueError("no pictures to show")
+    return arrange([_titled(_rgb(picture), label) for label, picture in pictures],
+                   min(columns, len(pictures)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+
+
+def shared_error_scale(errors: Sequence[np.ndarray]) -> float:
+    """The top of the one colour scale for several error maps (0-255 units): the largest of
+    their 99.5th percentiles, so the rare worst pixels of one VAE do not wash out the others;
+    at least 1."""
+    if not errors:
+        raise ValueError("no error maps")
+    return max(1.0, *(float(np.quantile(error, ERROR_QUANTILE)) for error in errors))
+
+
+def error_maps_view(original: np.ndarray | Image.Image, reconstructions: Sequence[Labelled],
+                    columns: int = COLUMNS) -> Picture:
+    """|reconstruction - original| (mean over R, G, B) of every VAE on ONE colour scale.
+
+    The same colour means the same error in every map, and the colour bar says the scale.
+    ``maps`` holds one box per reconstruction, in order.
+    """
+    if not reconstructions:
+        raise ValueError("no reconstructions to compare")
+    reference = _rgb(original)
+    errors = [abs_error_map(reference, _rgb(picture)) for _, picture in reconstructions]
+    top = shared_error_scale(errors)
+    panels = [heatmap(error, ERROR_CMAP, (0.0, top), (1, 1),
+                      title=f"{label}: mean {error.mean():.2f}, max {error.max():.0f}")
+              for (label, _), error in zip(reconstructions, errors, strict=True)]
+    picture = add_colorbar(arrange(panels, min(columns, len(panels))), ERROR_CMAP, (0.0, top),
+                           "mean |error| over R, G, B (of 255)")
+    worst = max(float(error.max()) for error in errors)
+    title = f"Absolute error, one colour scale for all: 0 (black) to {top:.0f} of 255"
+    if worst > top:
+        title += (f"\nthe scale ends at the largest 99.5th percentile; errors above it (up to "
+                  f"{worst:.0f}) get its colour")
+    return add_title(picture, title)
+
+
+# ---------------------------------------------------------------------------------------------
+# Crops
+
+
+def crop_box(x: float, y: float, size: tuple[int, int], side: int) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of a square of ``side`` pixels centred on pixel (x, y) of an
+    image of ``size`` = (width, height), moved inside the image where it would stick out (and
+    shrunk to the shorter side of a smaller image)."""
+    width, height = size
+    if side < 1 or width < 1 or height < 1:
+        raise ValueError(f"need a positive crop side and image size, got {side} and {size}")
+    if not (math.isfinite(x) and math.isfinite(y)):
+        raise ValueError(f"the crop centre must be a pixel position, got ({x}, {y})")
+    side = min(side, width, height)
+    left = min(max(int(round(x)) - side // 2, 0), width - side)
+    top = min(max(int(round(y)) - side // 2, 0), height - side)
+    return left, top, left + side, top + side
+
+
+def crop_view(pictures: Sequence[Labelled], box: tuple[int, int, int, int],
+              display: int = CROP_DISPLAY, columns: int = COLUMNS + 1) -> Picture:
+    """The same region of every picture, enlarged by one whole factor (nearest neighbour, so
+    each pixel is a square block) to about ``display`` pixels, titled, side by side.
+
+    ``maps`` holds one box per picture whose cells are the region's pixels.
+    """
+    if not pictures:
+        raise ValueError("no pictures to crop")
+    left, top, right, bottom = box
+    side = max(right - left, bottom - top)
+    zoom = max(1, display // side)
+    panels = []
+    for label, picture in pictures:
+        pixels = _rgb(picture)
+        if right > pixels.shape[1] or bottom > pixels.shape[0] or left < 0 or top < 0:
+            raise ValueError(f"the region {box} lies outside {label!r} "
+                             f"({pixels.shape[1]}x{pixels.shape[0]})")
+        panels.append(_titled(enlarge(pixels[top:bottom, left:right], zoom, zoom), label, zoom))
+    picture = arrange(panels, min(columns, len(panels)))
+    return add_title(picture, f"Pixels x {left}-{right - 1}, y {top}-{bottom - 1}, enlarged "
+                              f"{zoom}x (each pixel a {zoom}x{zoom} square)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Numbers
+
+
+def latent_space_text(scaling_factor: float, shift_factor: float) -> str:
+    """How the diffusion model's latent is made from the encoder's: "(z - 0.1159) x 0.3611"."""
+    if shift_factor:
+        return f"(z - {shift_factor:g}) x {scaling_factor:g}"
+    return f"z x {scaling_factor:g}"
+
+
+def table_row(label: str, latent_shape: Sequence[int], space: str, psnr: float, ssim: float,
+              encode_s: float, decode_s: float, note: str = "") -> list:
+    """One VAE's row of ``TABLE_HEADERS``; the shape is (channels, height, width)."""
+    channels, height, width = latent_shape
+    return [label, f"{channels}x{height}x{width}", int(channels), space, round(psnr, 2),
+            round(ssim, 4), round(encode_s, 3), round(decode_s, 3), note]
+
+
+def failure_row(label: str, message: str) -> list:
+    """The row of a VAE that could not run: empty numbers, the reason as its note."""
+    return [label] + [None] * (len(TABLE_HEADERS) - 2) + [message]
+
+
+def table_to_csv(rows: Sequence[Sequence], path: str | Path) -> Path:
+    """The table as a CSV file with ``TABLE_HEADERS`` as its first line."""
+    path = Path(path)
+    with path.open("w", newline="", encoding="utf-8") as file:
+        writer = csv.writer(file)
+        writer.writerow(TABLE_HEADERS)
+        writer.writerows(["" if value is None else value for value in row] for row in rows)
+    return path
+
+
+def latent_histograms_figure(latents: Sequence[tuple[str, np.ndarray]]) -> Figure:
+    """The density of each VAE's latent in the diffusion model's space, all channels together,
+    against the standard normal N(0, 1) that the noise schedule assumes.
+
+    ``latents`` pairs a label with the latent as the diffusion model sees it: (z - shift) x scale
+    for a KL VAE, the output itself for TAESD. One line per VAE on shared bins. The figure leaves
+    its top strip empty for the label Gradio draws there.
+    """
+    if not latents:
+        raise ValueError("no latents to draw")
+    values = [np.asarray(latent, dtype=np.float64) for _, latent in latents]
+    extent = max(4.0, *(float(np.quantile(np.abs(v), 0.999)) for v in values))
+    edges = np.linspace(-extent, extent, 81)
+    figure = new_figure(6.4, 3.8)
+    axes = add_axes(figure, 0.7, 0.55, 5.55, 2.75)
+    for (label, _), value in zip(latents, values, strict=True):
+        density, _ = np.histogram(value, bins=edges, density=True)
+        axes.stairs(density, edges, linewidth=1.5,
+                    label=f"{label}: mean {value.mean():+.2f}, std {value.std():.2f}")
+    x = np.linspace(-extent, extent, 200)
+    axes.plot(x, np.exp(-0.5 * x**2) / math.sqrt(2 * math.pi), "k--", label="N(0, 1)")
+    axes.set_xlabel("value in the diffusion model's space, all channels", fontsize=10)
+    axes.set_ylabel("density", fontsize=10)
+    axes.tick_params(labelsize=9)
+    axes.legend(fontsize=8, loc="upper right")
+    return figure
