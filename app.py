@@ -55,6 +55,26 @@ RANDOM_VAES = {
     },
 }
 RANDOM_VAE = {weights: next(iter(labels)) for weights, labels in RANDOM_VAES.items()}  # the first
+# The TAESD family (madebyollin, MIT): tiny autoencoders distilled from the VAEs above, for fast
+# previews and the comparison, label -> Hub repo. The first reads SD v1's latents.
+TINY_VAE_SOURCES = {
+    "TAESD (SD v1)": "madebyollin/taesd",
+    "TAESDXL": "madebyollin/taesdxl",
+    "TAESD3": "madebyollin/taesd3",
+    "TAEF1": "madebyollin/taef1",
+}
+# --weights random | tiny: one random tiny autoencoder per latent shape (TAESDXL has TAESD's,
+# TAEF1 TAESD3's), the first for SD v1's 4-channel latents
+RANDOM_TINY_VAES = {
+    "random": {
+        "TAESD architecture, random weights": sd_parts.TAESD,
+        "TAESD3 architecture, random weights": sd_parts.TAESD3,
+    },
+    "tiny": {
+        "tiny TAESD, random weights": sd_parts.TINY_TAESD,
+        "tiny 16-channel TAESD, random weights": sd_parts.TINY_TAESD_16,
+    },
+}
 HUB = loading.HubAccess()
 # The UNet's half-size file (1.7 GB instead of 3.4 GB): the weights as float16 numbers, read into
 # float32 (exact mode) or bfloat16; outputs differ from the float32 file's by float16 rounding.
@@ -82,6 +102,11 @@ class Settings:
         if self.random:
             return list(RANDOM_VAES[self.weights])
         return [self.vae] if self.vae else list(VAE_SOURCES)
+
+    @property
+    def tiny_vae_choices(self) -> list[str]:
+        """The TAESD family; the first decodes SD v1's latents (the generation tab's previews)."""
+        return list(RANDOM_TINY_VAES[self.weights] if self.random else TINY_VAE_SOURCES)
 
     @property
     def clip_config(self) -> sd_parts.CLIPTextConfig:
@@ -156,6 +181,26 @@ def get_vae(settings: Settings, choice: str, exact: bool) -> sd_parts.Autoencode
                     f"the VAE {choice!r}")
 
 
+# Each tiny autoencoder is 2.4 M parameters (10 MB in float32): all of them fit, in both modes.
+@functools.lru_cache(maxsize=2 * len(TINY_VAE_SOURCES))
+def get_tiny_vae(settings: Settings, choice: str, exact: bool) -> sd_parts.AutoencoderTiny:
+    dtype = torch.float32 if exact else sd_parts.fast_dtype("cpu")
+    if settings.random:
+        config = RANDOM_TINY_VAES[settings.weights].get(choice)
+        if config is None:
+            raise loading.ModelUnavailable(
+                f"No tiny autoencoder is called {choice!r}; with --weights {settings.weights} the "
+                f"choices are {', '.join(RANDOM_TINY_VAES[settings.weights])}.")
+        torch.manual_seed(0)
+        return sd_parts.AutoencoderTiny(config).eval().requires_grad_(False).to(dtype)
+    source = TINY_VAE_SOURCES.get(choice)
+    if source is None:
+        raise loading.ModelUnavailable(f"No tiny autoencoder is called {choice!r}; the choices "
+                                       f"are {', '.join(TINY_VAE_SOURCES)}.")
+    return HUB.load(source, lambda: sd_parts.load_tiny_vae(source, dtype=dtype),
+                    f"the tiny autoencoder {choice!r}")
+
+
 @functools.lru_cache(maxsize=1)
 def get_text_encoder(settings: Settings) -> sd_parts.CLIPTextEncoder:
     if settings.random:
@@ -197,7 +242,7 @@ def get_scheduler_config(settings: Settings) -> sd_parts.SchedulerConfig:
                     "the scheduler settings")
 
 
-@functools.lru_cache(maxsize=3)  # the text encoder and the VAE in exact and fast mode
+@functools.lru_cache(maxsize=5)  # the text encoder, and the VAE and TAESD in exact and fast mode
 def on_device(module: torch.nn.Module) -> torch.nn.Module:
     """The generation tab's copy of a model the other tabs use on the CPU (the same one on a
     machine without a GPU)."""
@@ -213,6 +258,9 @@ class Models:
     def vae(self, choice: str, exact: bool) -> sd_parts.AutoencoderKL:
         return get_vae(self.settings, choice, exact)
 
+    def tiny_vae(self, choice: str, exact: bool) -> sd_parts.AutoencoderTiny:
+        return get_tiny_vae(self.settings, choice, exact)
+
     def text_encoder(self) -> sd_parts.CLIPTextEncoder:
         return get_text_encoder(self.settings)
 
@@ -227,6 +275,10 @@ class Models:
     def generation_vae(self, exact: bool) -> sd_parts.AutoencoderKL:
         """The first VAE choice on the generation tab's device (no UNet loaded for it)."""
         return on_device(get_vae(self.settings, self.settings.vae_choices[0], exact))
+
+    def generation_tiny_vae(self, exact: bool) -> sd_parts.AutoencoderTiny:
+        """SD v1's TAESD (the first tiny choice) on the generation tab's device, for previews."""
+        return on_device(get_tiny_vae(self.settings, self.settings.tiny_vae_choices[0], exact))
 
     def scheduler_config(self) -> sd_parts.SchedulerConfig:
         return get_scheduler_config(self.settings)
