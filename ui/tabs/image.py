@@ -39,9 +39,9 @@ OUTPUTS = ("status", "size", "vae_input", "preview", "fitted_preview", "channels
 def latent_space(config: sd_parts.VAEConfig) -> tuple[float, float]:
     """(scaling_factor, shift_factor): the diffusion model sees (latent - shift) x scale.
 
-    SD3's and FLUX's VAE configs have a shift_factor; SD v1's and SDXL's have none, which is 0.
+    SD3's and FLUX's VAEs shift their latents; SD v1's and SDXL's shift_factor is 0.
     """
-    return config.scaling_factor, getattr(config, "shift_factor", None) or 0.0
+    return config.scaling_factor, config.shift_factor
 
 
 def encode_image(models: Models, path: str | None, choice: str, max_side: int, fit: str,
@@ -201,3 +201,7 @@ def build(models: Models) -> None:
           api_name="encode_image", concurrency_id="models", concurrency_limit=1)
     examples.load_input_event.then(encode, inputs, outputs, api_visibility="private",
                                    concurrency_id="models", concurrency_limit=1)
+    from ui.tabs import latent_lab  # imported here: latent_lab reads this module's settings
+
+    latent_lab.build(models, [image_file, choice, max_side, fit, latent_kind, seed, exact],
+                     out["preview"], out["stats"])

@@ -1,0 +1,466 @@
+"""Experiments on the image tab's latent: what one latent pixel reaches, what each channel
+carries, and the way from one image's latent to another's.
+
+Each experiment works on the latent the tab shows: the same upload, VAE, size and latent kind
+(posterior mean or seeded sample). The latent and its plain decode are kept per visitor in a
+``gr.State`` (removed after the cache age), keyed by those settings: the first experiment after a
+new encode encodes once more, later ones only decode what they change. The tab's own encode is
+left as it was, so it pays nothing for the experiments. Every picture comes from
+``viz.experiments``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import gradio as gr
+import numpy as np
+import torch
+from PIL import Image
+
+from ui.loading import ModelUnavailable
+from ui.shared import PictureFiles, failure
+from ui.tabs.image import (
+    EXAMPLE_IMAGES,
+    MAX_PIXELS,
+    SAMPLE,
+    TILE_ABOVE_PIXELS,
+    latent_space,
+)
+from viz import experiments, metrics, pixels, upload
+
+if TYPE_CHECKING:
+    from app import Models
+
+MAX_CHANNELS = 16  # the most any VAE of the catalogue has (SD3, FLUX)
+ALL_CHANNELS = "all channels"
+# what counts as a changed pixel: an absolute change, or one relative to the largest
+THRESHOLDS = {"1 grey level (1/255, visible in an 8-bit image)": None,
+              "1% of the largest change": 0.01,
+              "10% of the largest change (the core)": 0.1}
+MAX_AMOUNT = 10.0  # stds: further out, the decoder sees values it never met
+MAX_EDIT = 10.0  # largest |scale| and |shift| in the channel table
+TABLE_HEADERS = ["channel", "scale", "shift (x channel std)"]
+MAX_POINTS = 11
+RF_OUTPUTS = ("rf_status", "rf_view")
+EDIT_OUTPUTS = ("edit_status", "edited", "plain", "difference")
+MIX_OUTPUTS = ("mix_status", "strip")
+INTRO = ("Experiments on the latent above (the same image, VAE, size and latent kind). The first "
+         "one after a new encode encodes the image again, which takes as long as the encode.")
+SLERP_NOTE = (
+    "**Why two rows.** A Gaussian latent in d dimensions lies near a sphere of radius √d; the "
+    "straight line between two such latents cuts inside it (halfway it is only 1/√2 as long), "
+    "so the linear row passes through latents the diffusion model never saw. Spherical "
+    "interpolation (slerp) follows the great circle through both, keeping the length. The "
+    "*rms* under each frame is the latent's root mean square in the diffusion model's space "
+    "(about 1 for unit noise). The VAE's decoder itself is nearly linear, so the two rows differ "
+    "mostly in contrast; the difference matters most for the diffusion model.")
+
+
+class LabError(ValueError):
+    """A request that cannot be answered; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """The image tab's settings an experiment reads: which image, VAE, size and latent."""
+
+    path: str | None
+    choice: str
+    max_side: int
+    fit: str
+    latent_kind: str
+    seed: int | None
+    exact: bool
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One image through the VAE, as the tab did it: the latent and its plain decode."""
+
+    key: tuple
+    latent: torch.Tensor  # (C, h, w) float32: the posterior mean or the seeded sample
+    decoded: torch.Tensor  # (3, H, W) float32 in about [-1, 1], not yet clamped
+    fitted: Image.Image  # what the encoder saw
+    note: str  # how the upload was brought to the encoder's size
+    downscale: int
+    space: tuple[float, float]  # (scaling_factor, shift_factor)
+    tiled: bool
+
+    @property
+    def reconstruction(self) -> np.ndarray:
+        """The plain decode as the tab shows it: (H, W, 3) uint8."""
+        return np.asarray(pixels.tensor_to_image(self.decoded))
+
+
+@dataclass(frozen=True)
+class Lab:
+    """A visitor's cached encodes: the tab's image, and the second image of the interpolation."""
+
+    first: Encoded | None = None
+    second: Encoded | None = None
+
+
+def encode(models: Models, source: Source, cached: Encoded | None,
+           size: tuple[int, int] | None = None) -> Encoded:
+    """The latent and plain decode of ``source`` (``cached`` when its settings are the same).
+
+    ``size`` None fits the image as the tab does; a (width, height) brings it to that size.
+    """
+    if not source.path:
+        raise LabError("Upload an image (or click an example) and encode it first.")
+    if source.latent_kind == SAMPLE and source.seed is None:
+        raise LabError("Fill in the seed for the sample.")
+    key = (source, size)
+    if cached is not None and cached.key == key:
+        return cached
+    try:
+        image = upload.load_image(source.path, MAX_PIXELS)
+        vae = models.vae(source.choice, bool(source.exact))
+        if size is None:
+            fitted, note = pixels.fit_for_vae(image, int(source.max_side), vae.downscale,
+                                              mode=source.fit)
+        else:
+            fitted, note = experiments.match_size(image, size)
+    except (upload.ImageInputError, ModelUnavailable, ValueError) as exc:
+        raise LabError(str(exc)) from exc
+    tiled = fitted.width * fitted.height > TILE_ABOVE_PIXELS  # as the tab decides
+    posterior = vae.encode(pixels.image_to_tensor(fitted), tiled=tiled)
+    if source.latent_kind == SAMPLE:
+        latent = posterior.sample(torch.Generator().manual_seed(int(source.seed)))[0]
+    else:
+        latent = posterior.mean[0]
+    decoded = vae.decode(latent[None], tiled=tiled)[0]
+    return Encoded(key, latent, decoded, fitted, note, vae.downscale, latent_space(vae.config),
+                   tiled)
+
+
+def decode(models: Models, source: Source, encoded: Encoded, latent: torch.Tensor
+           ) -> torch.Tensor:
+    """Decode an edited latent as the plain one was; the plain latent's decode is reused."""
+    if torch.equal(latent, encoded.latent):
+        return encoded.decoded
+    vae = models.vae(source.choice, bool(source.exact))
+    return vae.decode(latent[None], tiled=encoded.tiled)[0]
+
+
+def _number(value: float | None, name: str, low: float, high: float) -> float:
+    if value is None or not math.isfinite(float(value)):
+        raise LabError(f"Fill in {name} with a number.")
+    if not low <= float(value) <= high:
+        raise LabError(f"{name[0].upper()}{name[1:]} must be from {low:g} to {high:g}; got "
+                       f"{float(value):g}.")
+    return float(value)
+
+
+def _channel_index(channel: str | None, channels: int) -> int | None:
+    """None for all channels, else the channel's number, checked against the latent."""
+    if channel in (None, ALL_CHANNELS):
+        return None
+    number = channel.removeprefix("channel ").strip()
+    if not number.isdigit() or int(number) >= channels:
+        raise LabError(f"{channel!r} is not a channel of this latent: it has {channels} "
+                       f"(channel 0 to channel {channels - 1}), or choose {ALL_CHANNELS!r}.")
+    return int(number)
+
+
+# ---------------------------------------------------------------------------------------------
+# The three experiments: each returns its views by name and the visitor's updated cache
+
+
+def receptive_field(models: Models, lab: Lab, source: Source, x: float | None, y: float | None,
+                    channel: str | None, amount: float | None, threshold: str
+                    ) -> tuple[dict[str, object], Lab]:
+    """Move one latent pixel, decode, and show where the image changed and how far."""
+    if x is None or y is None:
+        raise LabError("Click a point of the latent preview (or fill in x and y) first.")
+    first = encode(models, source, lab.first)
+    lab = replace(lab, first=first)
+    width, height = first.fitted.size
+    if not (0 <= x < width and 0 <= y < height):
+        raise LabError(f"The point ({x:g}, {y:g}) is outside the {width}x{height} preview: "
+                       f"click inside it (x from 0 to {width - 1}, y from 0 to {height - 1}).")
+    if threshold not in THRESHOLDS:
+        raise LabError(f"Choose a threshold among: {', '.join(THRESHOLDS)}.")
+    steps = _number(amount, "the change", -MAX_AMOUNT, MAX_AMOUNT)
+    channels = first.latent.shape[0]
+    index = _channel_index(channel, channels)
+    ds = first.downscale
+    row, column = int(y) // ds, int(x) // ds
+    nudged = experiments.nudge_latent(first.latent, row, column, steps, index)
+    after = decode(models, source, first, nudged)
+    change = experiments.change_map(experiments.to_levels(first.decoded),
+                                    experiments.to_levels(after))
+    largest = float(change.max())
+    relative = THRESHOLDS[threshold]
+    # a positive level in both cases: with no change at all, any finds no pixel
+    level = 1.0 if relative is None or largest == 0.0 else relative * largest
+    region = experiments.measure_change(change, level)
+    block = experiments.block_of(row, column, ds)
+    which = f"all {channels} channels" if index is None else f"channel {index}"
+    what = (f"Latent pixel (row {row}, column {column}), which stands for the {ds} x {ds} block at "
+            f"x {block[1]}-{block[3]}, y {block[0]}-{block[2]}: {which} moved by {steps:+g} std.")
+    if region.box is None:
+        found = (f"No pixel changed by {level:.3g} (of 255) or more; the largest change is "
+                 f"{largest:.3g}.")
+    else:
+        top, left, bottom, right = region.box
+        found = (f"Changed region {region.width} x {region.height} px (x {left}-{right}, "
+                 f"y {top}-{bottom}); the block is {ds} x {ds}. {region.count:,} pixels changed "
+                 f"by at least {level:.3g} (of 255); the largest change is {largest:.3g}.")
+        if not region.contains(block):
+            found += " Part of the block itself changed less than that."
+        if region.box == (0, 0, height - 1, width - 1):
+            found += (" The region is the whole image: the decoder's attention layer and its "
+                      "group norms (statistics over the whole image) let every latent pixel "
+                      "reach every pixel, if only a little.")
+    title = (f"Where the image changed: latent pixel (row {row}, column {column}), {which} "
+             f"{steps:+g} std\nchanged region {region.width} x {region.height} px (blue), the "
+             f"block {ds} x {ds} (green)")
+    view = experiments.receptive_field_view(first.reconstruction, change, region, block, title)
+    return {"rf_status": f"{what} {found}", "rf_view": view}, lab
+
+
+def parse_table(table: Sequence[Sequence[object]] | None, channels: int
+                ) -> tuple[list[float], list[float]]:
+    """The scales and shifts of the channel table, one row per channel, checked."""
+    rows = [list(row) for row in (table or [])]
+    if len(rows) != channels:
+        raise LabError(f"The table has {len(rows)} rows but this latent has {channels} channels: "
+                       "press Reset to get one row per channel.")
+    scales, shifts = [], []
+    for index, row in enumerate(rows):
+        if len(row) != len(TABLE_HEADERS):
+            raise LabError(f"Row {index} of the table needs {len(TABLE_HEADERS)} values "
+                           f"({', '.join(TABLE_HEADERS)}).")
+        for column, target in ((1, scales), (2, shifts)):
+            name = f"the {TABLE_HEADERS[column].split()[0]} of channel {index}"
+            try:
+                value = float(row[column])
+            except (TypeError, ValueError):
+                raise LabError(f"Fill in {name} with a number; got {row[column]!r}.") from None
+            target.append(_number(value, name, -MAX_EDIT, MAX_EDIT))
+    return scales, shifts
+
+
+def edit_channels(models: Models, lab: Lab, source: Source,
+                  table: Sequence[Sequence[object]] | None) -> tuple[dict[str, object], Lab]:
+    """Scale and shift whole channels, decode, and compare with the plain reconstruction."""
+    first = encode(models, source, lab.first)
+    lab = replace(lab, first=first)
+    scales, shifts = parse_table(table, first.latent.shape[0])
+    edited = experiments.edit_channels(first.latent, scales, shifts, first.space[1])
+    picture = pixels.tensor_to_image(decode(models, source, first, edited))
+    plain = first.reconstruction
+    changed = [str(c) for c, (k, d) in enumerate(zip(scales, shifts, strict=True))
+               if (k, d) != (1.0, 0.0)]
+    if not changed:
+        status = "No channel is edited (every scale 1, every shift 0): this is the plain decode."
+    else:
+        psnr = metrics.psnr(plain, picture)
+        status = (f"Edited channel{'s' if len(changed) > 1 else ''} {', '.join(changed)}. "
+                  f"Against the plain decode: PSNR "
+                  f"{'∞ (identical)' if psnr == math.inf else f'{psnr:.2f} dB'}.")
+    return {"edit_status": status, "edited": picture, "plain": plain,
+            "difference": experiments.difference_view(plain, np.asarray(picture))}, lab
+
+
+def interpolate(models: Models, lab: Lab, source: Source, second_path: str | None,
+                points: float | None) -> tuple[dict[str, object], Lab]:
+    """Mix the tab's latent with a second image's, linearly and spherically, and decode."""
+    count = int(_number(points, "the number of points", 2, MAX_POINTS))
+    first = encode(models, source, lab.first)
+    lab = replace(lab, first=first)
+    if not second_path:
+        raise LabError("Upload a second image (or click one of its examples) to mix with.")
+    second = encode(models, replace(source, path=second_path), lab.second, first.fitted.size)
+    lab = replace(lab, second=second)
+    a, b = first.latent, second.latent
+    scale, shift = first.space
+    rows: list[list[np.ndarray]] = [[], []]
+    captions: list[list[str]] = [[], []]
+    middle = {}
+    for i in range(count):
+        t = i / (count - 1)
+        for row, mix in enumerate((experiments.lerp(a, b, t),
+                                   experiments.slerp(a, b, t, centre=shift))):
+            # the ends are the two latents themselves, whose decodes are cached
+            cached = second if torch.equal(mix, b) else first
+            rows[row].append(np.asarray(pixels.tensor_to_image(
+                decode(models, source, cached, mix))))
+            size = experiments.rms(mix, scale, shift)
+            captions[row].append(f"t = {t:.2f}\nrms {size:.2f}")
+            if i == (count - 1) // 2:
+                middle[row] = (t, size)
+    strip = experiments.strip_picture(rows, ["linear", "spherical"], captions)
+    t, linear_rms = middle[0]
+    status = (f"Second image: {second.note}. At t = {t:.2f} the linear mix has rms "
+              f"{linear_rms:.2f} and the spherical one {middle[1][1]:.2f}; the ends have "
+              f"{experiments.rms(a, scale, shift):.2f} and {experiments.rms(b, scale, shift):.2f}."
+              f"\n\n{SLERP_NOTE}")
+    return {"mix_status": status, "strip": strip}, lab
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout
+
+
+def default_table(channels: int) -> list[list[float]]:
+    return [[c, 1.0, 0.0] for c in range(channels)]
+
+
+def zero_row(table: Sequence[Sequence[object]] | None, channel: str | None
+             ) -> list[list[object]]:
+    """The table with one channel's scale and shift set to 0 (the channel at the model's zero)."""
+    rows = [list(row) for row in (table or [])]
+    try:
+        index = _channel_index(channel, len(rows))
+    except LabError as exc:
+        raise gr.Error(str(exc)) from None
+    if index is None:
+        return [[row[0], 0.0, 0.0] for row in rows]
+    return [[row[0], 0.0, 0.0] if i == index else row for i, row in enumerate(rows)]
+
+
+def _run(experiment, models: Models, lab: Lab | None, names: Sequence[str], *values
+         ) -> tuple[dict[str, object], Lab]:
+    """An experiment's views, or every view empty but a message; the cache is kept either way."""
+    lab = lab or Lab()
+    try:
+        return experiment(models, lab, *values)
+    except LabError as exc:
+        return failure(names, names[0], str(exc)), lab
+
+
+def build(models: Models, source: Sequence[gr.components.Component], preview: gr.Image,
+          stats: gr.Dataframe) -> None:
+    """The experiments, inside an open ``gr.Blocks`` under the image tab.
+
+    ``source`` is the tab's image, VAE choice, longer side, fit, latent kind, seed and exact
+    mode, in the order of ``Source``; ``preview`` is the latent preview a visitor clicks, and
+    ``stats`` the per-channel table, whose row count gives the channel table its rows.
+    """
+    settings = models.settings
+    lab = gr.State(None, time_to_live=settings.cache_max_age)
+    channel_choices = [ALL_CHANNELS] + [f"channel {c}" for c in range(MAX_CHANNELS)]
+    with gr.Accordion("Experiments on this latent: receptive field, channel edits, "
+                      "interpolation", open=False, elem_id="latent-lab"):
+        gr.Markdown(INTRO)
+        with gr.Tab("Receptive field"):
+            with gr.Row():
+                with gr.Column(scale=1):
+                    target = gr.Image(label="Click a latent pixel (the instant preview)",
+                                      format="png", interactive=False, elem_id="lab-target")
+                    with gr.Row():
+                        x = gr.Number(None, precision=0, label="x (px)", elem_id="lab-x")
+                        y = gr.Number(None, precision=0, label="y (px)", elem_id="lab-y")
+                    channel = gr.Dropdown(channel_choices, value=ALL_CHANNELS,
+                                          label="Channel to change")
+                    amount = gr.Slider(-4, 4, value=2, step=0.5,
+                                       label="Change, in units of the channel's std")
+                    threshold = gr.Radio(list(THRESHOLDS), value=next(iter(THRESHOLDS)),
+                                         label="A pixel counts as changed when it moved by")
+                    rf_button = gr.Button("Change this latent pixel")
+                with gr.Column(scale=2):
+                    rf = {"rf_status": gr.Markdown(elem_id="lab-rf-status"),
+                          "rf_view": gr.Image(label="Where the decoded image changed",
+                                              format="png")}
+        with gr.Tab("Channel edits"):
+            with gr.Row():
+                with gr.Column(scale=1):
+                    table = gr.Dataframe(default_table(4), headers=TABLE_HEADERS,
+                                         datatype="number", type="array", interactive=True,
+                                         static_columns=[0], label="Per channel: scale (0 "
+                                         "removes it, 1 keeps it) and shift")
+                    with gr.Row():
+                        zero_channel = gr.Dropdown(channel_choices[1:], value="channel 0",
+                                                   label="Channel")
+                        zero_button = gr.Button("Zero it")
+                    with gr.Row():
+                        reset_button = gr.Button("Reset")
+                        edit_button = gr.Button("Decode the edited latent", variant="primary")
+                with gr.Column(scale=2):
+                    edit = {"edit_status": gr.Markdown(elem_id="lab-edit-status")}
+                    with gr.Row():
+                        edit["edited"] = gr.Image(label="Edited latent, decoded", format="png")
+                        edit["plain"] = gr.Image(label="Plain reconstruction", format="png")
+                    edit["difference"] = gr.Image(label="Difference", format="png")
+        with gr.Tab("Interpolation"):
+            with gr.Row():
+                with gr.Column(scale=1):
+                    second = gr.File(label="Second image", file_types=["image"],
+                                     elem_id="lab-second")
+                    gr.Examples(EXAMPLE_IMAGES, inputs=second, label="Examples")
+                    points = gr.Slider(2, MAX_POINTS, value=5, step=1,
+                                       label="Points from the first image (0) to the second (1)")
+                    mix_button = gr.Button("Interpolate", variant="primary")
+                with gr.Column(scale=2):
+                    mix = {"mix_status": gr.Markdown(elem_id="lab-mix-status"),
+                           "strip": gr.Image(label="Linear (top) and spherical (bottom)",
+                                             format="png")}
+
+    def answer(experiment, outputs: dict, lab_value, values: tuple) -> Iterator[dict]:
+        files = PictureFiles(settings.output_max_age)
+        views, new_lab = _run(experiment, models, lab_value, tuple(outputs), *values)
+        try:  # Gradio asks for the next answer only after sending this one
+            yield {outputs[name]: files(views.get(name)) for name in outputs} | {lab: new_lab}
+        finally:
+            files.remove()
+
+    def run_receptive_field(lab_value, path, choice, max_side, fit, latent_kind, seed, exact,
+                            x, y, channel, amount, threshold):
+        request = Source(path, choice, max_side, fit, latent_kind, seed, exact)
+        yield from answer(receptive_field, rf, lab_value,
+                          (request, x, y, channel, amount, threshold))
+
+    def run_edit_channels(lab_value, path, choice, max_side, fit, latent_kind, seed, exact,
+                          table):
+        request = Source(path, choice, max_side, fit, latent_kind, seed, exact)
+        yield from answer(edit_channels, edit, lab_value, (request, table))
+
+    def run_interpolate(lab_value, path, choice, max_side, fit, latent_kind, seed, exact,
+                        second_path, points, progress=gr.Progress()):
+        request = Source(path, choice, max_side, fit, latent_kind, seed, exact)
+        progress(0, desc="Encoding and decoding")
+        yield from answer(interpolate, mix, lab_value, (request, second_path, points))
+
+    def clicked(evt: gr.SelectData) -> tuple[int, int]:
+        return evt.index[0], evt.index[1]
+
+    def channels_changed(table_now):
+        """One table row and one channel choice per channel of the new latent."""
+        if table_now is None or len(table_now) < 2:  # no latent yet
+            return gr.skip(), gr.skip(), gr.skip()
+        names = [f"channel {c}" for c in range(len(table_now) - 1)]  # the last row is "all"
+        return (default_table(len(names)), gr.Dropdown(choices=[ALL_CHANNELS] + names),
+                gr.Dropdown(choices=names, value=names[0]))
+
+    inputs = [lab, *source]
+    busy = {"concurrency_id": "models", "concurrency_limit": 1}
+    rf_inputs = [*inputs, x, y, channel, amount, threshold]
+    rf_outputs = [*rf.values(), lab]
+    rf_button.click(run_receptive_field, rf_inputs, rf_outputs, api_name="receptive_field",
+                    **busy)
+    for picture in (target, preview):
+        picture.select(clicked, None, [x, y], queue=False, api_visibility="private").then(
+            run_receptive_field, rf_inputs, rf_outputs, api_visibility="private", **busy)
+    # the preview's picture is copied in the browser, without a trip to the server
+    preview.change(None, preview, target, js="(value) => value", api_visibility="private")
+    stats.change(channels_changed, stats, [table, channel, zero_channel], queue=False,
+                 api_visibility="private")
+
+    edit_inputs, edit_outputs = [*inputs, table], [*edit.values(), lab]
+    edit_button.click(run_edit_channels, edit_inputs, edit_outputs, api_name="edit_channels",
+                      **busy)
+    zero_button.click(zero_row, [table, zero_channel], table, queue=False,
+                      api_visibility="private").then(
+        run_edit_channels, edit_inputs, edit_outputs, api_visibility="private", **busy)
+    reset_button.click(lambda rows: default_table(len(rows or [])), table, table, queue=False,
+                       api_visibility="private").then(
+        run_edit_channels, edit_inputs, edit_outputs, api_visibility="private", **busy)
+
+    mix_button.click(run_interpolate, [*inputs, second, points], [*mix.values(), lab],
+                     api_name="interpolate", **busy)
