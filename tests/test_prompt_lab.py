@@ -1,0 +1,129 @@
+"""The prompt lab tab through gradio_client on the tiny app (its own server process), and its
+view functions on a text encoder whose context mean can be restored."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from gradio_client import Client
+from PIL import Image
+
+import app
+import sd_parts
+from ui.shared import LABEL_ROOM
+from ui.tabs import prompt_lab
+from viz.heatmap import MASKED
+
+MODELS = app.Models(app.Settings(weights="tiny"))
+
+
+@pytest.fixture(scope="module")
+def client(tiny_server):
+    return Client(tiny_server.url, verbose=False,
+                  download_files=str(tiny_server.folder / "prompt-lab"))
+
+
+def call(client: Client, api_name: str, names: tuple[str, ...], *args: object) -> dict:
+    return dict(zip(names, client.predict(*args, api_name=api_name), strict=True))
+
+
+def test_appending_words_changes_only_the_later_positions(client):
+    a, b = "a photo of a cat", "a photo of a cat on a sofa"
+    out = call(client, "/compare_prompts", prompt_lab.COMPARE_OUTPUTS, a, b, True)
+    rows = out["compare_tokens"]["data"]
+    assert len(rows) == 77
+    assert rows[5] == [5, "cat</w>", "token", "cat</w>", "token", "same"]
+    assert rows[6] == [6, "<|endoftext|>", "EOS", "on</w>", "token", "differs"]
+    assert rows[9] == [9, "<|endoftext|>", "padding", "<|endoftext|>", "EOS", "same"]
+    reading = out["compare_reading"]
+    assert reading.startswith("Positions 0-5 unchanged (max L2 ")
+    assert "positions 6-76 changed, padding included." in reading
+    assert "The tokens differ at 6-8." in reading
+    # the served map: positions 0-5 grey (unchanged) in every layer, 6 on coloured in each
+    served = np.asarray(Image.open(out["compare_map"]).convert("RGB"))
+    drawn = prompt_lab.compare_prompts(MODELS, a, b, True)["compare_map"]
+    assert served.shape[0] == drawn.pixels.shape[0] + LABEL_ROOM
+    for box in drawn.maps:
+        cells = box.moved(LABEL_ROOM, 0).cells(served)
+        assert cells.shape[:2] == (77, 4)  # positions x (emb, layer 1, layer 2, final)
+        assert (cells[:6] == MASKED).all()
+        assert not (cells[6:, 1:] == MASKED).all(axis=-1).any()
+    without = call(client, "/compare_prompts", prompt_lab.COMPARE_OUTPUTS, a, b, False)
+    assert len(without["compare_tokens"]["data"]) == 10  # up to EOS of the longer prompt
+    assert "Positions 0-5 unchanged" in without["compare_reading"]
+    assert "padding included" not in without["compare_reading"]
+
+
+def test_malformed_weighting_gives_notes_not_an_error(client):
+    out = call(client, "/weighting", prompt_lab.WEIGHT_OUTPUTS, "a (cat:x1.3) in a hat]")
+    notes = out["weight_notes"]
+    assert "is not a weight" in notes and "closes no bracket" in notes
+    # the tiny random CLIP's final LayerNorm has no bias: the mean is 0 and cannot be restored
+    assert "cannot be applied" in notes and "mean is about 0" in notes
+    weighted = {item["token"]: item["class_or_confidence"] for item in out["weight_tokens"]}
+    assert weighted["cat</w> x1.1"] == pytest.approx(np.log2(1.1))
+    assert weighted["in</w>"] is None and weighted["]</w>"] is None
+    assert out["weight_map"] is None and out["weight_table"]["data"] == []
+
+
+def test_weighting_with_a_restorable_mean():
+    """The normal path, on the tiny encoder with a final LayerNorm bias (a trained CLIP has one,
+    which keeps the context's mean away from 0)."""
+    torch.manual_seed(0)
+    encoder = sd_parts.CLIPTextEncoder(sd_parts.TINY_CLIP).eval()
+    with torch.no_grad():
+        encoder.final_layer_norm.bias.uniform_(0.2, 0.6)
+    views = prompt_lab.weighting_views(MODELS.tokenizer(), encoder, "a (red:1.5) car [street")
+    rows = views["weight_table"]["data"]
+    assert [row[1] for row in rows] == ["<|startoftext|>", "a</w>", "red</w>", "car</w>",
+                                        "street</w>", "<|endoftext|>"]
+    assert [row[2] for row in rows] == pytest.approx([1, 1, 1.5, 1, 1 / 1.1, 1])
+    factor = rows[0][5]  # an unweighted position changes only by the mean-restoring factor
+    assert factor != pytest.approx(1.0, abs=1e-4)
+    assert [row[5] for row in rows] == pytest.approx([row[2] * factor for row in rows], rel=1e-4)
+    assert r"'\[' at character 17 is never closed" in views["weight_notes"]  # Markdown-escaped
+    assert f"multiplied by {factor:.4g}" in views["weight_notes"]
+    assert views["weight_map"].maps[0].rows == 6
+
+
+def test_a_300_word_prompt_is_split_quickly(client):
+    words = " ".join(["lighthouse", "coast", "dusk", "waves", "clouds", "light"] * 50)
+    start = time.monotonic()
+    out = call(client, "/long_prompt", prompt_lab.LONG_OUTPUTS, words)
+    elapsed = time.monotonic() - start
+    assert elapsed < 3, f"{elapsed:.1f} s for a 300-word prompt"
+    assert "The prompt has 300 tokens: SD v1 keeps the first 75 and drops 225" in (
+        out["long_reading"])
+    assert "77 x 4 = 308 context vectors (1, 308, 32)" in out["long_reading"]
+    kinds = [item["class_or_confidence"] for item in out["long_cut"]]
+    assert kinds.count("kept") == 75 and kinds.count("dropped") == 225
+    markers = [item["token"] for item in out["long_chunks"]
+               if item["class_or_confidence"] == "chunk"]
+    assert markers == [f"chunk {c + 1}: context vectors {77 * c}-{77 * c + 76}" for c in range(4)]
+    assert len(out["long_table"]["data"]) == 308
+
+
+def test_clip_skip_and_nearest_tokens_answer_in_shape(client):
+    out = call(client, "/clip_skip", prompt_lab.SKIP_OUTPUTS, "a photo of a cat")
+    table = out["skip_table"]
+    # the tiny encoder has 2 layers, so only one can be skipped
+    assert table["headers"] == ["position", "text", "cosine, 1 skipped", "L2, 1 skipped"]
+    assert [row[1] for row in table["data"]] == ["<|startoftext|>", "a</w>", "photo</w>",
+                                                 "of</w>", "a</w>", "cat</w>", "<|endoftext|>"]
+    assert all(row[2] > 0 and row[3] > 0 for row in table["data"])
+    assert "at most 1 can be skipped" in out["skip_reading"]
+    assert Image.open(out["skip_map"]).width > 200
+
+    out = call(client, "/nearest_tokens", prompt_lab.NEAREST_OUTPUTS, "a photo of a cat", 5, 8)
+    rows = out["nearest_table"]["data"]
+    assert [row[0] for row in rows] == list(range(1, 9))
+    assert 2368 not in [row[3] for row in rows]  # "cat</w>" itself is left out
+    scores = [row[4] for row in rows]
+    assert scores == sorted(scores, reverse=True) and all(-1 <= s <= 1 for s in scores)
+    assert "“cat&lt;/w&gt;” (position 5, id 2368)" in out["nearest_notes"]
+    out = call(client, "/nearest_tokens", prompt_lab.NEAREST_OUTPUTS, "a photo of a cat", 9, 8)
+    assert "from 0 (BOS) to 6 (EOS)" in out["nearest_notes"]
+    assert out["nearest_table"]["data"] == []
