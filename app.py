@@ -25,7 +25,7 @@ import sd_parts
 from sd_parts.schedulers import read_scheduler_config
 from sd_parts.weights import TEXT_ENCODER_LAYOUT, UNET_LAYOUT, VAE_LAYOUT
 from ui import loading, server
-from ui.tabs import generate, how_it_works, image, prompt
+from ui.tabs import generate, how_it_works, image, prompt, prompt_lab
 
 # The Stable Diffusion family's VAEs, label -> (source, subfolder). The first is SD v1.5's own,
 # the one the generation tab decodes with; the image tab and the comparison offer them all.
@@ -321,6 +321,8 @@ def build_demo(settings: Settings) -> gr.Blocks:
             image.build(models)
         with gr.Tab(prompt.TITLE):
             prompt.build(models)
+        with gr.Tab(prompt_lab.TITLE):
+            prompt_lab.build(models)
         with gr.Tab(generate.TITLE):
             generate.build(models)
         with gr.Tab(how_it_works.TITLE):
