@@ -307,8 +307,8 @@ def strip_picture(rows: Sequence[Sequence[np.ndarray]], row_labels: Sequence[str
     caption below it. ``maps`` has one box per frame, row by row.
 
     Frames smaller than ``min_side`` are enlarged by a whole factor (nearest neighbour, so each
-    box's cells are the frame's pixels); a strip wider than ``max_width`` is made by shrinking
-    every frame by a whole factor (averaging blocks of pixels).
+    box's cells are the frame's pixels) while the frames stay within ``max_width``; frames that
+    are together wider than that are shrunk by a whole factor (averaging blocks of pixels).
     """
     if not rows or not rows[0] or len(row_labels) != len(rows) or len(captions) != len(rows):
         raise ValueError("need at least one row of frames, one label per row and one caption "
@@ -318,8 +318,8 @@ def strip_picture(rows: Sequence[Sequence[np.ndarray]], row_labels: Sequence[str
     for row, texts in zip(rows, captions, strict=True):
         if len(texts) != len(row) or any(f.shape != (height, width, 3) for f in row):
             raise ValueError(f"every frame must be {height}x{width}x3 with one caption")
-    up = max(1, min_side // max(height, width))
-    down = max(1, math.ceil(columns * width * up / max_width))
+    up = max(1, min(min_side // max(height, width), max_width // (columns * width)))
+    down = max(1, math.ceil(columns * width / max_width)) if up == 1 else 1
     frame_h, frame_w = height * up // down, width * up // down
     size = 12
     left = text_width(row_labels, 13) + GAP
