@@ -25,7 +25,7 @@ import sd_parts
 from sd_parts.schedulers import read_scheduler_config
 from sd_parts.weights import TEXT_ENCODER_LAYOUT, UNET_LAYOUT, VAE_LAYOUT
 from ui import loading, server
-from ui.tabs import generate, how_it_works, image, prompt, prompt_lab
+from ui.tabs import compare, generate, how_it_works, image, prompt, prompt_lab
 
 # The Stable Diffusion family's VAEs, label -> (source, subfolder). The first is SD v1.5's own,
 # the one the generation tab decodes with; the image tab and the comparison offer them all.
@@ -325,6 +325,8 @@ def build_demo(settings: Settings) -> gr.Blocks:
             prompt_lab.build(models)
         with gr.Tab(generate.TITLE):
             generate.build(models)
+        with gr.Tab(compare.TITLE):
+            compare.build(models)
         with gr.Tab(how_it_works.TITLE):
             how_it_works.build()
     demo.queue(max_size=settings.queue_size)

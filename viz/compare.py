@@ -108,7 +108,7 @@ def error_maps_view(original: np.ndarray | Image.Image, reconstructions: Sequenc
     errors = [abs_error_map(reference, _rgb(picture)) for _, picture in reconstructions]
     top = shared_error_scale(errors)
     panels = [heatmap(error, ERROR_CMAP, (0.0, top), (1, 1),
-                      title=f"{label}: mean {error.mean():.2f}, max {error.max():.0f}")
+                      title=f"{label}\nmean {error.mean():.2f}, max {error.max():.0f}")
               for (label, _), error in zip(reconstructions, errors, strict=True)]
     picture = add_colorbar(arrange(panels, min(columns, len(panels))), ERROR_CMAP, (0.0, top),
                            "mean |error| over R, G, B (of 255)")

@@ -204,7 +204,7 @@ def build(models: Models) -> None:
             gr.Markdown(mode_note(False))
             run = gr.Button("Compare", variant="primary", elem_id="compare-button")
         with gr.Column(scale=2):
-            out = {"status": gr.Markdown(elem_classes="status", elem_id="compare-status")}
+            out = {"status": gr.Markdown(elem_classes="progress", elem_id="compare-status")}
             out["original"] = gr.Image(label="Original: click a pixel to enlarge that region",
                                        format="png", elem_id="compare-original",
                                        interactive=False)
@@ -214,12 +214,14 @@ def build(models: Models) -> None:
                 crop_side = gr.Dropdown(list(compare.CROP_SIDES), value=64,
                                         label="Region side (px)")
             crop_status = gr.Markdown()
+            # these pictures carry their own titles; a label would cover the top of a wide
+            # picture shown scaled down
             out["crop"] = gr.Image(label="The region, enlarged (nearest neighbour)",
-                                   format="png", elem_id="compare-crop")
+                                   format="png", elem_id="compare-crop", show_label=False)
             out["reconstructions"] = gr.Image(label="Reconstructions", format="png",
-                                              elem_id="compare-reconstructions")
+                                              elem_id="compare-reconstructions", show_label=False)
             out["errors"] = gr.Image(label="Where each VAE errs", format="png",
-                                     elem_id="compare-errors")
+                                     elem_id="compare-errors", show_label=False)
             out["table"] = gr.Dataframe(headers=compare.TABLE_HEADERS, label="Numbers",
                                         interactive=False, elem_id="compare-table")
             out["csv"] = gr.File(label="The table (.csv)")
