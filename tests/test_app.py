@@ -17,6 +17,7 @@ from safetensors import safe_open
 import app
 import sd_parts
 from tests.serve import free_port
+from tests.test_viz_attention_html import MapReader
 from ui import server
 from ui.shared import LABEL_ROOM
 from ui.tabs import image, prompt
@@ -145,6 +146,11 @@ def test_attention_views_show_the_chosen_layer_and_head():
     (box,) = views["attention"].maps
     np.testing.assert_array_equal(box.cells(views["attention"].pixels),
                                   colorize(weights, ATTENTION, 0.0, weights.max(), future))
+    rows = MapReader(views["attention_map"]).rows  # the map to point at holds the same values
+    shown = [[float(cell["data-v"]) for cell in row.cells if "data-v" in cell] for row in rows]
+    assert [len(values) for values in shown] == list(range(1, read.n_real + 1))
+    for q, values in enumerate(shown):
+        np.testing.assert_allclose(values, weights[q, : q + 1], rtol=5e-3)
     heads = views["heads"]
     layer2 = output.attentions[1][0, :, : read.n_real, : read.n_real].double().numpy()
     for head, box in enumerate(heads.maps):
@@ -169,6 +175,10 @@ def test_served_attention_map_is_the_one_asked_for(client):
                 top=LABEL_ROOM).pixels
     np.testing.assert_array_equal(served[(2, "head 3")], drawn)
     assert len({array.tobytes() for array in served.values()}) == 3
+    html = client.predict(text, 2, "head 3", True, api_name="/attention_view")[1]
+    assert html == prompt.attention_views(read, output, 2, "head 3", True)["attention_map"]
+    labels = MapReader(html).rows
+    assert len(labels) == 77 and labels[-1].label.kind == "padding"
     with pytest.raises(AppError, match="heads"):
         client.predict(text, 1, "head 9", False, api_name="/attention_view")
 

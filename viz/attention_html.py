@@ -182,7 +182,7 @@ root.addEventListener('click', (event) => {
   const choice = spot(event.target);
   if (!choice) return;
   pinned = same(choice, pinned) ? null : choice;
-  show(pinned ?? choice);
+  show(pinned);  // let go: the hint again, also on a touch screen, where no pointer leaves
 });
 watch('value', () => {
   if (!show(pinned)) pinned = null;  // a pinned position the new map lacks is let go

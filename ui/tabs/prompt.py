@@ -3,6 +3,8 @@
 ``inspect_prompt`` yields the tokens at once (the tokenizer needs no model), then every view of
 the text encoder's output; ``update_attention`` redraws the attention views for another layer or
 head without running the encoder again. ``build`` lays the tab out and maps names to components.
+The chosen attention map comes twice: as HTML to point at (``viz.attention_html``: a token's row
+and column light up and the value is read out) and as a picture to download.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 import sd_parts
 from ui.loading import ModelUnavailable
 from ui.shared import PictureFiles, literal, output_path, random_banner
-from viz import export, text_encoder, tokens
+from viz import attention_html, export, text_encoder, tokens
 
 if TYPE_CHECKING:
     from app import Models
@@ -30,9 +32,10 @@ EXAMPLE_PROMPTS = [
     "",
 ]
 MEAN_OVER_HEADS = "mean over heads"
-OUTPUTS = ("tokens", "notes", "table", "embeddings", "norms", "cosine", "attention", "heads",
-           "eos", "download")
-ATTENTION_OUTPUTS = ("attention", "heads", "eos")
+OUTPUTS = ("tokens", "notes", "table", "embeddings", "norms", "cosine", "attention",
+           "attention_map", "heads", "eos", "download")
+# "attention" is the chosen map as a PNG file to download; "attention_map" the same map as HTML
+ATTENTION_OUTPUTS = ("attention", "attention_map", "heads", "eos")
 KIND_COLOURS = {"BOS": "green", "EOS": "red", "padding": "gray", "token": "blue"}
 
 
@@ -47,6 +50,10 @@ class Tokens:
     @property
     def labels(self) -> list[str]:
         return [row[1] for row in self.rows]  # the readable text of each position
+
+    @property
+    def kinds(self) -> list[str]:
+        return [row[4] for row in self.rows]  # BOS, token, EOS or padding
 
     @property
     def ids(self) -> tuple[int, ...]:
@@ -97,6 +104,7 @@ def attention_views(read: Tokens, output: sd_parts.CLIPTextOutput, layer: int, h
     eos = read.n_real - 1
     return {
         "attention": text_encoder.attention_view(single, labels, title),
+        "attention_map": attention_html.attention_html(single, labels, read.kinds[:count], title),
         "heads": text_encoder.heads_view(weights, labels, layer),
         "eos": text_encoder.eos_view([a[0, :, :count, :count] for a in layers], eos,
                                      labels),
@@ -173,7 +181,12 @@ def build(models: Models) -> None:
                                                 range(clip.num_attention_heads)],
                            value=MEAN_OVER_HEADS, label="Head")
         padding = gr.Checkbox(False, label="Include padding positions")
-    out["attention"] = gr.Image(label="Attention map", format="png", elem_id="attention-map")
+    # the map to point at; its script runs once and follows every new value (gr.HTML runs no
+    # <script> inside a value)
+    out["attention_map"] = gr.HTML("", elem_id="attention-map", js_on_load=attention_html.SCRIPT,
+                                   apply_default_css=False)
+    out["attention"] = gr.File(label="Download this attention map as a picture (.png)",
+                               elem_id="attention-picture")
     out["heads"] = gr.Image(label="All heads of this layer", format="png")
     out["eos"] = gr.Image(label="What EOS attends to, layer by layer", format="png")
     out["download"] = gr.File(label="Download the embeddings (.safetensors)")
