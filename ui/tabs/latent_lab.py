@@ -292,14 +292,14 @@ def interpolate(models: Models, lab: Lab, source: Source, second_path: str | Non
             rows[row].append(np.asarray(pixels.tensor_to_image(
                 decode(models, source, cached, mix))))
             size = experiments.rms(mix, scale, shift)
-            captions[row].append(f"t = {t:.2f}\nrms {size:.2f}")
+            captions[row].append(f"t = {t:.2f}\nrms {size:.3g}")
             if i == (count - 1) // 2:
                 middle[row] = (t, size)
     strip = experiments.strip_picture(rows, ["linear", "spherical"], captions)
     t, linear_rms = middle[0]
     status = (f"Second image: {second.note}. At t = {t:.2f} the linear mix has rms "
-              f"{linear_rms:.2f} and the spherical one {middle[1][1]:.2f}; the ends have "
-              f"{experiments.rms(a, scale, shift):.2f} and {experiments.rms(b, scale, shift):.2f}."
+              f"{linear_rms:.3g} and the spherical one {middle[1][1]:.3g}; the ends have "
+              f"{experiments.rms(a, scale, shift):.3g} and {experiments.rms(b, scale, shift):.3g}."
               f"\n\n{SLERP_NOTE}")
     return {"mix_status": status, "strip": strip}, lab
 
