@@ -64,8 +64,8 @@ def test_malformed_weighting_gives_notes_not_an_error(client):
     # the tiny random CLIP's final LayerNorm has no bias: the mean is 0 and cannot be restored
     assert "cannot be applied" in notes and "mean is about 0" in notes
     weighted = {item["token"]: item["class_or_confidence"] for item in out["weight_tokens"]}
-    assert weighted["cat</w> x1.1"] == pytest.approx(np.log2(1.1))
-    assert weighted["in</w>"] is None and weighted["]</w>"] is None
+    assert weighted["cat</w> x1.1 "] == pytest.approx(np.log2(1.1))
+    assert weighted["in</w> "] is None and weighted["]</w> "] is None
     assert out["weight_map"] is None and out["weight_table"]["data"] == []
 
 

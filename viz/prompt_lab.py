@@ -106,31 +106,28 @@ def compare_states(states_a: Sequence[torch.Tensor], states_b: Sequence[torch.Te
 
 
 def _log_map(values: np.ndarray, changed: np.ndarray, cell: tuple[int, int], rows: Sequence[str],
-             columns: Sequence[str], what: str, fade_from: int | None) -> Picture:
+             columns: Sequence[str], what: str) -> Picture:
     """Changed cells coloured by log10 of the value; unchanged ones grey."""
     logs = np.log10(np.maximum(values, 1e-30))
     shown = logs[changed]
     low, high = (float(shown.min()), float(shown.max())) if shown.size else (0.0, 1.0)
     high = max(high, low + 1e-6)
-    picture = heatmap(logs, SEQUENTIAL, (low, high), cell, rows, columns, mask=~changed,
-                      fade_from=fade_from)
+    picture = heatmap(logs, SEQUENTIAL, (low, high), cell, rows, columns, mask=~changed)
     return add_title(add_colorbar(picture, SEQUENTIAL, (low, high), f"log10 of the {what}"), what)
 
 
-def comparison_view(comparison: Comparison, labels: Sequence[str], fade_from: int | None = None
-                    ) -> Picture:
+def comparison_view(comparison: Comparison, labels: Sequence[str]) -> Picture:
     """Positions x layers, twice: the cosine distance and the L2 distance between the prompts'
-    vectors, colours on a log scale; grey cells are unchanged. Rows from ``fade_from`` on are
-    padding in both prompts (washed out, below a line)."""
+    vectors, colours on a log scale; grey cells are unchanged. Padding rows keep their colours:
+    the UNet reads them too."""
     count = comparison.l2.shape[0]
     if len(labels) != count:
         raise ValueError(f"{count} positions but {len(labels)} labels")
     cell = (int(min(max(620 // max(count, 1), 8), 22)), 30)
     panels = [
         _log_map(comparison.cosine, comparison.changed, cell, labels, comparison.columns,
-                 "cosine distance", fade_from),
-        _log_map(comparison.l2, comparison.changed, cell, (), comparison.columns, "L2 distance",
-                 fade_from),
+                 "cosine distance"),
+        _log_map(comparison.l2, comparison.changed, cell, (), comparison.columns, "L2 distance"),
     ]
     return add_title(arrange(panels, 2), "How far apart the two prompts' vectors are, position "
                                          "by position, after every layer (grey: unchanged)\n"
@@ -199,7 +196,7 @@ def comparison_reading(comparison: Comparison, ids_a: Sequence[int], ids_b: Sequ
 
 def skip_label(skip: int) -> str:
     """Both numberings: diffusers counts the layers left out, the web UIs count from 1."""
-    return f"{skip} skipped: web UI CLIP skip {skip + 1} = diffusers clip_skip={skip}"
+    return f"CLIP skip {skip + 1} / clip_skip={skip}"
 
 
 def clip_skip_distances(final: torch.Tensor, skipped: Sequence[torch.Tensor]
@@ -223,7 +220,9 @@ def clip_skip_view(cosine: np.ndarray, l2: np.ndarray, labels: Sequence[str]) ->
         picture = heatmap(values, SEQUENTIAL, limits, cell, rows, columns, annotate=annotate)
         panels.append(add_title(add_colorbar(picture, SEQUENTIAL, limits, what), what))
     return add_title(arrange(panels, 2), "How far each token's embedding moves when the last "
-                                         "layers are skipped (compared with none skipped)")
+                                         "layers are skipped (compared with none skipped)\n"
+                                         "columns: the web UIs' CLIP skip n = diffusers' "
+                                         "clip_skip=n-1 = n-1 layers skipped")
 
 
 def clip_skip_table(cosine: np.ndarray, l2: np.ndarray, labels: Sequence[str]) -> dict:
@@ -318,13 +317,14 @@ def long_reading(pieces: Sequence[str], n_chunks: int, hidden_size: int,
 
 def weight_items(pieces: Sequence[str], weights: Sequence[float]) -> list[tuple[str, float | None]]:
     """Highlighted-text items: each readable piece with its weight written after it when it is
-    not 1, and a colour score log2(weight) clipped to [-1, 1] (x2: full red, x0.5: full blue)."""
+    not 1, and a colour score log2(weight) clipped to [-1, 1] (x2: full red, x0.5: full blue).
+    Each text ends in a space, which keeps unweighted neighbours apart on the page."""
     items: list[tuple[str, float | None]] = []
     for text, weight in zip(readable_pieces(pieces), weights, strict=True):
         if weight == 1.0:
-            items.append((text, None))
+            items.append((f"{text} ", None))
         else:
-            items.append((f"{text} x{weight:.3g}", float(np.clip(np.log2(weight), -1.0, 1.0))))
+            items.append((f"{text} x{weight:.3g} ", float(np.clip(np.log2(weight), -1.0, 1.0))))
     return items
 
 

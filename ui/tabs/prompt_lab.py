@@ -37,7 +37,8 @@ NEAREST_OUTPUTS = ("nearest_table", "nearest_notes")
 MOST_SKIPPED = 2  # the web UIs offer CLIP skip 1 and 2 (diffusers' 0 and 1); 2 layers is enough
 MAX_NEIGHBOURS = 50
 KIND_COLOURS = {"BOS": "green", "EOS": "red", "padding": "gray", "token": "blue",
-                "chunk": "orange", "kept": "blue", "dropped": "red"}
+                "chunk": "orange"}
+CUT_COLOURS = {"kept": "blue", "dropped": "red"}
 EXAMPLE_PAIRS = [
     ["a photo of a cat", "a photo of a cat on a sofa"],
     ["a photo of a cat", "a photo of a dog"],
@@ -111,14 +112,13 @@ def compare_prompts(models: Models, prompt_a: str, prompt_b: str, padding: bool
     states = [*output.hidden_states, output.last_hidden_state]
     comparison = lab.compare_states([s[0, :count] for s in states], [s[1, :count] for s in states])
     pairs = zip(a.labels, b.labels, a.ids, b.ids, strict=True)
-    labels = [f"{p} {ta}" if ia == ib else f"{p} {ta} → {tb}"
-              for p, (ta, tb, ia, ib) in enumerate(pairs)][:count]
+    labels = [f"{p} padding" if p >= padding_from else f"{p} {ta}" if ia == ib
+              else f"{p} {ta} → {tb}" for p, (ta, tb, ia, ib) in enumerate(pairs)][:count]
     reading = lab.comparison_reading(comparison, a.ids, b.ids, padding_from)
     return {
         "compare_tokens": {"headers": lab.ALIGNED_HEADERS,
                            "data": lab.aligned_rows(a.rows, b.rows, count)},
-        "compare_map": lab.comparison_view(comparison, labels,
-                                           padding_from if count > padding_from else None),
+        "compare_map": lab.comparison_view(comparison, labels),
         "compare_reading": literal(reading),
     }
 
@@ -302,7 +302,7 @@ def build(models: Models) -> None:
             split = gr.Button("Split", variant="primary", scale=1)
         out["long_reading"] = gr.Markdown()
         out["long_cut"] = gr.HighlightedText(label="What SD v1 keeps and drops", show_legend=True,
-                                             color_map=KIND_COLOURS)
+                                             color_map=CUT_COLOURS)
         out["long_chunks"] = gr.HighlightedText(label="The chunks", show_legend=True,
                                                 color_map=KIND_COLOURS)
         with gr.Accordion("Every position of every chunk", open=False):
