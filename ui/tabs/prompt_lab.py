@@ -226,9 +226,10 @@ def nearest_tokens(models: Models, prompt: str, position: int | str | None, k: i
         table = models.text_encoder().embeddings.token_embedding.weight
     except ModelUnavailable as exc:
         return {"nearest_notes": unavailable(exc)}
-    try:
-        index = int(str(position).split(":")[0])
-    except ValueError:
+    try:  # a choice's value is its position; a typed one may read "5" or "5: cat</w>"
+        index = int(position) if isinstance(position, int | float) else int(
+            str(position).split(":")[0])
+    except (ValueError, OverflowError):
         index = -1
     if not 0 <= index < text.n_real:
         return {"nearest_notes": literal(
