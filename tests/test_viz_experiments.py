@@ -53,6 +53,15 @@ def test_change_is_measured_by_threshold() -> None:
     with pytest.raises(ValueError, match="above 0"):
         experiments.measure_change(change, 0.0)
     assert experiments.block_of(2, 3, 8) == (16, 24, 23, 31)
+    text = experiments.describe_change(core, (6, 10, 7, 11), 2, (30, 20))
+    assert text.startswith("Changed region 3 x 4 px (x 10-12, y 5-8); the block is 2 x 2. 12 "
+                           "pixels changed by at least 1 (of 255); the largest change is 3.")
+    assert "Part of the block" not in text and "whole image" not in text
+    assert "Part of the block" in experiments.describe_change(core, (8, 12, 9, 13), 2, (30, 20))
+    everywhere = experiments.measure_change(change + 1.0, 1.0)
+    assert "whole image" in experiments.describe_change(everywhere, (6, 10, 7, 11), 2, (30, 20))
+    assert experiments.describe_change(empty, (6, 10, 7, 11), 2, (30, 20)) == (
+        "No pixel changed by 5 (of 255) or more; the largest change is 3.")
 
 
 def test_change_map_takes_the_largest_colour_change() -> None:

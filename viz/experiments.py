@@ -153,6 +153,26 @@ def block_of(row: int, column: int, downscale: int) -> tuple[int, int, int, int]
             (column + 1) * downscale - 1)
 
 
+def describe_change(region: ChangedRegion, block: tuple[int, int, int, int], downscale: int,
+                    size: tuple[int, int]) -> str:
+    """A few sentences: the changed region's size and place, against the latent pixel's block
+    and the whole image (``size`` = (width, height))."""
+    level, largest = f"{region.threshold:.3g}", f"{region.largest:.3g}"
+    if region.box is None:
+        return f"No pixel changed by {level} (of 255) or more; the largest change is {largest}."
+    top, left, bottom, right = region.box
+    text = (f"Changed region {region.width} x {region.height} px (x {left}-{right}, y {top}-"
+            f"{bottom}); the block is {downscale} x {downscale}. {region.count:,} pixels changed "
+            f"by at least {level} (of 255); the largest change is {largest}.")
+    if not region.contains(block):
+        text += " Part of the block itself changed less than that."
+    if region.box == (0, 0, size[1] - 1, size[0] - 1):
+        text += (" The region is the whole image: the decoder's attention layer and its group "
+                 "norms (statistics over the whole image) let every latent pixel reach every "
+                 "pixel, if only a little.")
+    return text
+
+
 def _outline(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], map_box: Box,
              colour: tuple[int, int, int]) -> None:
     """A 1-pixel rectangle just outside an image box (pixels) drawn on an enlarged map."""

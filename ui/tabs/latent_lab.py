@@ -45,19 +45,16 @@ MAX_AMOUNT = 10.0  # stds: further out, the decoder sees values it never met
 MAX_EDIT = 10.0  # largest |scale| and |shift| in the channel table
 TABLE_HEADERS = ["channel", "scale", "shift (x channel std)"]
 MAX_POINTS = 11
-RF_OUTPUTS = ("rf_status", "rf_view")
-EDIT_OUTPUTS = ("edit_status", "edited", "plain", "difference")
-MIX_OUTPUTS = ("mix_status", "strip")
 INTRO = ("Experiments on the latent above (the same image, VAE, size and latent kind). The first "
          "one after a new encode encodes the image again, which takes as long as the encode.")
 SLERP_NOTE = (
     "**Why two rows.** A Gaussian latent in d dimensions lies near a sphere of radius √d; the "
-    "straight line between two such latents cuts inside it (halfway it is only 1/√2 as long), "
-    "so the linear row passes through latents the diffusion model never saw. Spherical "
-    "interpolation (slerp) follows the great circle through both, keeping the length. The "
-    "*rms* under each frame is the latent's root mean square in the diffusion model's space "
-    "(about 1 for unit noise). The VAE's decoder itself is nearly linear, so the two rows differ "
-    "mostly in contrast; the difference matters most for the diffusion model.")
+    "straight line between two independent ones cuts inside it (halfway it is only 1/√2 as "
+    "long), through latents that a diffusion model, which starts from such noise, never sees. "
+    "Spherical interpolation (slerp) follows the great circle through both and keeps the "
+    "length. Under each frame, *rms* is the latent's root mean square in the diffusion model's "
+    "space (about 1 for unit noise). Image latents are not independent noise (they share a mean "
+    "and much of their direction), so the straight line loses less than that.")
 
 
 class LabError(ValueError):
@@ -194,8 +191,7 @@ def receptive_field(models: Models, lab: Lab, source: Source, x: float | None, y
     after = decode(models, source, first, nudged)
     change = experiments.change_map(experiments.to_levels(first.decoded),
                                     experiments.to_levels(after))
-    largest = float(change.max())
-    relative = THRESHOLDS[threshold]
+    largest, relative = float(change.max()), THRESHOLDS[threshold]
     # a positive level in both cases: with no change at all, any finds no pixel
     level = 1.0 if relative is None or largest == 0.0 else relative * largest
     region = experiments.measure_change(change, level)
@@ -203,20 +199,7 @@ def receptive_field(models: Models, lab: Lab, source: Source, x: float | None, y
     which = f"all {channels} channels" if index is None else f"channel {index}"
     what = (f"Latent pixel (row {row}, column {column}), which stands for the {ds} x {ds} block at "
             f"x {block[1]}-{block[3]}, y {block[0]}-{block[2]}: {which} moved by {steps:+g} std.")
-    if region.box is None:
-        found = (f"No pixel changed by {level:.3g} (of 255) or more; the largest change is "
-                 f"{largest:.3g}.")
-    else:
-        top, left, bottom, right = region.box
-        found = (f"Changed region {region.width} x {region.height} px (x {left}-{right}, "
-                 f"y {top}-{bottom}); the block is {ds} x {ds}. {region.count:,} pixels changed "
-                 f"by at least {level:.3g} (of 255); the largest change is {largest:.3g}.")
-        if not region.contains(block):
-            found += " Part of the block itself changed less than that."
-        if region.box == (0, 0, height - 1, width - 1):
-            found += (" The region is the whole image: the decoder's attention layer and its "
-                      "group norms (statistics over the whole image) let every latent pixel "
-                      "reach every pixel, if only a little.")
+    found = experiments.describe_change(region, block, ds, first.fitted.size)
     title = (f"Where the image changed: latent pixel (row {row}, column {column}), {which} "
              f"{steps:+g} std\nchanged region {region.width} x {region.height} px (blue), the "
              f"block {ds} x {ds} (green)")
@@ -296,9 +279,8 @@ def interpolate(models: Models, lab: Lab, source: Source, second_path: str | Non
             if i == (count - 1) // 2:
                 middle[row] = (t, size)
     strip = experiments.strip_picture(rows, ["linear", "spherical"], captions)
-    t, linear_rms = middle[0]
-    status = (f"Second image: {second.note}. At t = {t:.2f} the linear mix has rms "
-              f"{linear_rms:.3g} and the spherical one {middle[1][1]:.3g}; the ends have "
+    status = (f"Second image: {second.note}. At t = {middle[0][0]:.2f} the linear mix has rms "
+              f"{middle[0][1]:.3g} and the spherical one {middle[1][1]:.3g}; the ends have "
               f"{experiments.rms(a, scale, shift):.3g} and {experiments.rms(b, scale, shift):.3g}."
               f"\n\n{SLERP_NOTE}")
     return {"mix_status": status, "strip": strip}, lab
@@ -325,23 +307,14 @@ def zero_row(table: Sequence[Sequence[object]] | None, channel: str | None
     return [[row[0], 0.0, 0.0] if i == index else row for i, row in enumerate(rows)]
 
 
-def _run(experiment, models: Models, lab: Lab | None, names: Sequence[str], *values
-         ) -> tuple[dict[str, object], Lab]:
-    """An experiment's views, or every view empty but a message; the cache is kept either way."""
-    lab = lab or Lab()
-    try:
-        return experiment(models, lab, *values)
-    except LabError as exc:
-        return failure(names, names[0], str(exc)), lab
-
-
 def build(models: Models, source: Sequence[gr.components.Component], preview: gr.Image,
           stats: gr.Dataframe) -> None:
     """The experiments, inside an open ``gr.Blocks`` under the image tab.
 
     ``source`` is the tab's image, VAE choice, longer side, fit, latent kind, seed and exact
-    mode, in the order of ``Source``; ``preview`` is the latent preview a visitor clicks, and
-    ``stats`` the per-channel table, whose row count gives the channel table its rows.
+    mode, in the order of ``Source``; ``preview`` is the latent preview, shown again here for
+    the visitor to click, and ``stats`` the per-channel table, whose row count gives the channel
+    table its rows.
     """
     settings = models.settings
     lab = gr.State(None, time_to_live=settings.cache_max_age)
@@ -403,8 +376,12 @@ def build(models: Models, source: Sequence[gr.components.Component], preview: gr
                                              format="png")}
 
     def answer(experiment, outputs: dict, lab_value, values: tuple) -> Iterator[dict]:
-        files = PictureFiles(settings.output_max_age)
-        views, new_lab = _run(experiment, models, lab_value, tuple(outputs), *values)
+        """The experiment's views, or all empty but a message; the cache is kept either way."""
+        files, new_lab = PictureFiles(settings.output_max_age), lab_value or Lab()
+        try:
+            views, new_lab = experiment(models, new_lab, *values)
+        except LabError as exc:
+            views = failure(outputs, next(iter(outputs)), str(exc))
         try:  # Gradio asks for the next answer only after sending this one
             yield {outputs[name]: files(views.get(name)) for name in outputs} | {lab: new_lab}
         finally:
@@ -422,9 +399,8 @@ def build(models: Models, source: Sequence[gr.components.Component], preview: gr
         yield from answer(edit_channels, edit, lab_value, (request, table))
 
     def run_interpolate(lab_value, path, choice, max_side, fit, latent_kind, seed, exact,
-                        second_path, points, progress=gr.Progress()):
+                        second_path, points):
         request = Source(path, choice, max_side, fit, latent_kind, seed, exact)
-        progress(0, desc="Encoding and decoding")
         yield from answer(interpolate, mix, lab_value, (request, second_path, points))
 
     def clicked(evt: gr.SelectData) -> tuple[int, int]:
@@ -440,14 +416,12 @@ def build(models: Models, source: Sequence[gr.components.Component], preview: gr
 
     inputs = [lab, *source]
     busy = {"concurrency_id": "models", "concurrency_limit": 1}
-    rf_inputs = [*inputs, x, y, channel, amount, threshold]
-    rf_outputs = [*rf.values(), lab]
+    rf_inputs, rf_outputs = [*inputs, x, y, channel, amount, threshold], [*rf.values(), lab]
     rf_button.click(run_receptive_field, rf_inputs, rf_outputs, api_name="receptive_field",
                     **busy)
-    for picture in (target, preview):
-        picture.select(clicked, None, [x, y], queue=False, api_visibility="private").then(
-            run_receptive_field, rf_inputs, rf_outputs, api_visibility="private", **busy)
-    # the preview's picture is copied in the browser, without a trip to the server
+    target.select(clicked, None, [x, y], queue=False, api_visibility="private").then(
+        run_receptive_field, rf_inputs, rf_outputs, api_visibility="private", **busy)
+    # the tab's preview is copied here in the browser, without a trip to the server
     preview.change(None, preview, target, js="(value) => value", api_visibility="private")
     stats.change(channels_changed, stats, [table, channel, zero_channel], queue=False,
                  api_visibility="private")
