@@ -104,6 +104,13 @@ def test_a_300_word_prompt_is_split_quickly(client):
                if item["class_or_confidence"] == "chunk"]
     assert markers == [f"chunk {c + 1}: context vectors {77 * c}-{77 * c + 76}" for c in range(4)]
     assert len(out["long_table"]["data"]) == 308
+    # thousands of tokens: every chunk counted, the first dozen shown
+    views = prompt_lab.long_prompt(MODELS, " ".join(["lighthouse"] * 5000))
+    assert "77 x 67 = 5159 context vectors" in views["long_reading"]
+    assert "The first 12 of 67 chunks are shown." in views["long_reading"]
+    assert len(views["long_table"]["data"]) == 12 * 77
+    assert views["long_chunks"][-1] == ("... 55 more chunks", "chunk")
+    assert views["long_cut"][-1] == (f"... {5000 - 900} more tokens", "dropped")
 
 
 def test_clip_skip_and_nearest_tokens_answer_in_shape(client):

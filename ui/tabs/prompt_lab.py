@@ -36,6 +36,7 @@ WEIGHT_OUTPUTS = ("weight_tokens", "weight_map", "weight_table", "weight_notes")
 NEAREST_OUTPUTS = ("nearest_table", "nearest_notes")
 MOST_SKIPPED = 2  # the web UIs offer CLIP skip 1 and 2 (diffusers' 0 and 1); 2 layers is enough
 MAX_NEIGHBOURS = 50
+MAX_CHUNKS_SHOWN = 12  # 900 tokens; the reading still counts every chunk
 KIND_COLOURS = {"BOS": "green", "EOS": "red", "padding": "gray", "token": "blue",
                 "chunk": "orange"}
 CUT_COLOURS = {"kept": "blue", "dropped": "red"}
@@ -159,9 +160,16 @@ def long_prompt(models: Models, prompt: str) -> dict[str, object]:
     hidden = models.settings.clip_config.hidden_size
     notes = [lab.long_reading(pieces, len(layout), hidden, tokenizer.model_max_length),
              tokens.truncation_note(pieces, tokenizer.model_max_length)]
-    return {"long_cut": lab.cut_items(pieces, tokenizer.model_max_length),
-            "long_chunks": lab.chunk_items(layout),
-            "long_table": {"headers": lab.CHUNK_HEADERS, "data": lab.chunk_table(layout)},
+    shown = layout[:MAX_CHUNKS_SHOWN]  # a page of tens of thousands of tokens would stall
+    first = MAX_CHUNKS_SHOWN * (tokenizer.model_max_length - 2)
+    cut = lab.cut_items(pieces[:first], tokenizer.model_max_length)
+    chunks = lab.chunk_items(shown)
+    if len(layout) > len(shown):
+        notes.append(f"The first {len(shown)} of {len(layout)} chunks are shown.")
+        chunks.append((f"... {len(layout) - len(shown)} more chunks", "chunk"))
+        cut.append((f"... {len(pieces) - first} more tokens", "dropped"))
+    return {"long_cut": cut, "long_chunks": chunks,
+            "long_table": {"headers": lab.CHUNK_HEADERS, "data": lab.chunk_table(shown)},
             "long_reading": "\n\n".join(literal(note) for note in notes if note)}
 
 
