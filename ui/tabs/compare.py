@@ -189,6 +189,9 @@ def build(models: Models) -> None:
     if settings.random:
         gr.Markdown(random_banner(settings.weights), elem_classes="banner")
     choices = settings.vae_choices + settings.tiny_vae_choices
+    # ticked at first: one of each kind, SD v1's VAE, the last KL one (16 channels), and TAESD
+    ticked = list(dict.fromkeys([settings.vae_choices[0], settings.vae_choices[-1],
+                                 *settings.tiny_vae_choices[:1]]))
     with gr.Row():
         with gr.Column(scale=1):
             image_file = gr.File(label="Image (PNG, JPEG, WebP, GIF, BMP, TIFF)",
@@ -197,7 +200,7 @@ def build(models: Models) -> None:
             max_side = gr.Dropdown(SIZES, value=max(s for s in SIZES
                                                     if s <= max(settings.default_size, SIZES[0])),
                                    label="Longer side at most (px)")
-            chosen = gr.CheckboxGroup(choices, value=choices[:3], label="VAEs to compare",
+            chosen = gr.CheckboxGroup(choices, value=ticked, label="VAEs to compare",
                                       elem_id="compare-choices")
             exact = gr.Checkbox(sd_parts.fast_dtype("cpu") == torch.float32,
                                 label="Exact mode (float32)")
