@@ -123,6 +123,13 @@ def test_clip_skip_and_nearest_tokens_answer_in_shape(client):
     assert all(row[2] > 0 and row[3] > 0 for row in table["data"])
     assert "at most 1 can be skipped" in out["skip_reading"]
     assert Image.open(out["skip_map"]).width > 200
+    # the numbers are the distances between the library's own clip_skip outputs
+    ids = MODELS.tokenizer()(["a photo of a cat"])
+    with torch.inference_mode():
+        final, skipped = (MODELS.text_encoder()(ids, clip_skip=k).last_hidden_state[0, :7]
+                          for k in (0, 1))
+    assert [row[3] for row in table["data"]] == pytest.approx(
+        (final - skipped).norm(dim=1).tolist(), abs=1e-5)
 
     out = call(client, "/nearest_tokens", prompt_lab.NEAREST_OUTPUTS, "a photo of a cat", 5, 8)
     rows = out["nearest_table"]["data"]

@@ -83,12 +83,10 @@ def read(tokenizer: sd_parts.CLIPTokenizer, prompt: str | None) -> Read:
     return Read(pieces, rows, tokens.positions_used(len(pieces)))
 
 
-@functools.lru_cache(maxsize=6)  # the two prompts, and the prompt at each CLIP skip
-def run_encoder(models: Models, rows: tuple[tuple[int, ...], ...], clip_skip: int = 0
-                ) -> sd_parts.CLIPTextOutput:
+@functools.lru_cache(maxsize=4)  # switching the padding toggle re-draws without re-encoding
+def run_encoder(models: Models, rows: tuple[tuple[int, ...], ...]) -> sd_parts.CLIPTextOutput:
     with torch.inference_mode():
-        return models.text_encoder()(torch.tensor(rows), output_hidden_states=True,
-                                     clip_skip=clip_skip)
+        return models.text_encoder()(torch.tensor(rows), output_hidden_states=True)
 
 
 def unavailable(exc: ModelUnavailable) -> str:
@@ -128,12 +126,17 @@ def clip_skip(models: Models, prompt: str) -> dict[str, object]:
     """How far each token's final embedding moves with 1 and 2 layers skipped."""
     try:
         text = read(models.tokenizer(), prompt)
-        n_layers = len(models.text_encoder().encoder.layers)
-        skips = range(1, min(MOST_SKIPPED, n_layers - 1) + 1)  # at least one layer must run
-        final, *skipped = [run_encoder(models, (text.ids,), k).last_hidden_state[0, : text.n_real]
-                           for k in (0, *skips)]
+        encoder = models.text_encoder()
+        output = run_encoder(models, (text.ids,))
     except ModelUnavailable as exc:
         return {"skip_reading": unavailable(exc)}
+    n_layers = len(encoder.encoder.layers)
+    skips = range(1, min(MOST_SKIPPED, n_layers - 1) + 1)  # at least one layer must run
+    # One pass serves every skip: clip_skip=k is the final LayerNorm of hidden state -(k + 1),
+    # CLIPTextEncoder's own rule (the tests hold the two equal).
+    with torch.inference_mode():
+        states = [output.hidden_states[-(k + 1)][0, : text.n_real] for k in (0, *skips)]
+        final, *skipped = [encoder.final_layer_norm(state) for state in states]
     if not skipped:
         return {"skip_reading": f"This text encoder has {n_layers} layer: none can be skipped."}
     cosine, l2 = lab.clip_skip_distances(final, skipped)
