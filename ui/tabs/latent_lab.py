@@ -7,12 +7,15 @@ Each experiment works on the latent the tab shows: the same upload, VAE, size an
 new encode encodes once more, later ones only decode what they change. The tab's own encode is
 left as it was, so it pays nothing for the experiments. Every picture comes from
 ``viz.experiments``.
+
+Length: about 450 lines, because the three experiments share one cache of encodes, one way to
+encode exactly as the tab does, and one accordion; each experiment is a short function.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -252,8 +255,10 @@ def edit_channels(models: Models, lab: Lab, source: Source,
 
 
 def interpolate(models: Models, lab: Lab, source: Source, second_path: str | None,
-                points: float | None) -> tuple[dict[str, object], Lab]:
-    """Mix the tab's latent with a second image's, linearly and spherically, and decode."""
+                points: float | None, on_frame: Callable[[int, int], object] | None = None
+                ) -> tuple[dict[str, object], Lab]:
+    """Mix the tab's latent with a second image's, linearly and spherically, and decode;
+    ``on_frame(done, total)`` is told of each frame as it is decoded."""
     count = int(_number(points, "the number of points", 2, MAX_POINTS))
     first = encode(models, source, lab.first)
     lab = replace(lab, first=first)
@@ -276,6 +281,8 @@ def interpolate(models: Models, lab: Lab, source: Source, second_path: str | Non
                 decode(models, source, cached, mix))))
             size = experiments.rms(mix, scale, shift)
             captions[row].append(f"t = {t:.2f}\nrms {size:.3g}")
+            if on_frame is not None:
+                on_frame(2 * i + row + 1, 2 * count)
             if i == (count - 1) // 2:
                 middle[row] = (t, size)
     strip = experiments.strip_picture(rows, ["linear", "spherical"], captions)
@@ -399,9 +406,13 @@ def build(models: Models, source: Sequence[gr.components.Component], preview: gr
         yield from answer(edit_channels, edit, lab_value, (request, table))
 
     def run_interpolate(lab_value, path, choice, max_side, fit, latent_kind, seed, exact,
-                        second_path, points):
+                        second_path, points, progress=gr.Progress()):
         request = Source(path, choice, max_side, fit, latent_kind, seed, exact)
-        yield from answer(interpolate, mix, lab_value, (request, second_path, points))
+
+        def frames(done: int, total: int) -> None:
+            progress((done, total), desc="Decoding the frames")
+
+        yield from answer(interpolate, mix, lab_value, (request, second_path, points, frames))
 
     def clicked(evt: gr.SelectData) -> tuple[int, int]:
         return evt.index[0], evt.index[1]
