@@ -52,8 +52,10 @@ def _hex(rgb: np.ndarray) -> list[str]:
     return [f"#{value:06x}" for value in packed.ravel().tolist()]
 
 
-def _label(tag: str, axis: str, index: int, text: str, kind: str, extra: str = "") -> str:
-    return f'<{tag} data-{axis}="{index}" class="kind-{kind}"{extra}>{text}</{tag}>'
+def _label(axis: str, index: int, text: str, kind: str) -> str:
+    """A token's label: ``axis`` "q" heads its row, "k" its column."""
+    scope = "row" if axis == "q" else "col"
+    return f'<th data-{axis}="{index}" class="kind-{kind}" scope="{scope}">{text}</th>'
 
 
 def attention_html(
@@ -83,14 +85,14 @@ def attention_html(
     size = cell_size(count)
     font = min(max(size - 2, 9), 14)  # label text fits in the row it names
 
-    header = "".join(_label("th", "k", j, f"<span>{names[j]}</span>", kinds[j], ' scope="col"')
+    header = "".join(_label("k", j, f"<span>{names[j]}</span>", kinds[j])
                      for j in range(count))
     rows = []
     for i in range(count):
         cells = [f'<td data-k="{j}" data-v="{values[i * count + j]}" '
                  f'style="background:{colours[i * count + j]}"></td>' for j in range(i + 1)]
         cells += [f'<td data-k="{j}" class="future"></td>' for j in range(i + 1, count)]
-        label = _label("th", "q", i, names[i], kinds[i], ' scope="row"')
+        label = _label("q", i, names[i], kinds[i])
         rows.append(f'<tr data-q="{i}">{label}{"".join(cells)}</tr>')
 
     stops = _hex(colormap_table(ATTENTION)[np.linspace(0, 255, SCALE_STOPS).round().astype(int)])
