@@ -255,7 +255,8 @@ def test_out_of_range_input_is_refused_before_the_tab_runs(client, change, messa
 
 def test_guidance_nan_gets_its_message(url):
     """JSON has no NaN, but Python's parser (and so the server's) takes the literal."""
-    body = '{"data": ["a cat", "", 4, NaN, "DDIM", false, 0, 32, 32, null, 0.8, true]}'
+    body = ('{"data": ["a cat", "", 4, NaN, "DDIM", false, 0, 32, 32, null, 0.8, true, '
+            '"linear RGB map"]}')
     with httpx.Client(base_url=url, timeout=30, trust_env=False) as http:
         event = http.post("gradio_api/call/generate", content=body,
                           headers={"content-type": "application/json"}).json()["event_id"]

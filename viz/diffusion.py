@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw
 from PIL.PngImagePlugin import PngInfo
 from safetensors.torch import save_file
 
+from sd_parts.tiny_vae import AutoencoderTiny
 from viz.heatmap import (
     INK,
     Box,
@@ -37,6 +38,7 @@ from viz.heatmap import (
     heatmap,
 )
 from viz.latents import apply_rgb_map, enlarge_to
+from viz.pixels import images_to_pixels
 from viz.plot import add_axes, new_figure
 from viz.tokens import SPECIAL, words
 
@@ -49,6 +51,18 @@ def latent_preview(latent: torch.Tensor, rgb_matrix: np.ndarray, size: tuple[int
     """A model-space latent (C, h, w) as RGB at ``size`` = (width, height): the linear map, then
     each latent pixel enlarged to the block of image pixels it stands for."""
     return enlarge_to(apply_rgb_map(latent.float(), rgb_matrix, 1.0), size)
+
+
+def taesd_preview(tiny_vae: AutoencoderTiny, latent: torch.Tensor) -> np.ndarray:
+    """A model-space latent (C, h, w), on any device, as TAESD draws it: (H, W, 3) uint8 at the
+    image's own size.
+
+    TAESD reads the diffusion model's latents as they are (no scaling factor) and runs on its own
+    device, where the run's latents already are on a GPU. It shows what the VAE would draw, a
+    little softer, at a small part of the VAE's cost; the linear map shows only colours.
+    """
+    device = next(tiny_vae.parameters()).device
+    return images_to_pixels(tiny_vae.decode(latent[None].to(device)))
 
 
 def step_chart(noise_levels: Sequence[float], current: int | None) -> np.ndarray:

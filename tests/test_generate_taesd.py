@@ -1,0 +1,122 @@
+"""The generation tab's TAESD preview, on the tiny app through gradio_client: every streamed
+latent and x0 picture is what SD v1's TAESD draws from that step's tensors, and the linear map
+stays the default, so clients that do not name a preview are served as before."""
+
+from __future__ import annotations
+
+import io
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from gradio_client import Client
+from PIL import Image
+from safetensors.torch import load
+
+import app
+from tests.serve import free_port
+from ui import server
+from ui.tabs import generate
+from viz import diffusion, latents
+
+MODELS = app.Models(app.Settings(weights="tiny"))
+SIZE = 32  # pixels: the tiny VAE and the tiny TAESD both halve each side
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def url():
+    demo = app.build_demo(MODELS.settings)
+    port = free_port()
+    server.launch(demo, server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()
+
+
+def fetch(value: dict) -> bytes:
+    response = httpx.get(value["url"], timeout=30, trust_env=False)
+    response.raise_for_status()
+    return response.content
+
+
+def picture(value: dict) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(fetch(value))).convert("RGB"))
+
+
+def taesd_picture(latent: torch.Tensor) -> np.ndarray:
+    """What the tab should show for a model-space latent (C, h, w), computed here: TAESD's image
+    in [-1, 1] to 8-bit pixels."""
+    image = MODELS.generation_tiny_vae(True).decode(latent[None].float())[0]
+    return ((image + 1) * 127.5).clamp(0, 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def linear_picture(latent: torch.Tensor) -> np.ndarray:
+    config = MODELS.pipeline(True).vae.config
+    matrix = latents.rgb_map_for(config.latent_channels, config.scaling_factor).matrix()
+    return diffusion.latent_preview(latent, matrix, (SIZE, SIZE))
+
+
+def close(got: np.ndarray, want: np.ndarray) -> None:
+    """Equal up to one level of rounding (a value on a .5 boundary may round either way)."""
+    assert got.shape == want.shape
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+
+
+def test_taesd_preview_draws_the_decoded_latent():
+    """The pure view: a (C, h, w) latent becomes the image TAESD decodes, at the image's size."""
+    tiny_vae = MODELS.generation_tiny_vae(True)
+    assert tiny_vae.config == app.RANDOM_TINY_VAES["tiny"][MODELS.settings.tiny_vae_choices[0]]
+    assert tiny_vae.downscale == MODELS.pipeline(True).latent_downscale
+    latent = torch.randn(4, 8, 12, generator=torch.Generator().manual_seed(3))
+    drawn = diffusion.taesd_preview(tiny_vae, latent)
+    assert drawn.dtype == np.uint8 and drawn.shape == (16, 24, 3)
+    close(drawn, taesd_picture(latent))
+    assert len(np.unique(drawn.reshape(-1, 3), axis=0)) > 10  # a picture, not a flat colour
+
+
+def test_streamed_previews_are_taesd_decodes_of_the_step_latents(url):
+    client = Client(url, verbose=False, download_files=False)
+    job = client.submit("a cat on a mat", "", STEPS, 7.5, "DDIM", False, 0, SIZE, SIZE, None, 0.8,
+                        True, generate.TAESD_PREVIEW, api_name="/generate")
+    job.result(timeout=120)
+    updates = [dict(zip(generate.OUTPUTS, values, strict=True)) for values in job.outputs()]
+    start, *steps, last = updates
+    assert start["status"].startswith(f"Running {STEPS} steps.") and len(steps) == STEPS
+    saved = dict(sorted(load(fetch(last["downloads"][1])).items()))  # step_000 ... step_004
+    assert len(saved) == STEPS + 1
+
+    # each step's x0, from the pipeline's own run with the same settings in this process
+    x0s: list[torch.Tensor] = []
+    MODELS.pipeline(True)("a cat on a mat", "", STEPS, 7.5, SIZE, SIZE,
+                          torch.Generator().manual_seed(0), "ddim",
+                          callback=lambda i, t, state: x0s.append(state.pred_original[0].cpu()))
+    assert len(x0s) == STEPS
+
+    close(picture(start["step_preview"]), taesd_picture(saved["step_000"][0]))
+    for i, update in enumerate(steps):
+        close(picture(update["step_preview"]), taesd_picture(saved[f"step_{i + 1:03d}"][0]))
+        close(picture(update["x0_preview"]), taesd_picture(x0s[i]))
+    close(picture(last["step_preview"]), taesd_picture(saved[f"step_{STEPS:03d}"][0]))
+    # the linear map would have drawn something else
+    linear = linear_picture(saved["step_001"][0])
+    assert not np.array_equal(picture(steps[0]["step_preview"]), linear)
+
+
+def test_the_linear_map_stays_the_default(url):
+    """A client that sends the twelve values of before gets the linear preview."""
+    client = Client(url, verbose=False, download_files=False)
+    parameters = client.view_api(print_info=False, return_format="dict")[
+        "named_endpoints"]["/generate"]["parameters"]
+    assert parameters[-1]["parameter_default"] == generate.LINEAR_PREVIEW
+    job = client.submit("a cat", "", 1, 7.5, "DDIM", False, 0, SIZE, SIZE, None, 0.8, True,
+                        api_name="/generate")
+    job.result(timeout=120)
+    start = dict(zip(generate.OUTPUTS, job.outputs()[0], strict=True))
+    assert start["step_preview"] is not None
+    saved = load(fetch(dict(zip(generate.OUTPUTS, job.outputs()[-1], strict=True))
+                       ["downloads"][1]))
+    expected = linear_picture(saved["step_000"][0])
+    np.testing.assert_array_equal(picture(start["step_preview"]), expected)
