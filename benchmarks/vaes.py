@@ -7,9 +7,9 @@ no quant convs), and, where ``sd_parts`` has ``AutoencoderTiny``, TAESD (TAESDXL
 TAESD3 (TAEF1's). The cases run interleaved, the order rotating every round; the median of the
 rounds and its ratio to diffusers are reported, with the PSNR of the images against diffusers'.
 
-    python benchmarks/vaes.py                 # time table: ~4 minutes on 2 cores
+    python benchmarks/vaes.py                 # time table: ~9 minutes on 2 cores
     python benchmarks/vaes.py --rounds 1
-    python benchmarks/vaes.py --memory        # peak memory with every model kept loaded
+    python benchmarks/vaes.py --memory        # every model kept loaded: ~2 minutes
 
 ``--memory`` runs, in a fresh process per library and number type, what an app that offers them
 all does: load each model, encode + decode one image with it, and keep it loaded. It prints the
