@@ -163,17 +163,21 @@ def vae_source(choice: str) -> tuple[str, str | None]:
     return VAE_SOURCES.get(choice, (choice, None))
 
 
+def random_config(configs: dict[str, object], choice: str, what: str, weights: str) -> object:
+    """The configuration a label builds with random weights, or a message naming the labels."""
+    if choice not in configs:
+        raise loading.ModelUnavailable(f"No {what} is called {choice!r}; with --weights {weights} "
+                                       f"the choices are {', '.join(configs)}.")
+    return configs[choice]
+
+
 # Room for every VAE of the catalogue in both modes: a comparison keeps them all loaded. Each
 # SD-family VAE is 84 M parameters, 335 MB in float32 (168 MB in bfloat16).
 @functools.lru_cache(maxsize=2 * len(VAE_SOURCES) + 2)
 def get_vae(settings: Settings, choice: str, exact: bool) -> sd_parts.AutoencoderKL:
     dtype = torch.float32 if exact else sd_parts.fast_dtype("cpu")
     if settings.random:
-        config = RANDOM_VAES[settings.weights].get(choice)
-        if config is None:
-            raise loading.ModelUnavailable(
-                f"No VAE is called {choice!r}; with --weights {settings.weights} the choices are "
-                f"{', '.join(RANDOM_VAES[settings.weights])}.")
+        config = random_config(RANDOM_VAES[settings.weights], choice, "VAE", settings.weights)
         torch.manual_seed(0)
         return sd_parts.AutoencoderKL(config).eval().requires_grad_(False).to(dtype)
     source, subfolder = vae_source(choice)
@@ -186,11 +190,8 @@ def get_vae(settings: Settings, choice: str, exact: bool) -> sd_parts.Autoencode
 def get_tiny_vae(settings: Settings, choice: str, exact: bool) -> sd_parts.AutoencoderTiny:
     dtype = torch.float32 if exact else sd_parts.fast_dtype("cpu")
     if settings.random:
-        config = RANDOM_TINY_VAES[settings.weights].get(choice)
-        if config is None:
-            raise loading.ModelUnavailable(
-                f"No tiny autoencoder is called {choice!r}; with --weights {settings.weights} the "
-                f"choices are {', '.join(RANDOM_TINY_VAES[settings.weights])}.")
+        config = random_config(RANDOM_TINY_VAES[settings.weights], choice, "tiny autoencoder",
+                               settings.weights)
         torch.manual_seed(0)
         return sd_parts.AutoencoderTiny(config).eval().requires_grad_(False).to(dtype)
     source = TINY_VAE_SOURCES.get(choice)

@@ -10,6 +10,7 @@ in ``Server.outbound``, so a test can prove that nothing leaves the machine.
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import subprocess
@@ -22,11 +23,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import numpy as np
 import psutil
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 120  # importing torch and gradio on a busy 2-core machine takes a while
 STOP_TIMEOUT_S = 15
+
+
+def fetch(value: dict) -> bytes:
+    """The bytes of a file output as gradio_client returns it with download_files=False."""
+    response = httpx.get(value["url"], timeout=30, trust_env=False)
+    response.raise_for_status()
+    return response.content
+
+
+def picture(value: dict) -> np.ndarray:
+    """An image output's pixels (H, W, 3)."""
+    return np.asarray(Image.open(io.BytesIO(fetch(value))).convert("RGB"))
 
 
 def free_port() -> int:

@@ -21,7 +21,7 @@ from safetensors.torch import load
 
 import app
 from tests.conftest import reference_text_encoder, tiny_reference_vae
-from tests.serve import free_port
+from tests.serve import fetch, free_port, picture
 from ui import server
 from ui.tabs import generate
 from viz import diffusion, latents, pixels
@@ -53,16 +53,6 @@ def client(url) -> Client:
     """A visitor of their own (a session of their own). Files are fetched only when looked at:
     downloading every streamed picture would take most of the test's time."""
     return Client(url, verbose=False, download_files=False)
-
-
-def fetch(value: dict) -> bytes:
-    response = httpx.get(value["url"], timeout=30, trust_env=False)
-    response.raise_for_status()
-    return response.content
-
-
-def picture(value: dict) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(fetch(value))).convert("RGB"))
 
 
 def step_latents(value: dict) -> dict[str, torch.Tensor]:

@@ -4,18 +4,14 @@ stays the default, so clients that do not name a preview are served as before.""
 
 from __future__ import annotations
 
-import io
-
-import httpx
 import numpy as np
 import pytest
 import torch
 from gradio_client import Client
-from PIL import Image
 from safetensors.torch import load
 
 import app
-from tests.serve import free_port
+from tests.serve import fetch, free_port, picture
 from ui import server
 from ui.tabs import generate
 from viz import diffusion, latents
@@ -34,16 +30,6 @@ def url():
         yield f"http://127.0.0.1:{port}/"
     finally:
         demo.close()
-
-
-def fetch(value: dict) -> bytes:
-    response = httpx.get(value["url"], timeout=30, trust_env=False)
-    response.raise_for_status()
-    return response.content
-
-
-def picture(value: dict) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(fetch(value))).convert("RGB"))
 
 
 def taesd_picture(latent: torch.Tensor) -> np.ndarray:
