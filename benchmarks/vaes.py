@@ -40,7 +40,7 @@ from generation import cpu_name  # noqa: E402
 from memory import current_rss_mb, peak_rss_mb  # noqa: E402
 
 import sd_parts  # noqa: E402
-from tests.test_vae_family import diffusers_vae  # noqa: E402
+from tests.conftest import diffusers_vae  # noqa: E402
 from viz.metrics import psnr  # noqa: E402
 
 IMPLS = ("reference", "exact", "fast")

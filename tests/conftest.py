@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import sd_parts
+
 
 def reference_vae(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32):
     from diffusers import AutoencoderKL
@@ -22,6 +24,30 @@ def reference_vae(block_out_channels=(128, 256, 512, 512), layers_per_block=2, n
         norm_num_groups=norm_num_groups,
         latent_channels=4,
         sample_size=512,
+    ).eval()
+
+
+def diffusers_vae(config: sd_parts.VAEConfig, seed: int = 0) -> torch.nn.Module:
+    """diffusers' AutoencoderKL with the fields of ``config``, seeded. A config without a shift
+    passes none (null in its config.json), as SDXL's file has."""
+    from diffusers import AutoencoderKL
+
+    levels = len(config.block_out_channels)
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=config.in_channels,
+        out_channels=config.out_channels,
+        down_block_types=["DownEncoderBlock2D"] * levels,
+        up_block_types=["UpDecoderBlock2D"] * levels,
+        block_out_channels=list(config.block_out_channels),
+        layers_per_block=config.layers_per_block,
+        latent_channels=config.latent_channels,
+        norm_num_groups=config.norm_num_groups,
+        sample_size=1024,
+        scaling_factor=config.scaling_factor,
+        shift_factor=config.shift_factor or None,
+        use_quant_conv=config.use_quant_conv,
+        use_post_quant_conv=config.use_post_quant_conv,
     ).eval()
 
 

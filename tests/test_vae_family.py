@@ -15,33 +15,10 @@ from huggingface_hub.utils import hf_raise_for_status
 import sd_parts
 from sd_parts import FLUX_VAE, SD3_VAE, SDXL_VAE, TINY_VAE, VAEConfig, WeightsError, load_vae
 from sd_parts import weights as weights_module
+from tests.conftest import diffusers_vae
 
 TOL = 1e-4
 FAMILY = {"sdxl": SDXL_VAE, "sd3": SD3_VAE, "flux": FLUX_VAE}
-
-
-def diffusers_vae(config: VAEConfig, seed: int = 0) -> torch.nn.Module:
-    """diffusers' AutoencoderKL with the fields of ``config``, seeded. A config without a shift
-    passes none (null in its config.json), as SDXL's file has."""
-    from diffusers import AutoencoderKL
-
-    levels = len(config.block_out_channels)
-    torch.manual_seed(seed)
-    return AutoencoderKL(
-        in_channels=config.in_channels,
-        out_channels=config.out_channels,
-        down_block_types=["DownEncoderBlock2D"] * levels,
-        up_block_types=["UpDecoderBlock2D"] * levels,
-        block_out_channels=list(config.block_out_channels),
-        layers_per_block=config.layers_per_block,
-        latent_channels=config.latent_channels,
-        norm_num_groups=config.norm_num_groups,
-        sample_size=1024,
-        scaling_factor=config.scaling_factor,
-        shift_factor=config.shift_factor or None,
-        use_quant_conv=config.use_quant_conv,
-        use_post_quant_conv=config.use_post_quant_conv,
-    ).eval()
 
 
 @pytest.mark.parametrize("name", list(FAMILY))
