@@ -23,7 +23,7 @@ import torch
 
 import sd_parts
 from sd_parts.schedulers import read_scheduler_config
-from sd_parts.weights import TEXT_ENCODER_LAYOUT, UNET_LAYOUT, VAE_LAYOUT
+from sd_parts.weights import TEXT_ENCODER_LAYOUT, TINY_VAE_LAYOUT, UNET_LAYOUT, VAE_LAYOUT
 from ui import loading, server
 from ui.tabs import compare, generate, how_it_works, image, prompt, prompt_lab
 
@@ -292,15 +292,22 @@ class Models:
 
 
 def downloads(settings: Settings) -> list[loading.Download]:
-    """What the first requests will need from the Hub: the first VAE and the text encoder."""
+    """What the first requests will need from the Hub: SD v1.5's VAE, text encoder and UNet,
+    then what the comparison ticks at first (the last VAE of the menu and TAESD)."""
     if settings.random:
         return []
-    choice = settings.vae_choices[0]
-    source, subfolder = vae_source(choice)
-    return [loading.Download(f"the VAE ({choice})", source, subfolder, VAE_LAYOUT),
-            loading.Download("the text encoder", settings.text_encoder, None,
-                             TEXT_ENCODER_LAYOUT),
-            loading.Download("the UNet", sd_parts.DEFAULT_REPO, "unet", UNET_LAYOUT, UNET_VARIANT)]
+    first, last = settings.vae_choices[0], settings.vae_choices[-1]
+    wanted = [loading.Download(f"the VAE ({first})", *vae_source(first), VAE_LAYOUT),
+              loading.Download("the text encoder", settings.text_encoder, None,
+                               TEXT_ENCODER_LAYOUT),
+              loading.Download("the UNet", sd_parts.DEFAULT_REPO, "unet", UNET_LAYOUT,
+                               UNET_VARIANT)]
+    if last != first:
+        wanted.append(loading.Download(f"the VAE ({last})", *vae_source(last), VAE_LAYOUT))
+    taesd = settings.tiny_vae_choices[0]
+    wanted.append(loading.Download(f"the tiny autoencoder ({taesd})", TINY_VAE_SOURCES[taesd],
+                                   None, TINY_VAE_LAYOUT))
+    return wanted
 
 
 # ---------------------------------------------------------------------------------------------

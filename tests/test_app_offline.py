@@ -108,6 +108,9 @@ def test_prefetch_starts_only_when_something_is_missing(empty_cache, unreachable
     downloads = app.downloads(HUB)
     assert [(d.what, d.source) for d in downloads][:2] == [
         ("the VAE (SD v1.5 VAE)", SD_REPO), ("the text encoder", SD_REPO)]
+    # then what the comparison ticks at first besides SD v1.5's VAE: a 16-channel VAE and TAESD
+    assert [(d.source, d.subfolder) for d in downloads][3:] == [
+        ("black-forest-labs/FLUX.1-schnell", "vae"), ("madebyollin/taesd", None)]
     assert app.downloads(app.Settings(weights="random")) == []
     local = loading.Download("a local VAE", str(tmp_path), None, downloads[0].layout)
     assert local.cached() and loading.start_prefetch([local], app.HUB, said.append) is None
