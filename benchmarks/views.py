@@ -11,6 +11,9 @@ neighbour slows both alike; the ratios are the medians of the rounds' ratios.
   Target: at most 3x.
 - Image tab: the time of ``encode_image`` at 384 px against the VAE's own encode + decode of the
   same image in the same mode. Target: the views add at most 15%.
+- Compare tab: ``compare`` with the VAEs it ticks at first (SD v1's, FLUX.1's 16-channel one and
+  TAESD) against their own encode + decode of the same image.
+- Prompt lab: ``compare_prompts`` against the text encoder's pass over both prompts.
 
     python benchmarks/views.py               # ~2 minutes on 2 cores
     python benchmarks/views.py --rounds 7
@@ -34,7 +37,7 @@ import app  # noqa: E402
 import sd_parts  # noqa: E402
 from tests.serve import free_port  # noqa: E402
 from ui import server  # noqa: E402
-from ui.tabs import image, prompt  # noqa: E402
+from ui.tabs import compare, image, prompt  # noqa: E402
 from viz import pixels, upload  # noqa: E402
 
 PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
@@ -100,6 +103,29 @@ def main() -> None:
         vae_s, image_s, image_ratio = paired(round_trip, lambda _: client.predict(
             handle_file(str(EXAMPLE)), settings.vae_choices[0], args.size, "crop", image.MEAN, 0,
             True, exact, api_name="/encode_image"), args.rounds)
+
+        # the comparison's first choices, each VAE's own round trip on the same image
+        ticked = [settings.vae_choices[0], settings.vae_choices[-1], settings.tiny_vae_choices[0]]
+        vaes = [models.vae(c, exact) for c in ticked[:2]] + [models.tiny_vae(ticked[2], exact)]
+
+        def round_trips(_: int) -> object:
+            return [compare.round_trip(v, fitted) for v in vaes]
+
+        vaes_s, compare_s, compare_ratio = paired(round_trips, lambda _: client.predict(
+            handle_file(str(EXAMPLE)), args.size, ticked, exact, 64, api_name="/compare"),
+            args.rounds)
+
+        # two prompts through the text encoder, as the prompt lab runs them
+        pair_ids = torch.tensor([read.ids, prompt.read_tokens(models.tokenizer(),
+                                                              PROMPT + ", at night").ids])
+
+        def encode_pair(_: int) -> object:
+            with torch.inference_mode():
+                return encoder(pair_ids, output_hidden_states=True)
+
+        pair_s, lab_s, lab_ratio = paired(encode_pair, lambda i: client.predict(
+            f"{PROMPT}, take {i + 1}", f"{PROMPT}, take {i + 1}, at night", True,
+            api_name="/compare_prompts"), args.rounds)
     finally:
         client.close()
         demo.close()
@@ -116,6 +142,10 @@ def main() -> None:
     print(f"| image tab {fitted.width}x{fitted.height}, {mode} | {image_s * 1000:,.0f} ms | VAE "
           f"encode + decode {vae_s * 1000:,.0f} ms | {100 * (image_ratio - 1):+.0f}% | at "
           "most +15% |")
+    print(f"| compare tab, {len(ticked)} VAEs, {mode} | {compare_s * 1000:,.0f} ms | their "
+          f"encode + decode {vaes_s * 1000:,.0f} ms | {100 * (compare_ratio - 1):+.0f}% | - |")
+    print(f"| prompt lab, two prompts compared | {lab_s * 1000:,.0f} ms | text encoder, both "
+          f"{pair_s * 1000:,.0f} ms | {lab_ratio:.2f}x | - |")
 
 
 if __name__ == "__main__":
