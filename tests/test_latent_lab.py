@@ -1,21 +1,29 @@
 """The image tab's latent experiments through gradio_client, on the app served with tiny random
 weights, for the 4-channel and the 16-channel tiny VAE: where one latent pixel reaches, channel
-edits, interpolation, and a message for every bad input. Pictures are read back pixel by pixel."""
+edits, interpolation, and a message for every bad input; and, with every VAE encode counted in an
+app of the image tab served in this process, that they start from the tab's own latent. Pictures
+are read back pixel by pixel."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
+import gradio as gr
 import numpy as np
 import pytest
+import torch
 from gradio_client import Client, handle_file
 from PIL import Image
+from safetensors import safe_open
 
 import app
+import sd_parts
+from tests.serve import free_port
+from ui import server
 from ui.shared import LABEL_ROOM
 from ui.tabs import image, latent_lab
-from viz import experiments
+from viz import experiments, pixels
 
 VAES = list(app.RANDOM_VAES["tiny"])  # the 4-channel tiny VAE, then the 16-channel one
 CHANNELS = {VAES[0]: 4, VAES[1]: 16}
@@ -167,3 +175,44 @@ def test_bad_input_gets_a_message(client, pictures):
     status, _ = client.predict(*settings(None, vae), handle_file(str(pictures[1])), 5,
                                api_name="/interpolate")
     assert "encode it first" in status
+
+
+def test_the_experiments_start_from_the_tabs_latent(pictures, monkeypatch, tmp_path):
+    """After the tab's encode, an experiment decodes the tab's latent and encodes nothing."""
+    encodes = []
+    plain_encode = sd_parts.AutoencoderKL.encode
+
+    def counted(vae: sd_parts.AutoencoderKL, images: torch.Tensor, tiled: bool = False
+                ) -> sd_parts.DiagonalGaussian:
+        encodes.append(tuple(images.shape))
+        return plain_encode(vae, images, tiled=tiled)
+
+    monkeypatch.setattr(sd_parts.AutoencoderKL, "encode", counted)
+    models = app.Models(app.Settings(weights="tiny"))
+    with gr.Blocks(delete_cache=models.settings.delete_cache) as demo:  # the image tab alone
+        image.build(models)
+    port = free_port()
+    server.launch(demo, server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=str(tmp_path))
+        vae = VAES[0]
+        source = settings(pictures[0], vae)
+        tab = dict(zip(image.OUTPUTS, client.predict(*source[:-1], True, True,
+                                                     api_name="/encode_image"), strict=True))
+        assert len(encodes) == 1  # the tab's: so each encode of the app's VAE is counted
+        with safe_open(tab["downloads"][0], "pt") as f:
+            latent = f.get_tensor("latent")[0]  # the tab's latent, as it offers it
+        rows = latent_lab.zero_row(latent_lab.default_table(4), "channel 1")
+        table = {"headers": latent_lab.TABLE_HEADERS, "data": rows, "metadata": None}
+        status, edited, plain, _ = client.predict(*source, table, api_name="/edit_channels")
+        assert "Edited channel 1" in status and len(encodes) == 1  # decodes only
+        # the edited picture is the decode of the tab's latent, edited
+        model = models.vae(vae, True)
+        scales, shifts = latent_lab.parse_table(rows, 4)
+        expected = model.decode(experiments.edit_channels(latent, scales, shifts,
+                                                          model.config.shift_factor)[None])
+        np.testing.assert_array_equal(pixels_of(edited),
+                                      np.asarray(pixels.tensor_to_image(expected)))
+        np.testing.assert_array_equal(pixels_of(plain), pixels_of(tab["reconstruction"]))
+    finally:
+        demo.close()

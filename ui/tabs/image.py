@@ -3,17 +3,21 @@
 ``encode_image`` does the work and yields the views by output name: the latent first (with the
 instant preview), then the reconstruction. ``build`` lays the tab out and maps names to
 components. Every picture comes from ``viz``; the VAE's channels and downscale come from its
-config, so any VAE the app loads is shown right.
+config, so any VAE the app loads is shown right. The latent and its decode are handed to the
+experiments under the tab (``ui/tabs/latent_lab.py``) as an ``Encoded``, so they start from the
+tab's latent instead of encoding the image again.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import gradio as gr
+import numpy as np
 import torch
 from PIL import Image
 
@@ -44,10 +48,53 @@ def latent_space(config: sd_parts.VAEConfig) -> tuple[float, float]:
     return config.scaling_factor, config.shift_factor
 
 
+@dataclass(frozen=True)
+class Source:
+    """The tab's settings that make a latent: which image, VAE, size and latent kind."""
+
+    path: str | None
+    choice: str
+    max_side: int
+    fit: str
+    latent_kind: str
+    seed: int | None
+    exact: bool
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One image through the VAE as this tab does it: the latent and its plain decode. The
+    latent experiments keep it, keyed by ``source`` and ``size``, and start from it."""
+
+    source: Source
+    size: tuple[int, int] | None  # None: fitted as the tab fits it; else made (width, height)
+    latent: torch.Tensor  # (C, h, w) float32: the posterior mean or the seeded sample
+    decoded: torch.Tensor  # (3, H, W) float32 in about [-1, 1], not yet clamped
+    fitted: Image.Image  # what the encoder saw
+    note: str  # how the upload was brought to the encoder's size
+    downscale: int
+    space: tuple[float, float]  # (scaling_factor, shift_factor)
+    tiled: bool
+
+    @property
+    def reconstruction(self) -> np.ndarray:
+        """The plain decode as the tab shows it: (H, W, 3) uint8."""
+        return np.asarray(pixels.tensor_to_image(self.decoded))
+
+
+def choose_latent(posterior: sd_parts.DiagonalGaussian, latent_kind: str, seed: int | None
+                  ) -> torch.Tensor:
+    """The latent (C, h, w) to decode: the posterior mean, or a sample seeded by ``seed``."""
+    if latent_kind == SAMPLE:
+        return posterior.sample(torch.Generator().manual_seed(int(seed)))[0]
+    return posterior.mean[0]
+
+
 def encode_image(models: Models, path: str | None, choice: str, max_side: int, fit: str,
                  latent_kind: str, seed: int, shared_scale: bool, exact: bool
                  ) -> Iterator[dict[str, object]]:
-    """Yield the latent's views, then all views with the reconstruction, keyed by OUTPUTS.
+    """Yield the latent's views, then all views with the reconstruction, keyed by OUTPUTS; the
+    last also holds "encoded", the ``Encoded`` the latent experiments start from.
 
     Tensors stay float32 here: the VAE casts to its own dtype (bfloat16 in fast mode) and back.
     """
@@ -65,17 +112,15 @@ def encode_image(models: Models, path: str | None, choice: str, max_side: int, f
     tiled = fitted.width * fitted.height > TILE_ABOVE_PIXELS
     start = time.perf_counter()
     posterior = vae.encode(pixels.image_to_tensor(fitted), tiled=tiled)
-    if latent_kind == SAMPLE:
-        latent = posterior.sample(torch.Generator().manual_seed(int(seed)))[0]
-    else:
-        latent = posterior.mean[0]
+    latent = choose_latent(posterior, latent_kind, seed)
     encode_s = time.perf_counter() - start
     latent_views = _latent_views(latent, posterior.std[0], fitted, size_note, space,
                                  vae.downscale, shared_scale)
     yield latent_views | {"metrics": f"Encoded in {encode_s:.2f} s. Decoding..."}
 
     start = time.perf_counter()
-    reconstruction = pixels.tensor_to_image(vae.decode(latent[None], tiled=tiled)[0])
+    decoded = vae.decode(latent[None], tiled=tiled)[0]
+    reconstruction = pixels.tensor_to_image(decoded)
     decode_s = time.perf_counter() - start
     max_age = models.settings.output_max_age
     latent_file = export.latent_to_safetensors(latent, space[0], fitted.size,
@@ -95,6 +140,8 @@ def encode_image(models: Models, path: str | None, choice: str, max_side: int, f
         "error": metrics.error_view(fitted, reconstruction),
         "metrics": f"{_quality(fitted, reconstruction)} · {timing}",
         "downloads": [str(latent_file), str(png_file)],
+        "encoded": Encoded(Source(path, choice, max_side, fit, latent_kind, seed, exact), None,
+                           latent, decoded, fitted, size_note, vae.downscale, space, tiled),
     }
 
 
@@ -185,23 +232,28 @@ def build(models: Models) -> None:
             out["downloads"] = gr.File(label="Downloads: latent (.safetensors), reconstruction "
                                        "(.png)", file_count="multiple")
 
-    def encode(path, choice, max_side, fit, latent_kind, seed, shared_scale, exact,
+    from ui.tabs import latent_lab  # imported here: latent_lab reads this module's settings
+
+    # built first: the tab's encode fills the experiments' cache (a gr.State) with its latent
+    lab = latent_lab.build(models, [image_file, choice, max_side, fit, latent_kind, seed, exact],
+                           out["preview"], out["stats"])
+
+    def encode(path, choice, max_side, fit, latent_kind, seed, shared_scale, exact, lab_value,
                progress=gr.Progress(track_tqdm=True)):  # track_tqdm: Hub downloads show here
         files = PictureFiles(settings.output_max_age)
         try:
             for views in encode_image(models, path, choice, max_side, fit, latent_kind, seed,
                                       shared_scale, exact):
-                yield {out[name]: files(views.get(name)) for name in OUTPUTS}
+                answer = {out[name]: files(views.get(name)) for name in OUTPUTS}
+                if "encoded" in views:
+                    answer[lab] = latent_lab.remember(lab_value, views["encoded"])
+                yield answer
         finally:  # Gradio asks for the next answer only after sending this one
             files.remove()
 
-    inputs = [image_file, choice, max_side, fit, latent_kind, seed, shared_scale, exact]
-    outputs = [out[name] for name in OUTPUTS]
+    inputs = [image_file, choice, max_side, fit, latent_kind, seed, shared_scale, exact, lab]
+    outputs = [*(out[name] for name in OUTPUTS), lab]
     gr.on([run.click, image_file.upload, latent_kind.change], encode, inputs, outputs,
           api_name="encode_image", concurrency_id="models", concurrency_limit=1)
     examples.load_input_event.then(encode, inputs, outputs, api_visibility="private",
                                    concurrency_id="models", concurrency_limit=1)
-    from ui.tabs import latent_lab  # imported here: latent_lab reads this module's settings
-
-    latent_lab.build(models, [image_file, choice, max_side, fit, latent_kind, seed, exact],
-                     out["preview"], out["stats"])

@@ -3,13 +3,10 @@ carries, and the way from one image's latent to another's.
 
 Each experiment works on the latent the tab shows: the same upload, VAE, size and latent kind
 (posterior mean or seeded sample). The latent and its plain decode are kept per visitor in a
-``gr.State`` (removed after the cache age), keyed by those settings: the first experiment after a
-new encode encodes once more, later ones only decode what they change. The tab's own encode is
-left as it was, so it pays nothing for the experiments. Every picture comes from
-``viz.experiments``.
-
-Length: about 450 lines, because the three experiments share one cache of encodes, one way to
-encode exactly as the tab does, and one accordion; each experiment is a short function.
+``gr.State`` (removed after the cache age), keyed by those settings. The tab's own encode fills
+it with what it made (``remember``), so an experiment only decodes what it changes; it encodes
+only when the settings no longer match the tab's last encode (an API caller that skips the tab,
+or settings changed since). Every picture comes from ``viz.experiments``.
 """
 
 from __future__ import annotations
@@ -22,7 +19,6 @@ from typing import TYPE_CHECKING
 import gradio as gr
 import numpy as np
 import torch
-from PIL import Image
 
 from ui.loading import ModelUnavailable
 from ui.shared import PictureFiles, failure
@@ -31,6 +27,9 @@ from ui.tabs.image import (
     MAX_PIXELS,
     SAMPLE,
     TILE_ABOVE_PIXELS,
+    Encoded,
+    Source,
+    choose_latent,
     latent_space,
 )
 from viz import experiments, metrics, pixels, upload
@@ -48,8 +47,8 @@ MAX_AMOUNT = 10.0  # stds: further out, the decoder sees values it never met
 MAX_EDIT = 10.0  # largest |scale| and |shift| in the channel table
 TABLE_HEADERS = ["channel", "scale", "shift (x channel std)"]
 MAX_POINTS = 11
-INTRO = ("Experiments on the latent above (the same image, VAE, size and latent kind). The first "
-         "one after a new encode encodes the image again, which takes as long as the encode.")
+INTRO = ("Experiments on the latent above (the same image, VAE, size and latent kind): each "
+         "starts from the latent the tab made and decodes only what it changes.")
 SLERP_NOTE = (
     "**Why two rows.** A Gaussian latent in d dimensions lies near a sphere of radius √d; the "
     "straight line between two independent ones cuts inside it (halfway it is only 1/√2 as "
@@ -65,43 +64,17 @@ class LabError(ValueError):
 
 
 @dataclass(frozen=True)
-class Source:
-    """The image tab's settings an experiment reads: which image, VAE, size and latent."""
-
-    path: str | None
-    choice: str
-    max_side: int
-    fit: str
-    latent_kind: str
-    seed: int | None
-    exact: bool
-
-
-@dataclass(frozen=True)
-class Encoded:
-    """One image through the VAE, as the tab did it: the latent and its plain decode."""
-
-    key: tuple
-    latent: torch.Tensor  # (C, h, w) float32: the posterior mean or the seeded sample
-    decoded: torch.Tensor  # (3, H, W) float32 in about [-1, 1], not yet clamped
-    fitted: Image.Image  # what the encoder saw
-    note: str  # how the upload was brought to the encoder's size
-    downscale: int
-    space: tuple[float, float]  # (scaling_factor, shift_factor)
-    tiled: bool
-
-    @property
-    def reconstruction(self) -> np.ndarray:
-        """The plain decode as the tab shows it: (H, W, 3) uint8."""
-        return np.asarray(pixels.tensor_to_image(self.decoded))
-
-
-@dataclass(frozen=True)
 class Lab:
     """A visitor's cached encodes: the tab's image, and the second image of the interpolation."""
 
     first: Encoded | None = None
     second: Encoded | None = None
+
+
+def remember(lab: Lab | None, encoded: Encoded) -> Lab:
+    """The cache with the tab's own encode as the first image, so that the next experiment
+    decodes only."""
+    return replace(lab or Lab(), first=encoded)
 
 
 def encode(models: Models, source: Source, cached: Encoded | None,
@@ -114,8 +87,7 @@ def encode(models: Models, source: Source, cached: Encoded | None,
         raise LabError("Upload an image (or click an example) and encode it first.")
     if source.latent_kind == SAMPLE and source.seed is None:
         raise LabError("Fill in the seed for the sample.")
-    key = (source, size)
-    if cached is not None and cached.key == key:
+    if cached is not None and (cached.source, cached.size) == (source, size):
         return cached
     try:
         image = upload.load_image(source.path, MAX_PIXELS)
@@ -129,13 +101,10 @@ def encode(models: Models, source: Source, cached: Encoded | None,
         raise LabError(str(exc)) from exc
     tiled = fitted.width * fitted.height > TILE_ABOVE_PIXELS  # as the tab decides
     posterior = vae.encode(pixels.image_to_tensor(fitted), tiled=tiled)
-    if source.latent_kind == SAMPLE:
-        latent = posterior.sample(torch.Generator().manual_seed(int(source.seed)))[0]
-    else:
-        latent = posterior.mean[0]
+    latent = choose_latent(posterior, source.latent_kind, source.seed)
     decoded = vae.decode(latent[None], tiled=tiled)[0]
-    return Encoded(key, latent, decoded, fitted, note, vae.downscale, latent_space(vae.config),
-                   tiled)
+    return Encoded(source, size, latent, decoded, fitted, note, vae.downscale,
+                   latent_space(vae.config), tiled)
 
 
 def decode(models: Models, source: Source, encoded: Encoded, latent: torch.Tensor
@@ -315,8 +284,9 @@ def zero_row(table: Sequence[Sequence[object]] | None, channel: str | None
 
 
 def build(models: Models, source: Sequence[gr.components.Component], preview: gr.Image,
-          stats: gr.Dataframe) -> None:
-    """The experiments, inside an open ``gr.Blocks`` under the image tab.
+          stats: gr.Dataframe) -> gr.State:
+    """The experiments, inside an open ``gr.Blocks`` under the image tab; returns the visitor's
+    cache (a ``Lab``), for the tab's encode to fill with ``remember``.
 
     ``source`` is the tab's image, VAE choice, longer side, fit, latent kind, seed and exact
     mode, in the order of ``Source``; ``preview`` is the latent preview, shown again here for
@@ -449,3 +419,4 @@ def build(models: Models, source: Sequence[gr.components.Component], preview: gr
 
     mix_button.click(run_interpolate, [*inputs, second, points], [*mix.values(), lab],
                      api_name="interpolate", **busy)
+    return lab
