@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -187,6 +188,30 @@ def test_stop_ends_the_run_and_keeps_the_steps_made(client):
     assert len(step_latents(last["downloads"][1])) == made + 1  # and kept
     assert picture(last["final"]).shape == (SIZE, SIZE, 3)
     assert client.predict(api_name="/stop") == "Nothing is running."
+
+
+def test_the_scrubber_spans_the_steps_made():
+    """After a run the scrubber reaches its last step, after a stopped run the last step made;
+    it stands there and shows that step as the run's last update did."""
+    def last_views(steps: int, stop_after: int | None = None) -> dict:
+        stop = threading.Event()
+        request = generate.parse_request("a cat", "", steps, 7.5, "DDIM", False, 0, SIZE, SIZE,
+                                         None, 0.8, 2)
+        for views in generate.generate(MODELS, request, True, stop):
+            if stop_after is not None and views["status"].startswith(f"Step {stop_after} of"):
+                stop.set()
+        return views
+
+    assert generate.scrubber_after_run(None) == {}  # before any run: as it is
+    done, stopped = last_views(3), last_views(100, stop_after=2)
+    made = int(stopped["status"].split()[2])
+    assert stopped["status"].startswith(f"Stopped after {made} of 100") and made < 100
+    for views, last in ((done, 3), (stopped, made)):
+        after = generate.scrubber_after_run(views["record"])
+        assert (after["scrubber"].maximum, after["scrubber"].value) == (last, last)
+        assert after["scrub_note"].startswith(f"After step {last} of {last} ")
+        np.testing.assert_array_equal(after["scrub_latent"], views["step_preview"])
+        np.testing.assert_array_equal(after["scrub_x0"], views["x0_preview"])
 
 
 @pytest.fixture(scope="module")

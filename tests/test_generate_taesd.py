@@ -1,6 +1,7 @@
 """The generation tab's TAESD preview, on the tiny app through gradio_client: every streamed
-latent and x0 picture is what SD v1's TAESD draws from that step's tensors, and the linear map
-stays the default, so clients that do not name a preview are served as before."""
+latent and x0 picture, the scrubber's and the strip of steps are what SD v1's TAESD draws from
+that step's tensors, "decode this step" stays the full VAE, and the linear map stays the default,
+so clients that do not name a preview are served as before."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from safetensors.torch import load
 import app
 from tests.serve import fetch, free_port, picture
 from ui import server
+from ui.shared import LABEL_ROOM
 from ui.tabs import generate
 from viz import diffusion, latents
 
@@ -89,6 +91,19 @@ def test_streamed_previews_are_taesd_decodes_of_the_step_latents(url):
     # the linear map would have drawn something else
     linear = linear_picture(saved["step_001"][0])
     assert not np.array_equal(picture(steps[0]["step_preview"]), linear)
+
+    # the strip of chosen steps' x0 and the scrubber draw as the run did
+    chosen = diffusion.strip_steps(STEPS)
+    strip = diffusion.step_strip([taesd_picture(x0s[i]) for i in chosen],
+                                 [f"step {i + 1}: x0" for i in chosen])
+    close(picture(last["strip"])[LABEL_ROOM:], strip.pixels)
+    note, latent, x0, _ = client.predict(2, api_name="/scrub")
+    assert note.startswith(f"After step 2 of {STEPS}")
+    close(picture(latent), taesd_picture(saved["step_002"][0]))
+    close(picture(x0), taesd_picture(x0s[1]))
+    # while "decode this step" is the full VAE's: the final image, at the last step
+    decoded = client.predict(STEPS, True, api_name="/decode_step")
+    np.testing.assert_array_equal(picture(decoded), picture(last["final"]))
 
 
 def test_the_linear_map_stays_the_default(url):

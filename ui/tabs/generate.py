@@ -4,10 +4,11 @@
 step finishes (the latent and the clean image it predicts, drawn by a linear colour map or by
 TAESD; the latent's channels; the noise level), then the decoded image, the steps side by side,
 guidance and the word maps. A Stop button, or a client that leaves, ends the run at the next step
-and keeps what was made. Below it, ``ui/tabs/forward.py`` shows the other direction. Every picture
-comes from ``viz.diffusion``.
+and keeps what was made. The scrubber then spans the steps made and draws them as the run did
+(linear map or TAESD); "decode this step" always uses the full VAE. Below it,
+``ui/tabs/forward.py`` shows the other direction. Every picture comes from ``viz.diffusion``.
 
-Length: about 530 lines, because the run, the record it leaves and the controls that read that
+Length: about 560 lines, because the run, the record it leaves and the controls that read that
 record (scrubber, word maps, decode) share one state and one layout; the forward process, which
 shares neither, has its own file.
 """
@@ -68,7 +69,8 @@ PREVIEWS = (LINEAR_PREVIEW, TAESD_PREVIEW)
 # TAESD decodes of a step take 0.09 s beside a 0.81 s UNet step (0.16 s and 1.6 s in float32);
 # a 10-step run took 3-9% longer than with the linear map, as decoding overlaps the next step.
 PREVIEW_INFO = ("TAESD draws each step's latent and x0 with a tiny distilled decoder: 0.09 s per "
-                "step at 256 px on a 2-core CPU, beside a 0.8 s step; a run takes 3-9% longer.")
+                "step at 256 px on a 2-core CPU, beside a 0.8 s step; a run takes 3-9% longer. "
+                "The scrubber and the strip of steps draw with the same choice.")
 # seconds per UNet call per latent pixel, measured by the runs on this machine: the estimate
 # shown before a run starts
 _measured_rate: dict[str, float] = {}
@@ -87,8 +89,8 @@ class RunRecord:
     noise_levels: list[float]
     guidance: float
     size: tuple[int, int]  # (width, height) in pixels
-    rgb_matrix: np.ndarray
     scaling_factor: float  # the VAE's: latents here are in model space, the channel view is raw
+    show: Preview  # how this run draws a latent or x0 (the Preview chosen for it), here and after
     step_maps: list[torch.Tensor] = field(default_factory=list)  # (77, 16, 16) per step
     word_maps: torch.Tensor | None = None  # (77, h, w)
     pieces: list[str] = field(default_factory=list)
@@ -170,6 +172,15 @@ def _load_init_image(path: str, width: int, height: int) -> torch.Tensor:
     return (pixels.image_to_tensor(image) + 1) / 2  # [0, 1], as the pipeline takes it
 
 
+def previewer(tiny_vae: sd_parts.AutoencoderTiny | None, rgb_matrix: np.ndarray,
+              size: tuple[int, int]) -> Preview:
+    """How a run draws a model-space latent (C, h, w) at ``size`` = (width, height): the linear
+    map on the CPU, or TAESD (``tiny_vae``) where it lives, which may be the run's GPU."""
+    if tiny_vae is None:
+        return lambda latent: diffusion.latent_preview(latent.cpu(), rgb_matrix, size)
+    return lambda latent: diffusion.taesd_preview(tiny_vae, latent)
+
+
 def generate(models: Models, request: Request, exact: bool, stop: threading.Event,
              preview: str = LINEAR_PREVIEW) -> Iterator[dict[str, object]]:
     """Yield the views of every step as it finishes, then everything; keyed by OUTPUTS.
@@ -237,14 +248,8 @@ def generate(models: Models, request: Request, exact: bool, stop: threading.Even
     started = time.perf_counter()
     worker = threading.Thread(target=run, name="generate", daemon=True)
     worker.start()
-    record = RunRecord([], [], [], [], [], [], request.guidance, size,
-                       rgb_map.matrix(), scale)
-
-    def show(latent: torch.Tensor) -> np.ndarray:
-        """A model-space latent (C, h, w), on the run's device, as the chosen preview."""
-        if tiny_vae is None:
-            return diffusion.latent_preview(latent.cpu(), record.rgb_matrix, size)
-        return diffusion.taesd_preview(tiny_vae, latent)
+    show = previewer(tiny_vae, rgb_map.matrix(), size)
+    record = RunRecord([], [], [], [], [], [], request.guidance, size, scale, show)
 
     try:
         while True:
@@ -340,8 +345,7 @@ def _chart(levels: list[float], index: int) -> Picture:
 
 def _strip(record: RunRecord) -> object:
     chosen = diffusion.strip_steps(record.steps)
-    previews = [diffusion.latent_preview(record.pred_original[i], record.rgb_matrix, record.size)
-                for i in chosen]
+    previews = [record.show(record.pred_original[i]) for i in chosen]
     return diffusion.step_strip(previews, [f"step {i + 1}: x0" for i in chosen])
 
 
@@ -372,19 +376,19 @@ def word_maps(record: RunRecord, first: int, last: int, resolution: str) -> obje
 
 
 def scrub(record: RunRecord | None, step: float) -> dict[str, object]:
-    """The views of step ``step`` (0: the start noise) of the finished run."""
+    """The views of step ``step`` (0: the start noise) of the finished run, drawn as the run
+    drew its steps."""
     if record is None or not record.steps:
         return {"scrub_latent": None, "scrub_x0": None, "scrub_guidance": None,
                 "scrub_note": "Generate an image first; then every step can be seen here."}
     step = min(max(int(step), 0), record.steps)
-    latent = diffusion.latent_preview(record.latents[step], record.rgb_matrix, record.size)
+    latent = record.show(record.latents[step])
     if step == 0:
         return {"scrub_latent": latent, "scrub_x0": None, "scrub_guidance": None,
                 "scrub_note": "Step 0: the start latent, before the UNet has run."}
     return {
         "scrub_latent": latent,
-        "scrub_x0": diffusion.latent_preview(record.pred_original[step - 1], record.rgb_matrix,
-                                             record.size),
+        "scrub_x0": record.show(record.pred_original[step - 1]),
         "scrub_guidance": _guidance(record, step - 1),
         "scrub_note": (f"After step {step} of {record.steps} (timestep "
                        f"{record.timesteps[step - 1]:g}, noise level σ = "
@@ -392,9 +396,20 @@ def scrub(record: RunRecord | None, step: float) -> dict[str, object]:
     }
 
 
+def scrubber_after_run(record: RunRecord | None) -> dict[str, object]:
+    """After a run, finished or stopped: the scrubber spans the steps it made and stands at the
+    last, with that step's views (the run before may have had as many steps, so the scrubber's
+    own change would not redraw them). Nothing changes without a run that made steps."""
+    if record is None or not record.steps:
+        return {}
+    return {"scrubber": gr.Slider(maximum=record.steps, value=record.steps)} | scrub(
+        record, record.steps)
+
+
 def decode_step(models: Models, record: RunRecord | None, step: float, exact: bool
                 ) -> np.ndarray | None:
-    """The VAE's image of the latent after step ``step`` (the slow, exact view of a step)."""
+    """The full VAE's image of the latent after step ``step``, whichever Preview the run drew
+    with (the slow, exact view of a step)."""
     if record is None or not record.steps:
         return None
     step = min(max(int(step or 0), 0), record.steps)
@@ -467,10 +482,11 @@ def build(models: Models) -> None:
                 with gr.Row():
                     scrub_out["scrub_latent"] = gr.Image(label="Latent", format="png")
                     scrub_out["scrub_x0"] = gr.Image(label="Predicted x0", format="png")
-                    decoded = gr.Image(label="Decoded by the VAE", format="png")
+                    decoded = gr.Image(label="Decoded by the full VAE", format="png")
                 scrub_out["scrub_guidance"] = gr.Image(label="Guidance at this step",
                                                        format="png")
-                decode_button = gr.Button("Decode this step with the VAE")
+                decode_button = gr.Button("Decode this step with the full VAE (exact, "
+                                          "whichever Preview)")
             out["downloads"] = gr.File(label="Downloads: the image (PNG with its settings), the "
                                        "latents of every step (.safetensors)",
                                        file_count="multiple")
@@ -512,9 +528,17 @@ def build(models: Models) -> None:
     start = on_zero_gpu(start)
     generate_inputs = [prompt, negative, steps, guidance, scheduler, karras, seed, width, height,
                        init_image, strength, exact, preview]
+
+    def follow_run(run_record):
+        files = PictureFiles(settings.output_max_age)
+        parts = scrub_out | {"scrubber": scrubber}
+        return {parts[k]: files(v) for k, v in scrubber_after_run(run_record).items()}
+
     gr.on([run.click, prompt.submit], start, generate_inputs,
           [*(out[name] for name in OUTPUTS), record], api_name="generate",
-          concurrency_id="generate", concurrency_limit=1)
+          concurrency_id="generate", concurrency_limit=1).then(
+        follow_run, record, [scrubber, *scrub_out.values()], api_visibility="private",
+        show_progress="hidden")
     stop.click(request_stop, None, out["status"], api_name="stop", queue=False)
 
     def show_step(run_record, step):
