@@ -1,6 +1,7 @@
 """The generation tab in a real browser: Playwright drives Debian's Chromium through what a person
 does. Type a prompt, press Generate and watch the step preview change while the run goes; scrub
-through the steps afterwards; see the word maps; stop a long run part way.
+through the steps afterwards, on a scrubber that spans the steps made; see the word maps; stop a
+long run part way.
 
 Screenshots go to ``test-output/screenshots/``; with ``SD_PARTS_SCREENSHOTS=docs/screenshots``
 the README's picture of the tab is written too. Without Chromium these tests skip on a
@@ -82,6 +83,13 @@ def image_in(page, label: str) -> dict:
         " i.complete && i.naturalWidth ? d() : i.addEventListener('load', d); })")
 
 
+def scrubber_at_the_end(page, last: int) -> None:
+    """Wait until the step scrubber spans steps 0 to ``last`` and stands at ``last``."""
+    page.wait_for_function(
+        "last => { const r = document.querySelector('#step-scrubber input[type=range]');"
+        " return r !== null && r.max === String(last) && r.value === String(last); }", arg=last)
+
+
 def test_generate_shows_each_step_then_the_image(page):
     page.evaluate(WATCH_PREVIEWS)
     page.locator("#generate-prompt textarea").fill("a lighthouse on a cliff at dusk")
@@ -91,6 +99,7 @@ def test_generate_shows_each_step_then_the_image(page):
     page.locator("#generate-button").click()
     done = status(page, r"Done: (\d+) steps")
     assert int(done[1]) == STEPS + 1  # PNDM, the default sampler, repeats one timestep
+    scrubber_at_the_end(page, STEPS + 1)
     final = loaded_image(page, "#final-image")
     assert (final["width"], final["height"]) == (SIDE, SIDE)
     previews = page.evaluate("window.previews")
@@ -127,5 +136,6 @@ def test_stop_ends_a_long_run(page):
     page.locator("#stop-button").click()
     stopped = status(page, r"Stopped after (\d+) of 101 steps")  # PNDM visits one more
     assert int(stopped[1]) < 100
+    scrubber_at_the_end(page, int(stopped[1]))  # the last step made
     loaded_image(page, "#final-image")
     shot(page, "generate-stopped")
