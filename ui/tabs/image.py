@@ -67,7 +67,7 @@ class Encoded:
     latent experiments keep it, keyed by ``source`` and ``size``, and start from it."""
 
     source: Source
-    size: tuple[int, int] | None  # None: fitted as the tab fits it; else made (width, height)
+    size: tuple[int, int] | None  # None: fitted as the tab fits it; else (width, height) made
     latent: torch.Tensor  # (C, h, w) float32: the posterior mean or the seeded sample
     decoded: torch.Tensor  # (3, H, W) float32 in about [-1, 1], not yet clamped
     fitted: Image.Image  # what the encoder saw
@@ -232,7 +232,7 @@ def build(models: Models) -> None:
             out["downloads"] = gr.File(label="Downloads: latent (.safetensors), reconstruction "
                                        "(.png)", file_count="multiple")
 
-    from ui.tabs import latent_lab  # imported here: latent_lab reads this module's settings
+    from ui.tabs import latent_lab  # imported here: latent_lab imports from this module
 
     # built first: the tab's encode fills the experiments' cache (a gr.State) with its latent
     lab = latent_lab.build(models, [image_file, choice, max_side, fit, latent_kind, seed, exact],
