@@ -66,6 +66,19 @@ def test_side_by_side_draws_every_picture_under_its_label() -> None:
     assert view.maps[1].top == view.maps[0].top and view.maps[3].top > view.maps[0].top  # 3 a row
 
 
+@pytest.mark.parametrize("width, per_row", [(128, 4), (256, 4), (384, 2), (512, 2), (1200, 1)])
+def test_a_row_holds_as_many_pictures_as_fit_near_their_own_size(width, per_row) -> None:
+    pictures = [(f"VAE {i}", _picture(width * 3 // 4, width, i)) for i in range(4)]
+    views = [compare.side_by_side(pictures), compare.error_maps_view(pictures[0][1], pictures)]
+    for view in views:
+        tops = [box.top for box in view.maps]
+        assert tops == sorted(tops) and tops.count(tops[0]) == per_row
+        assert view.maps[per_row - 1].left + width <= compare.ROW_WIDTH or per_row == 1
+    # enlarged crops are about CROP_DISPLAY wide: the original and three VAEs in one row
+    crops = compare.crop_view(pictures, compare.crop_box(20, 20, (width, width * 3 // 4), 32))
+    assert len({box.top for box in crops.maps}) == 1
+
+
 def test_error_maps_share_one_colour_scale() -> None:
     original = _picture(32, 48, 0)
     small = np.clip(original.astype(int) + 10, 0, 255).astype(np.uint8)  # error 10 everywhere

@@ -45,7 +45,9 @@ Labelled = tuple[str, np.ndarray | Image.Image]  # (what it is, an RGB picture)
 
 ERROR_CMAP = "magma"
 ERROR_QUANTILE = 0.995  # the shared scale ends at the largest 99.5th percentile of the errors
-COLUMNS = 4  # pictures per row
+ROW_WIDTH = 1080  # pixels: as many pictures a row as fit in this (2 of 512 px, 4 of 256 px), so
+# the page shows each near its own size and its title stays legible; at most MAX_COLUMNS
+MAX_COLUMNS = 4
 CROP_SIDES = (32, 64, 128)  # pixels of the original a crop may cover
 CROP_DISPLAY = 256  # pixels: a crop is enlarged by a whole factor to about this size
 TABLE_HEADERS = ["VAE", "latent shape", "channels", "latent space", "PSNR (dB)", "SSIM",
@@ -73,13 +75,21 @@ def _titled(pixels: np.ndarray, title: str, cell: int = 1) -> Picture:
     return Picture(np.asarray(image), (box,))
 
 
-def side_by_side(pictures: Sequence[Labelled], columns: int = COLUMNS) -> Picture:
+def fitting_columns(panels: Sequence[Picture], width: int = ROW_WIDTH) -> int:
+    """How many of ``panels`` a row holds within ``width`` pixels: at least 1, at most
+    MAX_COLUMNS and the number of panels."""
+    widest = max(panel.pixels.shape[1] for panel in panels)
+    return max(1, min(MAX_COLUMNS, len(panels), (width + 2 * GAP) // (widest + 2 * GAP)))
+
+
+def side_by_side(pictures: Sequence[Labelled], columns: int | None = None) -> Picture:
     """The original and every reconstruction at their own size, each titled, in rows of
-    ``columns``. ``maps`` holds one box per picture, in order, with 1x1-pixel cells."""
+    ``columns`` (by default as many as fit in ROW_WIDTH). ``maps`` holds one box per picture,
+    in order, with 1x1-pixel cells."""
     if not pictures:
         raise ValueError("no pictures to show")
-    return arrange([_titled(_rgb(picture), label) for label, picture in pictures],
-                   min(columns, len(pictures)))
+    panels = [_titled(_rgb(picture), label) for label, picture in pictures]
+    return arrange(panels, min(columns or fitting_columns(panels), len(panels)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,7 +106,7 @@ def shared_error_scale(errors: Sequence[np.ndarray]) -> float:
 
 
 def error_maps_view(original: np.ndarray | Image.Image, reconstructions: Sequence[Labelled],
-                    columns: int = COLUMNS) -> Picture:
+                    columns: int | None = None) -> Picture:
     """|reconstruction - original| (mean over R, G, B) of every VAE on ONE colour scale.
 
     The same colour means the same error in every map, and the colour bar says the scale.
@@ -110,7 +120,8 @@ def error_maps_view(original: np.ndarray | Image.Image, reconstructions: Sequenc
     panels = [heatmap(error, ERROR_CMAP, (0.0, top), (1, 1),
                       title=f"{label}\nmean {error.mean():.2f}, max {error.max():.0f}")
               for (label, _), error in zip(reconstructions, errors, strict=True)]
-    picture = add_colorbar(arrange(panels, min(columns, len(panels))), ERROR_CMAP, (0.0, top),
+    columns = min(columns or fitting_columns(panels), len(panels))
+    picture = add_colorbar(arrange(panels, columns), ERROR_CMAP, (0.0, top),
                            "mean |error| over R, G, B (of 255)")
     worst = max(float(error.max()) for error in errors)
     title = f"Absolute error, one colour scale for all: 0 (black) to {top:.0f} of 255"
@@ -140,7 +151,7 @@ def crop_box(x: float, y: float, size: tuple[int, int], side: int) -> tuple[int,
 
 
 def crop_view(pictures: Sequence[Labelled], box: tuple[int, int, int, int],
-              display: int = CROP_DISPLAY, columns: int = COLUMNS + 1) -> Picture:
+              display: int = CROP_DISPLAY, columns: int | None = None) -> Picture:
     """The same region of every picture, enlarged by one whole factor (nearest neighbour, so
     each pixel is a square block) to about ``display`` pixels, titled, side by side.
 
@@ -158,7 +169,7 @@ def crop_view(pictures: Sequence[Labelled], box: tuple[int, int, int, int],
             raise ValueError(f"the region {box} lies outside {label!r} "
                              f"({pixels.shape[1]}x{pixels.shape[0]})")
         panels.append(_titled(enlarge(pixels[top:bottom, left:right], zoom, zoom), label, zoom))
-    picture = arrange(panels, min(columns, len(panels)))
+    picture = arrange(panels, min(columns or fitting_columns(panels), len(panels)))
     return add_title(picture, f"Pixels x {left}-{right - 1}, y {top}-{bottom - 1}, enlarged "
                               f"{zoom}x (each pixel a {zoom}x{zoom} square)")
 
