@@ -92,6 +92,14 @@ def test_click_enlarges_the_region_in_every_reconstruction(page):
     table = page.locator("#compare-table").inner_text()
     assert all(label in table for label in CHOICES), table  # a row per VAE
     assert SETTINGS.vae_choices[0] not in table  # and none for the one not ticked
+    # every column in view on a wide page: none of the numbers hides off to the right
+    assert page.locator("#compare-table").evaluate(
+        "t => { const view = t.querySelector('.virtual-table-viewport').getBoundingClientRect();"
+        " return [...t.querySelectorAll('th')].every("
+        "  h => h.getBoundingClientRect().right <= view.right + 1); }")
+
+    # the first crop is the centre, and the region's x and y say so
+    assert centre(page) == (SIZE[0] // 2, SIZE[1] // 2)
 
     seen = []
     for x, y in [(30, 25), (130, 100)]:

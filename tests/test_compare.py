@@ -123,8 +123,10 @@ def test_the_crop_enlarges_the_clicked_region_of_every_picture(client, picture) 
             np.testing.assert_array_equal(region, wanted)
         seen.append(shown[0])
     assert not np.array_equal(seen[0], seen[1])  # a new click moved the region
-    # the crop the comparison itself showed is the centre of the image
-    centre = compare.crop_box(SIZE[0] / 2, SIZE[1] / 2, SIZE, 32)
+    # the crop the comparison itself showed is the centre of the image, and the x, y boxes say
+    # so: a new region side then enlarges the same place
+    assert (result["crop_x"], result["crop_y"]) == (SIZE[0] // 2, SIZE[1] // 2)
+    centre = compare.crop_box(result["crop_x"], result["crop_y"], SIZE, 32)
     first = panels(compare.crop_view(labelled, centre), drawn(result["crop"]))[0]
     np.testing.assert_array_equal(first, original[centre[1]:centre[3], centre[0]:centre[2]])
 

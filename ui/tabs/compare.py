@@ -34,8 +34,20 @@ if TYPE_CHECKING:
 
 TITLE = "Compare VAEs"
 SIZES = [256, 384, 512]
-OUTPUTS = ("status", "original", "reconstructions", "errors", "table", "csv", "histogram", "crop")
+OUTPUTS = ("status", "original", "reconstructions", "errors", "table", "csv", "histogram", "crop",
+           "crop_x", "crop_y")
 TAESD_SPACE = "as encoded (TAESD)"
+# pixels per column of the table, 780 in all: on a wide page every column is in view (names and
+# notes wrap), on a narrow one the table scrolls sideways rather than squeezing its numbers
+TABLE_WIDTHS = [140, 100, 86, 110, 64, 72, 72, 72, 64]
+INTRO = (
+    "Every ticked VAE encodes the same image into its latent and decodes it back. **PSNR** (in "
+    "dB; higher is closer, and 6 dB more means half the RMS error) and **SSIM** (1: the same "
+    "structure) measure each reconstruction against the original; the error maps show where each "
+    "VAE errs, all on one colour scale. **latent space** says how the diffusion model's latent is "
+    "made from the encoder's output z (for a KL VAE, the mean of its Gaussian); the histogram "
+    "sets that latent beside N(0, 1), the noise that diffusion starts from. Times are measured on "
+    "this machine.")
 
 
 @dataclass(frozen=True)
@@ -152,6 +164,7 @@ def _views(models: Models, chosen: list[str], original: np.ndarray, done: dict[s
     reconstructions = [(choice, result.reconstruction) for choice, result in done.items()]
     record = {"original": original, "reconstructions": reconstructions}
     height, width = original.shape[:2]
+    x, y = width // 2, height // 2  # the first crop: the centre, also written into the x, y boxes
     csv_file = compare.table_to_csv(table, output_path("vae-comparison.csv",
                                                        models.settings.output_max_age))
     return {
@@ -161,7 +174,9 @@ def _views(models: Models, chosen: list[str], original: np.ndarray, done: dict[s
         "csv": str(csv_file),
         "histogram": compare.latent_histograms_figure(
             [(choice, result.model_latent) for choice, result in done.items()]),
-        "crop": crop_region(record, width / 2, height / 2, crop_side)[1],
+        "crop": crop_region(record, x, y, crop_side)[1],
+        "crop_x": x,
+        "crop_y": y,
         "record": record,
     }
 
@@ -188,6 +203,7 @@ def build(models: Models) -> None:
     settings = models.settings
     if settings.random:
         gr.Markdown(random_banner(settings.weights), elem_classes="banner")
+    gr.Markdown(INTRO)
     choices = settings.vae_choices + settings.tiny_vae_choices
     # ticked at first: one of each kind, SD v1's VAE, the last KL one (16 channels), and TAESD
     ticked = list(dict.fromkeys([settings.vae_choices[0], settings.vae_choices[-1],
@@ -212,8 +228,10 @@ def build(models: Models) -> None:
                                        format="png", elem_id="compare-original",
                                        interactive=False)
             with gr.Row():
-                crop_x = gr.Number(None, label="Region centre x (px)", precision=0)
-                crop_y = gr.Number(None, label="Region centre y (px)", precision=0)
+                out["crop_x"] = crop_x = gr.Number(None, label="Region centre x (px)",
+                                                   precision=0)
+                out["crop_y"] = crop_y = gr.Number(None, label="Region centre y (px)",
+                                                   precision=0)
                 crop_side = gr.Dropdown(list(compare.CROP_SIDES), value=64,
                                         label="Region side (px)")
             crop_status = gr.Markdown()
@@ -226,7 +244,8 @@ def build(models: Models) -> None:
             out["errors"] = gr.Image(label="Where each VAE errs", format="png",
                                      elem_id="compare-errors", show_label=False)
             out["table"] = gr.Dataframe(headers=compare.TABLE_HEADERS, label="Numbers",
-                                        interactive=False, elem_id="compare-table")
+                                        interactive=False, elem_id="compare-table", wrap=True,
+                                        column_widths=TABLE_WIDTHS)
             out["csv"] = gr.File(label="The table (.csv)")
             out["histogram"] = gr.Image(label="Each latent in the diffusion model's space vs "
                                         "N(0, 1)", format="png")
