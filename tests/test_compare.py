@@ -145,6 +145,15 @@ def test_bad_inputs_get_a_message(client, tiny_server, picture, tmp_path) -> Non
     assert "Click the original" in status and crop is None
 
 
+@pytest.mark.parametrize("size", [(8, 8), (3000, 20)])  # too small; a strip 2 px high at 256
+def test_an_image_too_small_for_ssim_gets_a_message(size, tmp_path) -> None:
+    path = tmp_path / "small.png"
+    Image.new("RGB", size, (200, 30, 60)).save(path)
+    (last,) = list(tab.compare_vaes(MODELS, str(path), 256, CHOICES[:1], True, 32))[-1:]
+    assert "too few to compare: SSIM needs at least 11x11" in last["status"]
+    assert last["reconstructions"] is None and last["table"] is None
+
+
 def test_a_vae_that_cannot_load_says_why_and_the_others_run(picture) -> None:
     views = list(tab.compare_vaes(MODELS, str(picture), 256, [CHOICES[0], "no such VAE"], True,
                                   32))

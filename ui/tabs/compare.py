@@ -122,6 +122,12 @@ def compare_vaes(models: Models, path: str | None, max_side: int, choices: Seque
     # one original for all: its sides a multiple of every chosen VAE's downscale
     multiple = math.lcm(*(vae.downscale for vae in loaded.values()))
     fitted, size_note = pixels.fit_for_vae(image, int(max_side), multiple, mode="crop")
+    if min(fitted.size) < metrics.GAUSSIAN_SSIM_SIDE:  # SSIM's window would not fit
+        side = metrics.GAUSSIAN_SSIM_SIDE
+        yield failure(OUTPUTS, "status", f"{size_note} {fitted.width}x{fitted.height} pixels are "
+                      f"too few to compare: SSIM needs at least {side}x{side}. Upload a larger "
+                      "image, or one less long and thin.")
+        return
     original = np.asarray(fitted)
     done: dict[str, RoundTrip] = {}
     for number, (choice, vae) in enumerate(loaded.items(), 1):
