@@ -141,3 +141,26 @@ def test_clip_skip_and_nearest_tokens_answer_in_shape(client):
     out = call(client, "/nearest_tokens", prompt_lab.NEAREST_OUTPUTS, "a photo of a cat", 9, 8)
     assert "from 0 (BOS) to 6 (EOS)" in out["nearest_notes"]
     assert out["nearest_table"]["data"] == []
+
+
+def test_opening_the_lab_answers_the_prompts_already_there(tiny_server):
+    """In Chromium: opening the lab, then an experiment, shows its result before any click; on
+    a phone-wide page the pictures' buttons sit above them, not over their titles."""
+    from test_browser import chromium_page, require_chromium
+
+    require_chromium()
+    with chromium_page() as page:
+        page.goto(tiny_server.url)
+        page.get_by_role("tab", name=prompt_lab.TITLE).click()
+        page.locator("#lab-compare-map img").wait_for()
+        assert "Positions 0-5 unchanged" in page.get_by_text("Positions 0-5").inner_text()
+        page.get_by_role("tab", name="CLIP skip", exact=True).click()
+        page.locator("#lab-skip-map img").wait_for()
+        assert page.get_by_text("Compared with the last layer's embeddings").is_visible()
+        assert page.get_by_role("button", name="Measure").is_visible()  # nothing was clicked
+        page.set_viewport_size({"width": 400, "height": 900})
+        image = page.locator("#lab-skip-map img")
+        image.scroll_into_view_if_needed()
+        buttons = page.locator("#lab-skip-map .icon-button-wrapper").bounding_box()
+        assert buttons["y"] + buttons["height"] <= image.bounding_box()["y"] + 1
+        assert page.locator("#lab-skip-map label:not(.sr-only)").count() == 0  # no label over it

@@ -244,11 +244,14 @@ def build(models: Models) -> None:
             # these pictures carry their own titles; a label would cover the top of a wide
             # picture shown scaled down
             out["crop"] = gr.Image(label="The region, enlarged (nearest neighbour)",
-                                   format="png", elem_id="compare-crop", show_label=False)
+                                   format="png", elem_id="compare-crop", show_label=False,
+                                   elem_classes="titled")
             out["reconstructions"] = gr.Image(label="Reconstructions", format="png",
-                                              elem_id="compare-reconstructions", show_label=False)
+                                              elem_id="compare-reconstructions", show_label=False,
+                                              elem_classes="titled")
             out["errors"] = gr.Image(label="Where each VAE errs", format="png",
-                                     elem_id="compare-errors", show_label=False)
+                                     elem_id="compare-errors", show_label=False,
+                                     elem_classes="titled")
             out["table"] = gr.Dataframe(headers=compare.TABLE_HEADERS, label="Numbers",
                                         interactive=False, elem_id="compare-table", wrap=True,
                                         column_widths=TABLE_WIDTHS)

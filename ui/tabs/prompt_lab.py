@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import gradio as gr
 import torch
+from gradio.context import get_render_context
 
 import sd_parts
 from sd_parts.tokenizer import BOS_TOKEN, EOS_TOKEN, context_ids
@@ -278,11 +279,14 @@ def build(models: Models) -> None:
     """The tab's layout and events, inside an open ``gr.Blocks``."""
     settings = models.settings
     age = settings.output_max_age
+    page_tab = get_render_context()  # the app's tab that holds this one, if any
     if settings.random:
         gr.Markdown(random_banner(settings.weights), elem_classes="banner")
     out: dict[str, gr.components.Component] = {}
     model_event = {"concurrency_id": "models", "concurrency_limit": 1}
-    with gr.Tab("Two prompts"):
+    # The pictures carry their own titles: a label would cover them where the page is narrow
+    # and the picture is shown scaled down.
+    with gr.Tab("Two prompts") as pair_tab:
         gr.Markdown("Change a prompt and see which positions of CLIP's output move, layer by "
                     "layer. The text encoder is causal: a position sees only the tokens up to it.")
         with gr.Row():
@@ -294,19 +298,22 @@ def build(models: Models) -> None:
         gr.Examples(EXAMPLE_PAIRS, inputs=[prompt_a, prompt_b], label="Examples")
         out["compare_reading"] = gr.Markdown()
         out["compare_map"] = gr.Image(label="Distance between the prompts, positions x layers",
-                                      format="png")
+                                      format="png", show_label=False, elem_id="lab-compare-map",
+                                      elem_classes="titled")
         with gr.Accordion("Tokens side by side", open=False):
             out["compare_tokens"] = gr.Dataframe(headers=lab.ALIGNED_HEADERS, interactive=False)
-    with gr.Tab("CLIP skip"):
+    with gr.Tab("CLIP skip") as skip_tab:
         gr.Markdown(SKIP_NOTE)
         with gr.Row():
             skip_prompt = gr.Textbox(label="Prompt", value=EXAMPLE_PAIRS[0][1], scale=4)
             skip = gr.Button("Measure", variant="primary", scale=1)
         out["skip_reading"] = gr.Markdown()
-        out["skip_map"] = gr.Image(label="How far each token moves", format="png")
+        out["skip_map"] = gr.Image(label="How far each token moves", format="png",
+                                   show_label=False, elem_id="lab-skip-map",
+                                   elem_classes="titled")
         with gr.Accordion("The numbers", open=False):
             out["skip_table"] = gr.Dataframe(interactive=False)
-    with gr.Tab("Long prompts"):
+    with gr.Tab("Long prompts") as long_tab:
         gr.Markdown("SD v1 reads BOS, 75 tokens and EOS. The web UIs encode a longer prompt in "
                     "chunks of 75 and give the UNet all of them side by side.")
         with gr.Row():
@@ -319,7 +326,7 @@ def build(models: Models) -> None:
                                                 color_map=KIND_COLOURS)
         with gr.Accordion("Every position of every chunk", open=False):
             out["long_table"] = gr.Dataframe(headers=lab.CHUNK_HEADERS, interactive=False)
-    with gr.Tab("Weighting"):
+    with gr.Tab("Weighting") as weight_tab:
         gr.Markdown("`(word:1.3)` multiplies the embeddings of the word's tokens by 1.3, "
                     "`(word)` by 1.1, `[word]` divides by 1.1; brackets nest. Afterwards the "
                     "context's mean is restored.")
@@ -330,7 +337,9 @@ def build(models: Models) -> None:
         out["weight_notes"] = gr.Markdown()
         out["weight_tokens"] = gr.HighlightedText(label="Tokens and weights (red: heavier, blue: "
                                                         "lighter)")
-        out["weight_map"] = gr.Image(label="Weights and vector lengths", format="png")
+        out["weight_map"] = gr.Image(label="Weights and vector lengths", format="png",
+                                     show_label=False, elem_id="lab-weight-map",
+                                     elem_classes="titled")
         with gr.Accordion("The numbers", open=False):
             out["weight_table"] = gr.Dataframe(headers=lab.WEIGHT_HEADERS, interactive=False)
     with gr.Tab("Nearest tokens"):
@@ -370,6 +379,18 @@ def build(models: Models) -> None:
         first = choices[1][1] if len(choices) > 2 else choices[0][1]  # the first real token
         return gr.Dropdown(choices=choices, value=first)
 
+    # Opening the lab, or one of its experiments, answers the prompts already filled in: the
+    # first view is a result, not an empty box. Showing the same inputs again costs little (the
+    # encoder's output is cached).
+    opened = [pair_tab.select] + ([page_tab.select] if isinstance(page_tab, gr.Tab) else [])
+    gr.on(opened, compare_handler, [prompt_a, prompt_b, padding], outputs(COMPARE_OUTPUTS),
+          api_visibility="private", **model_event)
+    gr.on([skip_tab.select], skip_handler, [skip_prompt], outputs(SKIP_OUTPUTS),
+          api_visibility="private", **model_event)
+    gr.on([long_tab.select], long_handler, [long_text], outputs(LONG_OUTPUTS),
+          api_visibility="private")
+    gr.on([weight_tab.select], weight_handler, [weight_text], outputs(WEIGHT_OUTPUTS),
+          api_visibility="private", **model_event)
     gr.on([compare.click, prompt_a.submit, prompt_b.submit, padding.change], compare_handler,
           [prompt_a, prompt_b, padding], outputs(COMPARE_OUTPUTS), api_name="compare_prompts",
           **model_event)
