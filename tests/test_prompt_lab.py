@@ -16,6 +16,7 @@ import sd_parts
 from ui.shared import LABEL_ROOM
 from ui.tabs import prompt_lab
 from viz.heatmap import MASKED
+from viz.prompt_lab import short as lab_short
 
 MODELS = app.Models(app.Settings(weights="tiny"))
 
@@ -130,6 +131,8 @@ def test_clip_skip_and_nearest_tokens_answer_in_shape(client):
                           for k in (0, 1))
     assert [row[3] for row in table["data"]] == pytest.approx(
         (final - skipped).norm(dim=1).tolist(), abs=1e-5)
+    length = lab_short(float(final.norm(dim=1).mean()))  # the scale of those distances
+    assert f"embeddings are {length} long on average" in out["skip_reading"]
 
     out = call(client, "/nearest_tokens", prompt_lab.NEAREST_OUTPUTS, "a photo of a cat", 5, 8)
     rows = out["nearest_table"]["data"]

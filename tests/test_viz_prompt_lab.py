@@ -97,8 +97,9 @@ def test_clip_skip_view_shows_both_numberings_and_the_distances() -> None:
     assert table["headers"] == ["position", "text", "cosine, 1 skipped", "L2, 1 skipped",
                                 "cosine, 2 skipped", "L2, 2 skipped"]
     assert table["data"][3][5] == pytest.approx(l2[3, 1], abs=1e-6)
-    reading = lab.clip_skip_reading(cosine, l2, n_layers=12)
+    reading = lab.clip_skip_reading(cosine, l2, n_layers=12, length=27.6)
     assert "skipping 1 (the output of layer 11 of 12" in reading
+    assert reading.endswith("the last layer's embeddings are 27.6 long on average (L2 norm).")
     assert f"cosine distance of {lab.short(float(cosine[:, 1].mean()))}" in reading
 
 

@@ -235,13 +235,16 @@ def clip_skip_table(cosine: np.ndarray, l2: np.ndarray, labels: Sequence[str]) -
     return {"headers": headers, "data": data}
 
 
-def clip_skip_reading(cosine: np.ndarray, l2: np.ndarray, n_layers: int) -> str:
-    """The mean move over the tokens for each skip, and which layer each one reads."""
+def clip_skip_reading(cosine: np.ndarray, l2: np.ndarray, n_layers: int, length: float
+                      ) -> str:
+    """The mean move over the tokens for each skip, and which layer each one reads; ``length``,
+    the final embeddings' mean L2 norm, gives the L2 distances a scale."""
     parts = [f"skipping {k} (the output of layer {n_layers - k} of {n_layers}, then the final "
              f"LayerNorm) moves them by a cosine distance of {short(float(cos.mean()))} and an L2 "
              f"distance of {short(float(dist.mean()))} on average"
              for k, (cos, dist) in enumerate(zip(cosine.T, l2.T, strict=True), start=1)]
-    return "Compared with the last layer's embeddings, " + "; ".join(parts) + "."
+    return ("Compared with the last layer's embeddings, " + "; ".join(parts) + ". For scale: "
+            f"the last layer's embeddings are {short(length)} long on average (L2 norm).")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -142,7 +142,7 @@ def clip_skip(models: Models, prompt: str) -> dict[str, object]:
         return {"skip_reading": f"This text encoder has {n_layers} layer: none can be skipped."}
     cosine, l2 = lab.clip_skip_distances(final, skipped)
     labels = text.labels[: text.n_real]
-    reading = lab.clip_skip_reading(cosine, l2, n_layers)
+    reading = lab.clip_skip_reading(cosine, l2, n_layers, float(final.norm(dim=1).mean()))
     if len(skipped) < MOST_SKIPPED:
         reading += (f" This text encoder has {n_layers} layers, so at most {n_layers - 1} can be "
                     "skipped (one must run).")
@@ -315,7 +315,10 @@ def build(models: Models) -> None:
             out["skip_table"] = gr.Dataframe(interactive=False)
     with gr.Tab("Long prompts") as long_tab:
         gr.Markdown("SD v1 reads BOS, 75 tokens and EOS. The web UIs encode a longer prompt in "
-                    "chunks of 75 and give the UNet all of them side by side.")
+                    "chunks of 75 and give the UNet all of them side by side. Shown here is the "
+                    "plain cut every 75 tokens; AUTOMATIC1111's web UI moves a cut back to just "
+                    "after the last comma when one lies within the cut's last 20 tokens, and "
+                    "starts a new chunk at `BREAK`.")
         with gr.Row():
             long_text = gr.Textbox(label="Prompt", value=LONG_EXAMPLE, lines=3, scale=4)
             split = gr.Button("Split", variant="primary", scale=1)
