@@ -128,3 +128,19 @@ def test_77_by_77_with_padding(page):
                              f"(position 70): {value(page, 76, 70)}")
     assert lit(page, 'tr[data-q="76"] td.lit') == lit(page, 'td[data-k="70"].lit') == 77
     page.locator(f"{MAP} .attention-html").screenshot(path=str(SHOTS / "attention-77.png"))
+    # on a phone the map scrolls sideways and the row labels stay in view
+    page.set_viewport_size({"width": 400, "height": 900})
+    scroll = page.locator(f"{MAP} .attention-scroll")
+    scroll.evaluate("s => { s.scrollLeft = s.scrollWidth; }")
+    assert scroll.evaluate("s => s.scrollLeft") > 300
+    label, view = page.locator(f'{MAP} th[data-q="76"]').bounding_box(), scroll.bounding_box()
+    assert view["x"] - 1 <= label["x"] and label["x"] + label["width"] <= view["x"] + 200
+    # the readout holds the hint and a token's reading without a scroll bar of its own
+    box = page.locator(f"{MAP} .attention-readout")
+    assert box.evaluate("r => r.scrollHeight <= r.clientHeight"), readout(page)
+    page.locator(f'{MAP} th[data-q="5"]').tap()
+    assert readout(page).startswith("“cat</w>” (position 5): its row")
+    assert box.evaluate("r => r.scrollHeight <= r.clientHeight"), readout(page)
+    page.locator(f"{MAP} .attention-html").screenshot(path=str(SHOTS / "attention-77-phone.png"))
+    page.locator(f'{MAP} th[data-q="5"]').tap()  # let go
+    page.set_viewport_size({"width": 1280, "height": 900})

@@ -117,6 +117,11 @@ def test_full_context_with_padding() -> None:
     expected = weights[~torch.triu(torch.ones(count, count, dtype=torch.bool), 1)]
     np.testing.assert_allclose(values, expected.numpy(), rtol=5e-3)
     assert [row.label.kind for row in read.rows] == kinds
+    # as the title says, each row's written weights add up to 1 (3 significant digits each)
+    assert "each row's weights add up to 1" in "".join(read.texts)
+    for row in read.rows:
+        assert sum(float(cell["data-v"]) for cell in row.cells if "data-v" in cell) == (
+            pytest.approx(1.0, abs=0.01))
 
 
 def test_token_text_is_escaped_everywhere() -> None:

@@ -99,8 +99,8 @@ def attention_html(
     return (
         f'<div class="attention-html" style="--cell:{size}px;--label:{font}px">'
         f'<p class="attention-title"><strong>{html.escape(title)}</strong>: rows are the query '
-        "(the token attending), columns the key (the token attended to); the empty triangle is "
-        "the future, hidden by the causal mask.</p>"
+        "(the token attending), columns the key (the token attended to); each row's weights add "
+        "up to 1 (a softmax); the empty triangle is the future, hidden by the causal mask.</p>"
         f'<p class="attention-readout" aria-live="polite" data-hint="{html.escape(HINT)}">'
         f"{html.escape(HINT)}</p>"
         f'<div class="attention-scroll"><table class="attention-map">'
