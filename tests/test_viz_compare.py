@@ -12,7 +12,7 @@ import pytest
 from matplotlib.patches import StepPatch
 
 from viz import compare
-from viz.heatmap import colorize
+from viz.heatmap import GAP, colorize
 from viz.metrics import GAUSSIAN_SSIM_SIDE, abs_error_map, ssim_gaussian
 
 
@@ -77,6 +77,19 @@ def test_a_row_holds_as_many_pictures_as_fit_near_their_own_size(width, per_row)
     # enlarged crops are about CROP_DISPLAY wide: the original and three VAEs in one row
     crops = compare.crop_view(pictures, compare.crop_box(20, 20, (width, width * 3 // 4), 32))
     assert len({box.top for box in crops.maps}) == 1
+
+
+def test_a_long_name_wraps_over_its_picture_and_the_pictures_line_up() -> None:
+    names = ["original", "FLUX.1 VAE architecture, random weights", "TAESD", "SD v1 VAE"]
+    pictures = [(name, _picture(96, 128, i)) for i, name in enumerate(names)]
+    view = compare.side_by_side(pictures)
+    assert view.pixels.shape[1] == 4 * 128 + 3 * 2 * GAP  # no title widens its picture
+    assert len({box.top for box in view.maps}) == 1  # a title of two lines, all moved down
+    for box, (_, picture) in zip(view.maps, pictures, strict=True):
+        np.testing.assert_array_equal(box.cells(view.pixels), picture)
+    crops = compare.crop_view([(name, _picture(256, 256, 0)) for name in names],
+                              compare.crop_box(100, 100, (256, 256), 64))
+    assert len({box.top for box in crops.maps}) == 1  # four 256-px crops still in one row
 
 
 def test_error_maps_share_one_colour_scale() -> None:

@@ -62,17 +62,40 @@ def _rgb(picture: np.ndarray | Image.Image) -> np.ndarray:
     return pixels
 
 
-def _titled(pixels: np.ndarray, title: str, cell: int = 1) -> Picture:
-    """A picture with one line of text above it; its pixels are recorded as one map whose
-    cells are the ``cell`` x ``cell`` blocks of an enlargement."""
-    size = 13
-    top = font(size).size + GAP
-    height, width = pixels.shape[:2]
-    image = Image.new("RGB", (max(width, text_width([title], size)), top + height), "white")
-    image.paste(Image.fromarray(pixels), (0, top))
-    ImageDraw.Draw(image).text((0, 0), drawable(title), font=font(size), fill=INK)
-    box = Box(top, 0, height // cell, width // cell, cell, cell)
-    return Picture(np.asarray(image), (box,))
+TITLE_SIZE = 13  # pixels: the font of a picture's title
+
+
+def _title_lines(title: str, width: int) -> list[str]:
+    """``title`` broken at spaces into lines no wider than ``width`` pixels where its words
+    allow, so a long VAE name does not widen its picture (and the row) beyond the picture."""
+    lines: list[str] = []
+    for word in title.split(" "):
+        if lines and text_width([f"{lines[-1]} {word}"], TITLE_SIZE) <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines
+
+
+def _titled_panels(pictures: Sequence[tuple[str, np.ndarray]], cell: int = 1) -> list[Picture]:
+    """Each picture with its title above it, wrapped to the picture's width; every title gets
+    as many lines as the longest, so the pictures of a row line up. Each picture's pixels are
+    recorded as one map whose cells are the ``cell`` x ``cell`` blocks of an enlargement."""
+    titles = [_title_lines(title, pixels.shape[1]) for title, pixels in pictures]
+    line_h = font(TITLE_SIZE).size + 2
+    top = line_h * max(len(lines) for lines in titles) + GAP
+    panels = []
+    for lines, (_, pixels) in zip(titles, pictures, strict=True):
+        height, width = pixels.shape[:2]
+        image = Image.new("RGB", (max(width, text_width(lines, TITLE_SIZE)), top + height),
+                          "white")
+        image.paste(Image.fromarray(pixels), (0, top))
+        draw = ImageDraw.Draw(image)
+        for index, line in enumerate(lines):
+            draw.text((0, index * line_h), drawable(line), font=font(TITLE_SIZE), fill=INK)
+        box = Box(top, 0, height // cell, width // cell, cell, cell)
+        panels.append(Picture(np.asarray(image), (box,)))
+    return panels
 
 
 def fitting_columns(panels: Sequence[Picture], width: int = ROW_WIDTH) -> int:
@@ -88,7 +111,7 @@ def side_by_side(pictures: Sequence[Labelled], columns: int | None = None) -> Pi
     in order, with 1x1-pixel cells."""
     if not pictures:
         raise ValueError("no pictures to show")
-    panels = [_titled(_rgb(picture), label) for label, picture in pictures]
+    panels = _titled_panels([(label, _rgb(picture)) for label, picture in pictures])
     return arrange(panels, min(columns or fitting_columns(panels), len(panels)))
 
 
@@ -162,13 +185,14 @@ def crop_view(pictures: Sequence[Labelled], box: tuple[int, int, int, int],
     left, top, right, bottom = box
     side = max(right - left, bottom - top)
     zoom = max(1, display // side)
-    panels = []
+    regions = []
     for label, picture in pictures:
         pixels = _rgb(picture)
         if right > pixels.shape[1] or bottom > pixels.shape[0] or left < 0 or top < 0:
             raise ValueError(f"the region {box} lies outside {label!r} "
                              f"({pixels.shape[1]}x{pixels.shape[0]})")
-        panels.append(_titled(enlarge(pixels[top:bottom, left:right], zoom, zoom), label, zoom))
+        regions.append((label, enlarge(pixels[top:bottom, left:right], zoom, zoom)))
+    panels = _titled_panels(regions, zoom)
     picture = arrange(panels, min(columns or fitting_columns(panels), len(panels)))
     return add_title(picture, f"Pixels x {left}-{right - 1}, y {top}-{bottom - 1}, enlarged "
                               f"{zoom}x (each pixel a {zoom}x{zoom} square)")
