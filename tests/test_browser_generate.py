@@ -84,10 +84,13 @@ def image_in(page, label: str) -> dict:
 
 
 def scrubber_at_the_end(page, last: int) -> None:
-    """Wait until the step scrubber spans steps 0 to ``last`` and stands at ``last``."""
+    """Wait until the step scrubber spans steps 0 to ``last`` and stands at ``last``, and the
+    word maps' range ends there."""
     page.wait_for_function(
         "last => { const r = document.querySelector('#step-scrubber input[type=range]');"
-        " return r !== null && r.max === String(last) && r.value === String(last); }", arg=last)
+        " const to = document.querySelector('#word-maps-last input');"
+        " return r !== null && r.max === String(last) && r.value === String(last)"
+        " && to !== null && to.value === String(last); }", arg=last)
 
 
 def test_generate_shows_each_step_then_the_image(page):

@@ -209,6 +209,7 @@ def test_the_scrubber_spans_the_steps_made():
     for views, last in ((done, 3), (stopped, made)):
         after = generate.scrubber_after_run(views["record"])
         assert (after["scrubber"].maximum, after["scrubber"].value) == (last, last)
+        assert after["last_step"].value == last  # the word maps' "To step"
         assert after["scrub_note"].startswith(f"After step {last} of {last} ")
         np.testing.assert_array_equal(after["scrub_latent"], views["step_preview"])
         np.testing.assert_array_equal(after["scrub_x0"], views["x0_preview"])

@@ -399,11 +399,12 @@ def scrub(record: RunRecord | None, step: float) -> dict[str, object]:
 def scrubber_after_run(record: RunRecord | None) -> dict[str, object]:
     """After a run, finished or stopped: the scrubber spans the steps it made and stands at the
     last, with that step's views (the run before may have had as many steps, so the scrubber's
-    own change would not redraw them). Nothing changes without a run that made steps."""
+    own change would not redraw them), and the word maps' range ends there. Nothing changes
+    without a run that made steps."""
     if record is None or not record.steps:
         return {}
-    return {"scrubber": gr.Slider(maximum=record.steps, value=record.steps)} | scrub(
-        record, record.steps)
+    return {"scrubber": gr.Slider(maximum=record.steps, value=record.steps),
+            "last_step": gr.Number(record.steps)} | scrub(record, record.steps)
 
 
 def decode_step(models: Models, record: RunRecord | None, step: float, exact: bool
@@ -472,7 +473,8 @@ def build(models: Models) -> None:
                                             elem_id="word-maps")
                 with gr.Row():
                     first_step = gr.Number(1, precision=0, label="From step")
-                    last_step = gr.Number(100, precision=0, label="To step")
+                    last_step = gr.Number(100, precision=0, label="To step",
+                                          elem_id="word-maps-last")
                     resolution = gr.Radio(["latent grid", "16 x 16"], value="latent grid",
                                           label="Resolution")
             with gr.Accordion("Every step", open=True):
@@ -531,13 +533,13 @@ def build(models: Models) -> None:
 
     def follow_run(run_record):
         files = PictureFiles(settings.output_max_age)
-        parts = scrub_out | {"scrubber": scrubber}
+        parts = scrub_out | {"scrubber": scrubber, "last_step": last_step}
         return {parts[k]: files(v) for k, v in scrubber_after_run(run_record).items()}
 
     gr.on([run.click, prompt.submit], start, generate_inputs,
           [*(out[name] for name in OUTPUTS), record], api_name="generate",
           concurrency_id="generate", concurrency_limit=1).then(
-        follow_run, record, [scrubber, *scrub_out.values()], api_visibility="private",
+        follow_run, record, [scrubber, last_step, *scrub_out.values()], api_visibility="private",
         show_progress="hidden")
     stop.click(request_stop, None, out["status"], api_name="stop", queue=False)
 
