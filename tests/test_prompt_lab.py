@@ -58,6 +58,14 @@ def test_appending_words_changes_only_the_later_positions(client):
     assert "padding included" not in without["compare_reading"]
 
 
+def test_words_past_the_cut_are_named_not_compared():
+    long = " ".join(["cat"] * 80)
+    reading = prompt_lab.compare_prompts(MODELS, long, long + " dog", False)["compare_reading"]
+    assert reading.startswith("The two prompts give the same 77 tokens here.")
+    assert "Prompt A: the prompt has 80 tokens but only 75 fit" in reading
+    assert "Prompt B: the prompt has 81 tokens" in reading and "“dog”" in reading
+
+
 def test_malformed_weighting_gives_notes_not_an_error(client):
     out = call(client, "/weighting", prompt_lab.WEIGHT_OUTPUTS, "a (cat:x1.3) in a hat]")
     notes = out["weight_notes"]

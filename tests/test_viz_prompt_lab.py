@@ -153,6 +153,30 @@ def test_weighting_view_shows_weights_and_the_restored_lengths() -> None:
     assert items[2][0] == "[</w> x0.909 " and items[2][1] == pytest.approx(np.log2(1 / 1.1))
 
 
+def test_a_weight_of_zero_or_below_is_drawn_and_read_as_what_it_does() -> None:
+    """(word:-1) flips a token's vector and (word:0) erases it: lengths stay positive numbers,
+    the colours keep the scale of the positive factors, and nothing is NaN."""
+    generator = torch.Generator().manual_seed(5)
+    before = torch.randn(5, 8, generator=generator) + 0.4
+    weights = [1.0, -1.0, 1.0, 0.0, 1.5]
+    after = sd_parts.apply_weights(before[None], weights)[0]
+    factor = float(before.mean() / (before * torch.tensor(weights)[:, None]).mean())
+    items = lab.weight_items(["a</w>", "cat</w>", "in</w>", "hat</w>", "red</w>"], weights)
+    assert items[1] == ("cat</w> x-1 ", -1.0) and items[3] == ("hat</w> x0 ", -1.0)
+    reading = lab.weighting_reading(weights, before, after)
+    assert (f"a position weighted -1 ends {factor:.4g} times as long, pointing the opposite "
+            "way") in reading
+    picture = lab.weighting_view(weights, before, after, [f"t{i}" for i in range(5)])
+    (box,) = picture.maps
+    ratio = (after.norm(dim=1) / before.norm(dim=1)).double().numpy()
+    factors = np.stack([weights, ratio], axis=1)
+    extent = np.abs(np.log2(factors[factors > 0])).max()  # about 0.6, not 100
+    logs = np.where(factors > 0, np.log2(np.where(factors > 0, factors, 1)), -extent)
+    np.testing.assert_array_equal(corner_cells(picture.pixels, box),
+                                  colorize(logs, DIVERGING, -extent, extent))
+    assert extent < 1
+
+
 def test_nearest_tokens_are_the_closest_rows_by_cosine() -> None:
     generator = torch.Generator().manual_seed(4)
     table = torch.randn(500, 24, generator=generator)

@@ -320,14 +320,16 @@ def long_reading(pieces: Sequence[str], n_chunks: int, hidden_size: int,
 
 def weight_items(pieces: Sequence[str], weights: Sequence[float]) -> list[tuple[str, float | None]]:
     """Highlighted-text items: each readable piece with its weight written after it when it is
-    not 1, and a colour score log2(weight) clipped to [-1, 1] (x2: full red, x0.5: full blue).
+    not 1, and a colour score log2(weight) clipped to [-1, 1] (x2: full red, x0.5: full blue; a
+    weight of 0 or below, which erases or flips the token, full blue too).
     Each text ends in a space, which keeps unweighted neighbours apart on the page."""
     items: list[tuple[str, float | None]] = []
     for text, weight in zip(readable_pieces(pieces), weights, strict=True):
         if weight == 1.0:
             items.append((f"{text} ", None))
         else:
-            items.append((f"{text} x{weight:.3g} ", float(np.clip(np.log2(weight), -1.0, 1.0))))
+            score = float(np.clip(np.log2(weight), -1.0, 1.0)) if weight > 0 else -1.0
+            items.append((f"{text} x{weight:.3g} ", score))
     return items
 
 
@@ -340,12 +342,15 @@ def weighting_view(weights: Sequence[float], before: torch.Tensor, after: torch.
     values = np.stack([np.asarray(weights, dtype=np.float64), ratio], axis=1)  # (T, 2)
     if len(labels) != len(values):
         raise ValueError(f"{len(values)} positions but {len(labels)} labels")
-    logs = np.log2(np.maximum(values, 1e-30))
+    positive = values > 0
+    logs = np.log2(np.where(positive, values, 1.0))
     extent = max(float(np.abs(logs).max()), 0.1)
+    logs = np.where(positive, logs, -extent)  # 0 or below (erased, flipped): the blue end
     cell = (int(min(max(620 // max(len(values), 1), 10), 22)), 70)
     picture = heatmap(logs, DIVERGING, (-extent, extent), cell, labels,
                       ["weight", "norm after / before"], annotate="{:.3g}", numbers=values)
-    picture = add_colorbar(picture, DIVERGING, (-extent, extent), "log2 of the factor")
+    what = "log2 of the factor" + ("" if positive.all() else " (0 or below: blue end)")
+    picture = add_colorbar(picture, DIVERGING, (-extent, extent), what)
     return add_title(picture, "Weights and what they do to each vector's length\n(after "
                               "weighting, the mean is restored: every position is rescaled)")
 
@@ -365,12 +370,22 @@ def weighting_reading(weights: Sequence[float], before: torch.Tensor, after: tor
     old, new = as_array(before, 2, "before"), as_array(after, 2, "after")
     weight = np.asarray(weights, dtype=np.float64)
     factor = float(new.mean() / (old * weight[:, None]).mean())
-    heaviest = int(np.argmax(np.abs(np.log(weight))))
+    # the weight furthest from 1 on a log scale; one of 0 or below (erased, flipped) first
+    distance = np.where(weight > 0, np.abs(np.log(np.where(weight > 0, weight, 1.0))), np.inf)
+    heaviest = int(np.argmax(distance))
     return (f"To restore the context's mean ({short(float(old.mean()))}), every position was "
             f"multiplied by {factor:.4g} after weighting: a position weighted "
-            f"{weight[heaviest]:.3g} ends {weight[heaviest] * factor:.4g} times as long, an "
-            f"unweighted one (BOS, EOS, padding, plain words) {factor:.4g} times. The weight "
-            "acts on the encoder's output: the other tokens were encoded without knowing it.")
+            f"{weight[heaviest]:.3g} ends {_times_as_long(weight[heaviest] * factor)}, an "
+            f"unweighted one (BOS, EOS, padding, plain words) {_times_as_long(factor)}. The "
+            "weight acts on the encoder's output: the other tokens were encoded without knowing "
+            "it.")
+
+
+def _times_as_long(scale: float) -> str:
+    """What multiplying a vector by ``scale`` does to it, in words: a length is never negative."""
+    if scale < 0:
+        return f"{-scale:.4g} times as long, pointing the opposite way"
+    return f"{scale:.4g} times as long" + (": erased" if scale == 0 else "")
 
 
 # ---------------------------------------------------------------------------------------------

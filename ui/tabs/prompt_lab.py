@@ -115,6 +115,10 @@ def compare_prompts(models: Models, prompt_a: str, prompt_b: str, padding: bool
     labels = [f"{p} padding" if p >= padding_from else f"{p} {ta}" if ia == ib
               else f"{p} {ta} → {tb}" for p, (ta, tb, ia, ib) in enumerate(pairs)][:count]
     reading = lab.comparison_reading(comparison, a.ids, b.ids, padding_from)
+    for name, text in (("A", a), ("B", b)):  # words past the cut are not compared: say so
+        cut = tokens.truncation_note(text.pieces)
+        if cut:
+            reading += f" Prompt {name}: " + cut[0].lower() + cut[1:]
     return {
         "compare_tokens": {"headers": lab.ALIGNED_HEADERS,
                            "data": lab.aligned_rows(a.rows, b.rows, count)},
