@@ -80,9 +80,17 @@ def test_click_enlarges_the_region_in_every_reconstruction(page):
     for label in SETTINGS.vae_choices + SETTINGS.tiny_vae_choices:
         page.locator("#compare-choices").get_by_label(label, exact=True).set_checked(
             label in CHOICES)
+    # a region chosen before any comparison says what to do first; the comparison clears that
+    crop_status = page.locator("#compare-crop-status")
+    page.get_by_label("Region side (px)").click()
+    page.get_by_role("option", name="32", exact=True).click()
+    crop_status.filter(has_text="Run a comparison first").wait_for()
+    page.get_by_label("Region side (px)").click()
+    page.get_by_role("option", name="64", exact=True).click()
     page.locator("#compare-button").click()
     page.locator("#compare-status").filter(
         has_text=f"Compared {len(CHOICES)} VAEs on {SIZE[0]}x{SIZE[1]} pixels").wait_for()
+    assert crop_status.inner_text().strip() == ""
     original = picture()
     layout = compare.side_by_side([(label, original) for label in ["original", *CHOICES]])
     composite = served(page, "#compare-reconstructions")

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 TITLE = "Compare VAEs"
 SIZES = [256, 384, 512]
 OUTPUTS = ("status", "original", "reconstructions", "errors", "table", "csv", "histogram", "crop",
-           "crop_x", "crop_y")
+           "crop_x", "crop_y", "crop_status")
 TAESD_SPACE = "as encoded (TAESD)"
 # pixels per column of the table, 780 in all: on a wide page every column is in view (names and
 # notes wrap), on a narrow one the table scrolls sideways rather than squeezing its numbers
@@ -183,6 +183,7 @@ def _views(models: Models, chosen: list[str], original: np.ndarray, done: dict[s
         "crop": crop_region(record, x, y, crop_side)[1],
         "crop_x": x,
         "crop_y": y,
+        "crop_status": "",  # a message about an earlier crop no longer holds
         "record": record,
     }
 
@@ -240,7 +241,7 @@ def build(models: Models) -> None:
                                                    precision=0)
                 crop_side = gr.Dropdown(list(compare.CROP_SIDES), value=64,
                                         label="Region side (px)")
-            crop_status = gr.Markdown()
+            out["crop_status"] = crop_status = gr.Markdown(elem_id="compare-crop-status")
             # these pictures carry their own titles; a label would cover the top of a wide
             # picture shown scaled down
             out["crop"] = gr.Image(label="The region, enlarged (nearest neighbour)",
