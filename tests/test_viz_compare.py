@@ -190,3 +190,10 @@ def test_histograms_draw_each_latent_against_the_standard_normal() -> None:
     x, y = normal.get_data()
     np.testing.assert_allclose(y, np.exp(-0.5 * x**2) / np.sqrt(2 * np.pi))
     figure.savefig(io.BytesIO(), format="png")
+    # the legend, a line per VAE and N(0, 1), lies under the axes and inside the figure: it
+    # covers no curve
+    (legend,) = figure.legends
+    assert [t.get_text() for t in legend.get_texts()] == [s.get_label() for s in steps] + [
+        "N(0, 1)"]
+    box, frame = legend.get_window_extent(), axes.get_window_extent()
+    assert box.y1 < frame.y0 and box.y0 >= 0 and box.x1 <= figure.bbox.x1

@@ -237,16 +237,18 @@ def latent_histograms_figure(latents: Sequence[tuple[str, np.ndarray]]) -> Figur
     against the standard normal N(0, 1) that the noise schedule assumes.
 
     ``latents`` pairs a label with the latent as the diffusion model sees it: (z - shift) x scale
-    for a KL VAE, the output itself for TAESD. One line per VAE on shared bins. The figure leaves
-    its top strip empty for the label Gradio draws there.
+    for a KL VAE, the output itself for TAESD. One line per VAE on shared bins. The legend sits
+    under the axes, where it covers none of the curves (they all peak in the middle). The figure
+    leaves its top strip empty for the label Gradio draws there.
     """
     if not latents:
         raise ValueError("no latents to draw")
     values = [np.asarray(latent, dtype=np.float64) for _, latent in latents]
     extent = max(4.0, *(float(np.quantile(np.abs(v), 0.999)) for v in values))
     edges = np.linspace(-extent, extent, 81)
-    figure = new_figure(6.4, 3.8)
-    axes = add_axes(figure, 0.7, 0.55, 5.55, 2.75)
+    below = 0.2 * (len(latents) + 1) + 0.1  # inches: a legend line per VAE and one for N(0, 1)
+    figure = new_figure(6.4, 3.8 + below)
+    axes = add_axes(figure, 0.7, 0.55 + below, 5.55, 2.75)
     for (label, _), value in zip(latents, values, strict=True):
         density, _ = np.histogram(value, bins=edges, density=True)
         axes.stairs(density, edges, linewidth=1.5,
@@ -256,5 +258,6 @@ def latent_histograms_figure(latents: Sequence[tuple[str, np.ndarray]]) -> Figur
     axes.set_xlabel("value in the diffusion model's space, all channels", fontsize=10)
     axes.set_ylabel("density", fontsize=10)
     axes.tick_params(labelsize=9)
-    axes.legend(fontsize=8, loc="upper right")
+    figure.legend(fontsize=8, loc="upper left", bbox_to_anchor=(0.7 / 6.4, below / (3.8 + below)),
+                  frameon=False)
     return figure
