@@ -169,6 +169,19 @@ def test_opening_the_lab_answers_the_prompts_already_there(tiny_server):
         page.locator("#lab-skip-map img").wait_for()
         assert page.get_by_text("Compared with the last layer's embeddings").is_visible()
         assert page.get_by_role("button", name="Measure").is_visible()  # nothing was clicked
+        page.get_by_role("tab", name="Nearest tokens", exact=True).click()
+        page.get_by_text("rows of CLIP's 49408 x 32 token embedding table nearest to").wait_for()
+        token = page.get_by_label("Token")
+        assert token.input_value() == "1: a</w>"  # the first real token
+        token.click()
+        page.get_by_role("option", name="5: cat</w>").click()
+        page.get_by_text("nearest to “cat</w>” (position 5").wait_for()
+        page.get_by_role("tab", name="CLIP skip", exact=True).click()
+        page.get_by_role("tab", name="Nearest tokens", exact=True).click()  # the choice stays
+        page.get_by_text("nearest to “cat</w>” (position 5").wait_for()
+        page.wait_for_timeout(1000)
+        assert token.input_value() == "5: cat</w>"
+        page.get_by_role("tab", name="CLIP skip", exact=True).click()
         page.set_viewport_size({"width": 400, "height": 900})
         image = page.locator("#lab-skip-map img")
         image.scroll_into_view_if_needed()

@@ -349,11 +349,11 @@ def build(models: Models) -> None:
                                      elem_classes="titled")
         with gr.Accordion("The numbers", open=False):
             out["weight_table"] = gr.Dataframe(headers=lab.WEIGHT_HEADERS, interactive=False)
-    with gr.Tab("Nearest tokens"):
+    with gr.Tab("Nearest tokens") as near_tab:
         gr.Markdown("Pick a token of the prompt: the vocabulary entries whose embeddings point "
                     "the same way, from the 49,408-row table CLIP starts from.")
         with gr.Row():
-            near_text = gr.Textbox(label="Prompt", placeholder="a photo of a cat", scale=3)
+            near_text = gr.Textbox(label="Prompt", value=EXAMPLE_PAIRS[0][0], scale=3)
             position = gr.Dropdown([], label="Token", allow_custom_value=True, scale=2)
             k = gr.Slider(1, MAX_NEIGHBOURS, value=10, step=1, label="How many")
             find = gr.Button("Find", variant="primary", scale=1)
@@ -386,6 +386,9 @@ def build(models: Models) -> None:
         first = choices[1][1] if len(choices) > 2 else choices[0][1]  # the first real token
         return gr.Dropdown(choices=choices, value=first)
 
+    def opened_handler(text, chosen):  # a token chosen earlier stays chosen
+        return choices_handler(text) if chosen in (None, "") else gr.skip()
+
     # Opening the lab, or one of its experiments, answers the prompts already filled in: the
     # first view is a result, not an empty box. Showing the same inputs again costs little (the
     # encoder's output is cached).
@@ -398,6 +401,10 @@ def build(models: Models) -> None:
           api_visibility="private")
     gr.on([weight_tab.select], weight_handler, [weight_text], outputs(WEIGHT_OUTPUTS),
           api_visibility="private", **model_event)
+    gr.on([near_tab.select], opened_handler, [near_text, position], [position],
+          api_visibility="private", show_progress="hidden").then(
+        nearest_handler, [near_text, position, k], outputs(NEAREST_OUTPUTS),
+        api_visibility="private", **model_event)
     gr.on([compare.click, prompt_a.submit, prompt_b.submit, padding.change], compare_handler,
           [prompt_a, prompt_b, padding], outputs(COMPARE_OUTPUTS), api_name="compare_prompts",
           **model_event)
