@@ -146,7 +146,7 @@ def test_clip_skip_and_nearest_tokens_answer_in_shape(client):
     rows = out["nearest_table"]["data"]
     assert [row[0] for row in rows] == list(range(1, 9))
     assert 2368 not in [row[3] for row in rows]  # "cat</w>" itself is left out
-    scores = [row[4] for row in rows]
+    scores = [row[2] for row in rows]
     assert scores == sorted(scores, reverse=True) and all(-1 <= s <= 1 for s in scores)
     assert "“cat&lt;/w&gt;” (position 5, id 2368)" in out["nearest_notes"]
     out = call(client, "/nearest_tokens", prompt_lab.NEAREST_OUTPUTS, "a photo of a cat", 9, 8)

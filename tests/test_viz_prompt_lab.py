@@ -194,4 +194,5 @@ def test_nearest_tokens_are_the_closest_rows_by_cosine() -> None:
             lab.nearest_tokens(table, bad_id, bad_k)
     pieces = TOKENIZER.convert_ids_to_tokens([2368, 22979])
     rows = lab.nearest_rows([2368, 22979], [0.5, 0.25], pieces)
-    assert rows == [[1, "cat</w>", "cat</w>", 2368, 0.5], [2, "🐱</w>", "ðŁĲ±</w>", 22979, 0.25]]
+    assert rows == [[1, "cat</w>", 0.5, 2368, "cat</w>"], [2, "🐱</w>", 0.25, 22979, "ðŁĲ±</w>"]]
+    assert lab.NEAREST_HEADERS[:3] == ["rank", "text", "cosine similarity"]

@@ -34,7 +34,8 @@ UNCHANGED = 1e-5
 ALIGNED_HEADERS = ["position", "prompt A", "kind A", "prompt B", "kind B", "token"]
 CHUNK_HEADERS = ["chunk", "position in chunk", "context vector", "text", "id", "kind"]
 WEIGHT_HEADERS = ["position", "text", "weight", "norm before", "norm after", "after / before"]
-NEAREST_HEADERS = ["rank", "text", "piece", "id", "cosine similarity"]
+# the similarity beside the text, so a narrow page shows both before it scrolls sideways
+NEAREST_HEADERS = ["rank", "text", "cosine similarity", "id", "piece"]
 MAX_RUNS = 6  # runs of changed / unchanged positions a reading names before summing up
 
 
@@ -410,5 +411,5 @@ def nearest_tokens(table: torch.Tensor, token_id: int, k: int) -> tuple[list[int
 def nearest_rows(ids: Sequence[int], scores: Sequence[float], pieces: Sequence[str]
                  ) -> list[list]:
     """Rows for NEAREST_HEADERS; each piece made readable on its own."""
-    return [[rank + 1, readable_pieces([piece])[0], piece, token, round(score, 4)]
+    return [[rank + 1, readable_pieces([piece])[0], round(score, 4), token, piece]
             for rank, (token, score, piece) in enumerate(zip(ids, scores, pieces, strict=True))]
