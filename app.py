@@ -329,8 +329,8 @@ def build_demo(settings: Settings) -> gr.Blocks:
             image.build(models)
         with gr.Tab(prompt.TITLE):
             prompt.build(models)
-        with gr.Tab(prompt_lab.TITLE):
-            prompt_lab.build(models)
+        with gr.Tab(prompt_lab.TITLE) as lab_tab:
+            prompt_lab.build(models, lab_tab)
         with gr.Tab(generate.TITLE):
             generate.build(models)
         with gr.Tab(compare.TITLE):

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING
 
 import gradio as gr
 import torch
-from gradio.context import get_render_context
 
 import sd_parts
 from sd_parts.tokenizer import BOS_TOKEN, EOS_TOKEN, context_ids
@@ -279,11 +278,11 @@ def answer(max_age_s: int, out: dict, names: tuple[str, ...], views: dict[str, o
         files.remove()
 
 
-def build(models: Models) -> None:
-    """The tab's layout and events, inside an open ``gr.Blocks``."""
+def build(models: Models, page_tab: gr.Tab | None = None) -> None:
+    """The tab's layout and events, inside an open ``gr.Blocks`` (in ``page_tab``, the page's tab
+    that holds the lab, if there is one: opening it shows the first comparison)."""
     settings = models.settings
     age = settings.output_max_age
-    page_tab = get_render_context()  # the app's tab that holds this one, if any
     if settings.random:
         gr.Markdown(random_banner(settings.weights), elem_classes="banner")
     out: dict[str, gr.components.Component] = {}
@@ -392,7 +391,7 @@ def build(models: Models) -> None:
     # Opening the lab, or one of its experiments, answers the prompts already filled in: the
     # first view is a result, not an empty box. Showing the same inputs again costs little (the
     # encoder's output is cached).
-    opened = [pair_tab.select] + ([page_tab.select] if isinstance(page_tab, gr.Tab) else [])
+    opened = [pair_tab.select] + ([page_tab.select] if page_tab is not None else [])
     gr.on(opened, compare_handler, [prompt_a, prompt_b, padding], outputs(COMPARE_OUTPUTS),
           api_visibility="private", **model_event)
     gr.on([skip_tab.select], skip_handler, [skip_prompt], outputs(SKIP_OUTPUTS),
