@@ -263,6 +263,9 @@ def changed_map(page, old: str) -> str:
 
 def test_prompt_shows_tokens_and_an_attention_map(page):
     open_tab(page, PROMPT_TAB)
+    # every example is labelled, the empty prompt too
+    empty = "(empty: what guidance's unconditional branch reads)"
+    page.get_by_role("button", name=empty).wait_for()
     inspect(page, "a photograph of an astronaut riding a zebra")
     tokens = page.locator("#token-view")
     tokens.get_by_text("zebra", exact=False).first.wait_for()

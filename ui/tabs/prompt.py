@@ -162,7 +162,10 @@ def build(models: Models) -> None:
         prompt = gr.Textbox(label="Prompt", elem_id="prompt-input", scale=4,
                             placeholder="a photograph of an astronaut riding a horse")
         inspect = gr.Button("Inspect", variant="primary", scale=1)
-    gr.Examples(EXAMPLE_PROMPTS, inputs=prompt, label="Examples")
+    # The empty prompt is what guidance's unconditional branch reads: BOS, EOS and padding only.
+    gr.Examples(EXAMPLE_PROMPTS, inputs=prompt, label="Examples",
+                example_labels=[p or "(empty: what guidance's unconditional branch reads)"
+                                for p in EXAMPLE_PROMPTS])
     out = {
         "tokens": gr.HighlightedText(label="Tokens as CLIP sees them (77 positions)",
                                      elem_id="token-view", show_legend=True,
