@@ -327,8 +327,8 @@ def build_demo(settings: Settings) -> gr.Blocks:
                     "latent and back, and how CLIP reads a prompt.")
         with gr.Tab(image.TITLE):
             image.build(models)
-        with gr.Tab(prompt.TITLE):
-            prompt.build(models)
+        with gr.Tab(prompt.TITLE) as prompt_tab:
+            prompt.build(models, prompt_tab)
         with gr.Tab(prompt_lab.TITLE) as lab_tab:
             prompt_lab.build(models, lab_tab)
         with gr.Tab(generate.TITLE):

@@ -266,6 +266,9 @@ def test_prompt_shows_tokens_and_an_attention_map(page):
     # every example is labelled, the empty prompt too
     empty = "(empty: what guidance's unconditional branch reads)"
     page.get_by_role("button", name=empty).wait_for()
+    # opening the tab answers the prompt filled in: tokens and a map before any click
+    page.locator("#token-view").get_by_text("horse", exact=False).first.wait_for()
+    assert "horse</w>" in attention_map(page)
     inspect(page, "a photograph of an astronaut riding a zebra")
     tokens = page.locator("#token-view")
     tokens.get_by_text("zebra", exact=False).first.wait_for()

@@ -153,13 +153,14 @@ def update_attention(models: Models, prompt: str, layer: int, head: str, padding
     return attention_views(read, output, layer, head, padding)
 
 
-def build(models: Models) -> None:
-    """The tab's layout and events, inside an open ``gr.Blocks``."""
+def build(models: Models, page_tab: gr.Tab | None = None) -> None:
+    """The tab's layout and events, inside an open ``gr.Blocks`` (in ``page_tab``, the page's tab
+    that holds it, if there is one: opening it the first time inspects the prompt filled in)."""
     settings, clip = models.settings, models.settings.clip_config
     if settings.random:
         gr.Markdown(random_banner(settings.weights), elem_classes="banner")
     with gr.Row():
-        prompt = gr.Textbox(label="Prompt", elem_id="prompt-input", scale=4,
+        prompt = gr.Textbox(EXAMPLE_PROMPTS[0], label="Prompt", elem_id="prompt-input", scale=4,
                             placeholder="a photograph of an astronaut riding a horse")
         inspect = gr.Button("Inspect", variant="primary", scale=1)
     # The empty prompt is what guidance's unconditional branch reads: BOS, EOS and padding only.
@@ -203,6 +204,17 @@ def build(models: Models) -> None:
         finally:  # Gradio asks for the next answer only after sending this one
             files.remove()
 
+    shown = gr.State(False)  # whether this visitor's page has shown a prompt yet
+
+    def first_view(was_shown, text, layer_value, head_value, padding_value,
+                   progress=gr.Progress(track_tqdm=True)):
+        """Opening the tab the first time answers the prompt filled in, not empty boxes."""
+        if was_shown:
+            yield {shown: True}
+            return
+        for update in inspect_handler(text, layer_value, head_value, padding_value):
+            yield update | {shown: True}
+
     def attention_handler(text, layer_value, head_value, padding_value):
         views = update_attention(models, text, layer_value, head_value, padding_value)
         files = PictureFiles(settings.output_max_age)
@@ -214,7 +226,10 @@ def build(models: Models) -> None:
     controls = [prompt, layer, head, padding]
     gr.on([inspect.click, prompt.submit], inspect_handler, controls,
           [out[name] for name in OUTPUTS], api_name="inspect_prompt", concurrency_id="models",
-          concurrency_limit=1)
+          concurrency_limit=1).then(lambda: True, None, shown, api_visibility="private")
+    if page_tab is not None:
+        page_tab.select(first_view, [shown, *controls], [*(out[name] for name in OUTPUTS), shown],
+                        api_visibility="private", concurrency_id="models", concurrency_limit=1)
     gr.on([layer.release, head.change, padding.change], attention_handler, controls,
           [out[name] for name in ATTENTION_OUTPUTS], api_name="attention_view",
           concurrency_id="models", concurrency_limit=1)
