@@ -1,4 +1,4 @@
-"""Look inside Stable Diffusion v1: a Gradio app over the VAE, CLIP tokenizer and text encoder.
+"""Look inside Stable Diffusion v1: a Gradio app over its VAE, CLIP, UNet and schedulers.
 
 The entry point: settings, the models (each loaded on first use, then kept), the page built from
 the tabs in ``ui/tabs``, and the launch. Every picture, table and metric comes from a pure
@@ -324,17 +324,19 @@ def build_demo(settings: Settings) -> gr.Blocks:
                    analytics_enabled=False) as demo:
         gr.Markdown("# Inside Stable Diffusion v1\nWatch the UNet and a scheduler denoise a "
                     "latent into an image, step by step; see how the VAE turns an image into a "
-                    "latent and back, and how CLIP reads a prompt.")
+                    "latent and back, and compare the Stable Diffusion family's VAEs on it; see "
+                    "how CLIP reads a prompt, and what prompt habits do to its embeddings.")
+        # the VAE's two tabs, CLIP's two, then the whole loop
         with gr.Tab(image.TITLE):
             image.build(models)
+        with gr.Tab(compare.TITLE):
+            compare.build(models)
         with gr.Tab(prompt.TITLE) as prompt_tab:
             prompt.build(models, prompt_tab)
         with gr.Tab(prompt_lab.TITLE) as lab_tab:
             prompt_lab.build(models, lab_tab)
         with gr.Tab(generate.TITLE):
             generate.build(models)
-        with gr.Tab(compare.TITLE):
-            compare.build(models)
         with gr.Tab(how_it_works.TITLE):
             how_it_works.build()
     demo.queue(max_size=settings.queue_size)
