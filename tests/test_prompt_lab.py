@@ -157,7 +157,7 @@ def test_clip_skip_and_nearest_tokens_answer_in_shape(client):
 def test_opening_the_lab_answers_the_prompts_already_there(tiny_server):
     """In Chromium: opening the lab, then an experiment, shows its result before any click; on
     a phone-wide page the pictures' buttons sit above them, not over their titles."""
-    from test_browser import chromium_page, require_chromium
+    from test_browser import chromium_page, require_chromium, shot
 
     require_chromium()
     with chromium_page() as page:
@@ -165,6 +165,7 @@ def test_opening_the_lab_answers_the_prompts_already_there(tiny_server):
         page.get_by_role("tab", name=prompt_lab.TITLE).click()
         page.locator("#lab-compare-map img").wait_for()
         assert "Positions 0-5 unchanged" in page.get_by_text("Positions 0-5").inner_text()
+        shot(page, "prompt-lab-tab", readme=True)
         page.get_by_role("tab", name="CLIP skip", exact=True).click()
         page.locator("#lab-skip-map img").wait_for()
         assert page.get_by_text("Compared with the last layer's embeddings").is_visible()
