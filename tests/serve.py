@@ -50,6 +50,23 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@contextmanager
+def in_process(settings: object) -> Iterator[str]:
+    """The app with ``settings`` (an ``app.Settings``) served from this process on a free port,
+    with the real launch options; yields its URL and closes it afterwards. Tests that replace a
+    model or count calls use this; the others use ``Server`` (a process of its own)."""
+    import app  # here: importing it builds the page, which only these tests need
+    from ui import server
+
+    demo = app.build_demo(settings)
+    port = free_port()
+    server.launch(demo, server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()
+
+
 class OutboundTrap:
     """A loopback listener used as the server's HTTP(S) proxy: it records and drops every request.
 

@@ -16,9 +16,8 @@ from safetensors import safe_open
 
 import app
 import sd_parts
-from tests.serve import free_port
+from tests.serve import in_process
 from tests.test_viz_attention_html import MapReader
-from ui import server
 from ui.shared import LABEL_ROOM
 from ui.tabs import image, prompt
 from viz.heatmap import colorize, pad
@@ -30,13 +29,8 @@ MODELS = app.Models(app.Settings(weights="tiny"))
 
 @pytest.fixture(scope="module")
 def client():
-    demo = app.build_demo(MODELS.settings)
-    port = free_port()
-    server.launch(demo, server_port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        yield Client(f"http://127.0.0.1:{port}/", verbose=False)
-    finally:
-        demo.close()
+    with in_process(MODELS.settings) as url:
+        yield Client(url, verbose=False)
 
 
 def encode(client: Client, path: str | Path, latent_kind: str = image.MEAN,

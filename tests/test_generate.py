@@ -22,8 +22,7 @@ from safetensors.torch import load
 
 import app
 from tests.conftest import reference_text_encoder, tiny_reference_vae
-from tests.serve import fetch, free_port, picture
-from ui import server
+from tests.serve import fetch, in_process, picture
 from ui.tabs import generate
 from viz import diffusion, latents, pixels
 
@@ -33,20 +32,10 @@ MARKER = (220, 60, 40)  # the noise-level chart's current-step dot
 FORWARD = ("status", "noisy", "x0", "schedule")
 
 
-def launch(settings: app.Settings) -> tuple[object, str]:
-    demo = app.build_demo(settings)
-    port = free_port()
-    server.launch(demo, server_port=port, prevent_thread_lock=True, quiet=True)
-    return demo, f"http://127.0.0.1:{port}/"
-
-
 @pytest.fixture(scope="module")
 def url():
-    demo, address = launch(MODELS.settings)
-    try:
+    with in_process(MODELS.settings) as address:
         yield address
-    finally:
-        demo.close()
 
 
 @pytest.fixture
@@ -321,11 +310,8 @@ def test_a_missing_unet_gets_its_message(tmp_path, monkeypatch):
     reference_text_encoder(hidden_size=32, intermediate_size=64, layers=2, heads=4
                            ).save_pretrained(tmp_path / "text_encoder")
     settings = app.Settings(vae=str(tmp_path / "vae"), text_encoder=str(tmp_path / "text_encoder"))
-    demo, address = launch(settings)
-    try:
+    with in_process(settings) as address:
         (update,) = run(Client(address, verbose=False, download_files=False))
-    finally:
-        demo.close()
     assert update["status"].startswith("Could not load the UNet")
     assert "not in the local cache" in update["status"]
     assert all(update[name] is None for name in generate.OUTPUTS if name != "status")

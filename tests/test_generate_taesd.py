@@ -12,8 +12,7 @@ from gradio_client import Client
 from safetensors.torch import load
 
 import app
-from tests.serve import fetch, free_port, picture
-from ui import server
+from tests.serve import fetch, in_process, picture
 from ui.shared import LABEL_ROOM
 from ui.tabs import generate
 from viz import diffusion, latents
@@ -25,13 +24,8 @@ STEPS = 4
 
 @pytest.fixture(scope="module")
 def url():
-    demo = app.build_demo(MODELS.settings)
-    port = free_port()
-    server.launch(demo, server_port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        demo.close()
+    with in_process(MODELS.settings) as address:
+        yield address
 
 
 def taesd_picture(latent: torch.Tensor) -> np.ndarray:

@@ -26,10 +26,9 @@ import pytest
 from gradio_client import Client, handle_file
 from gradio_client.utils import QueueError
 from PIL import Image
-from serve import ROOT, folder_bytes, free_port, serve
+from serve import ROOT, folder_bytes, in_process, serve
 
 import app
-from ui import server as app_server
 from ui.tabs import image, prompt
 
 CLIENTS = 16
@@ -203,11 +202,7 @@ def test_full_queue_says_busy():
     """With room for 2 waiting requests, a burst of 12 gets 'busy' answers, and the rest finish.
 
     The queue is Gradio's own, the same in-process as in a server process of its own."""
-    demo = app.build_demo(app.Settings(weights="tiny", queue_size=2))
-    port = free_port()
-    app_server.launch(demo, server_port=port, prevent_thread_lock=True, quiet=True)
-    url = f"http://127.0.0.1:{port}/"
-    try:
+    with in_process(app.Settings(weights="tiny", queue_size=2)) as url:
         with httpx.Client(base_url=url, timeout=30, trust_env=False) as http:
             client = Client(url, verbose=False, download_files=False)
             data = ["a photo of a cat", 1, prompt.MEAN_OVER_HEADS, False]
@@ -233,5 +228,4 @@ def test_full_queue_says_busy():
             values = client.predict(*data, api_name="/inspect_prompt")
             assert len(values[0]) == 77
             client.close()
-    finally:
-        demo.close()
+
