@@ -107,13 +107,19 @@ def load_case(impl: str, op: str, folder: Path) -> dict:
             "weights_mb": weights_mb, "seconds": seconds}
 
 
-def run_child(impl: str, op: str, size: int, folder: Path) -> dict:
-    command = [sys.executable, __file__, "--one-case", impl, op, str(size), str(folder)]
-    print(f"  {impl} {op} {size}", file=sys.stderr)
+def run_script(script: str, *args: object) -> object:
+    """Run ``script`` with ``args`` in a fresh Python process (so its peak memory is its own) and
+    return the JSON value on the last line it prints."""
+    command = [sys.executable, script, *map(str, args)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_child(impl: str, op: str, size: int, folder: Path) -> dict:
+    print(f"  {impl} {op} {size}", file=sys.stderr)
+    return run_script(__file__, "--one-case", impl, op, size, folder)
 
 
 def memory_mode(args: argparse.Namespace, folder: Path) -> None:

@@ -23,7 +23,6 @@ import dataclasses
 import datetime
 import inspect
 import json
-import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
@@ -37,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench import ms, race, test_image  # noqa: E402
 from generation import cpu_name  # noqa: E402
-from memory import current_rss_mb, peak_rss_mb  # noqa: E402
+from memory import current_rss_mb, peak_rss_mb, run_script  # noqa: E402
 
 import sd_parts  # noqa: E402
 from tests.conftest import diffusers_vae  # noqa: E402
@@ -200,12 +199,8 @@ def memory_child(impl: str, size: int, folders: dict[str, Path]) -> list[dict]:
 
 
 def run_memory_child(impl: str, size: int, folder: Path) -> list[dict]:
-    command = [sys.executable, __file__, "--memory-child", impl, str(size), str(folder)]
     print(f"  {impl}: every model in one process", file=sys.stderr)
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_script(__file__, "--memory-child", impl, size, folder)
 
 
 def memory_mode(args: argparse.Namespace, folder: Path) -> None:
