@@ -55,7 +55,8 @@ def test_change_is_measured_by_threshold() -> None:
     assert experiments.block_of(2, 3, 8) == (16, 24, 23, 31)
     text = experiments.describe_change(core, (6, 10, 7, 11), 2, (30, 20))
     assert text.startswith("Changed region 3 x 4 px (x 10-12, y 5-8); the block is 2 x 2. 12 "
-                           "pixels changed by at least 1 (of 255); the largest change is 3.")
+                           "of the 600 pixels (2.0%) changed by at least 1 (of 255); the largest "
+                           "change is 3.")
     assert "Part of the block" not in text and "whole image" not in text
     assert "Part of the block" in experiments.describe_change(core, (8, 12, 9, 13), 2, (30, 20))
     everywhere = experiments.measure_change(change + 1.0, 1.0)
@@ -98,6 +99,15 @@ def test_receptive_field_view_colours_the_change_over_the_grey_image() -> None:
     assert pixel(6 * 4, 10 * 4) == list(experiments.BLOCK_COLOUR)
     assert pixel(4 * 4 - 1, 6 * 4 + 1) == list(experiments.REGION_COLOUR)
     assert pixel(10 * 4, 14 * 4 - 2) == list(experiments.REGION_COLOUR)
+    # the block, 8 px wide here, is small on a page: green ticks point at it from 3 px away,
+    # above (x 8-9 is drawn at 32-39: its middle column is 35) and to the left
+    above = [pixel(4 * 4 - 1 - experiments.MARK_GAP - i, 35) for i in range(1, 8)]
+    left = [pixel(19, 8 * 4 - 1 - experiments.MARK_GAP - i) for i in range(1, 8)]
+    assert all(p == list(experiments.BLOCK_COLOUR) for p in above + left)
+    assert pixel(4 * 4 - 1 - experiments.MARK_GAP + 1, 35) != list(experiments.BLOCK_COLOUR)
+    big = experiments.receptive_field_view(image, change, region, block, "title", 384)
+    green = (big.pixels == experiments.BLOCK_COLOUR).all(axis=2).sum()
+    assert green == 4 * (2 * 16 + 1)  # 32 px wide: the outline alone (4 sides of 33 px)
     with pytest.raises(ValueError, match="differ"):
         experiments.receptive_field_view(image[:8], change, region, block, "title")
 
@@ -187,7 +197,7 @@ def test_strip_keeps_each_frame_readable() -> None:
         assert (box.cell_height, box.rows, box.columns) == (4, 20, 30)  # 128 // 30: 4x
         np.testing.assert_array_equal(box.cells(picture.pixels), frame)
     first = picture.maps[0]
-    assert first.left == text_width(["linear", "spherical"], 13) + GAP
+    assert first.left == text_width(["linear", "spherical"], experiments.CAPTION_SIZE) + GAP
     below = picture.pixels[first.top + 80 : first.top + 100, first.left : first.left + 120]
     assert below.min() < 100  # the caption is written under the frame
     narrow = experiments.strip_picture(frames, ["a", "b"], captions, max_width=200)
@@ -200,6 +210,10 @@ def test_strip_keeps_each_frame_readable() -> None:
     np.testing.assert_array_equal(box.cells(shrunk.pixels),  # blocks of 5 x 5 averaged
                                   np.asarray(Image.fromarray(big[0][0]).resize(
                                       (60, 40), Image.Resampling.BOX)))
+    # five 384 x 256 frames: halved, so the strip is shown near its size and captions stay legible
+    wide = experiments.strip_picture([[np.zeros((256, 384, 3), np.uint8)] * 5] * 2, ["a", "b"],
+                                     [["t = 0.00\nrms 1.00"] * 5] * 2)
+    assert wide.maps[0].columns == 192 and wide.pixels.shape[1] <= experiments.STRIP_WIDTH + 100
     with pytest.raises(ValueError, match="one caption"):
         experiments.strip_picture(frames, ["a", "b"], [["x"], ["y"]])
 

@@ -51,6 +51,10 @@ CHANGE_CMAP = "magma"
 BLOCK_COLOUR = (0, 255, 0)  # the latent pixel's own block; grey and magma never hold pure green
 REGION_COLOUR = (0, 200, 255)  # the changed region's bounding box
 OUTLINE_ROOM = 3  # white pixels around a map, so outlines at the image's edge stay visible
+MARK_BELOW = 12  # pixels: a block drawn smaller than this also gets ticks pointing at it
+MARK_TICK, MARK_GAP = 8, 3  # the ticks' length and their distance from the block's outline
+STRIP_WIDTH = 1024  # pixels: a strip wider than this is shown so small its captions blur
+CAPTION_SIZE = 14  # the strip's captions and row names, in pixels
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,12 +162,14 @@ def describe_change(region: ChangedRegion, block: tuple[int, int, int, int], dow
     """A few sentences: the changed region's size and place, against the latent pixel's block
     and the whole image (``size`` = (width, height))."""
     level, largest = f"{region.threshold:.3g}", f"{region.largest:.3g}"
+    share = region.count / (size[0] * size[1])
     if region.box is None:
         return f"No pixel changed by {level} (of 255) or more; the largest change is {largest}."
     top, left, bottom, right = region.box
     text = (f"Changed region {region.width} x {region.height} px (x {left}-{right}, y {top}-"
-            f"{bottom}); the block is {downscale} x {downscale}. {region.count:,} pixels changed "
-            f"by at least {level} (of 255); the largest change is {largest}.")
+            f"{bottom}); the block is {downscale} x {downscale}. {region.count:,} of the "
+            f"{size[0] * size[1]:,} pixels ({share:.1%}) changed by at least {level} (of 255); "
+            f"the largest change is {largest}.")
     if not region.contains(block):
         text += " Part of the block itself changed less than that."
     if region.box == (0, 0, size[1] - 1, size[0] - 1):
@@ -183,6 +189,21 @@ def _outline(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], map_box:
                    outline=colour)
 
 
+def _ticks(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], map_box: Box,
+           colour: tuple[int, int, int]) -> None:
+    """Four short lines pointing at a box from above, below, left and right, so a block of a
+    few pixels is found at a glance on a picture shown smaller than its size."""
+    top, left, bottom, right = box
+    cell = map_box.cell_height
+    y0, x0 = map_box.top + top * cell - 1, map_box.left + left * cell - 1  # the outline's
+    y1, x1 = map_box.top + (bottom + 1) * cell, map_box.left + (right + 1) * cell
+    ym, xm = (y0 + y1) // 2, (x0 + x1) // 2
+    near, far = MARK_GAP, MARK_GAP + MARK_TICK - 1
+    for line in (((xm, y0 - far), (xm, y0 - near)), ((xm, y1 + near), (xm, y1 + far)),
+                 ((x0 - far, ym), (x0 - near, ym)), ((x1 + near, ym), (x1 + far, ym))):
+        draw.line(line, fill=colour, width=2)
+
+
 def receptive_field_view(image: np.ndarray, change: np.ndarray, region: ChangedRegion,
                          block: tuple[int, int, int, int], title: str,
                          min_side: int = 384) -> Picture:
@@ -191,8 +212,9 @@ def receptive_field_view(image: np.ndarray, change: np.ndarray, region: ChangedR
     A pixel whose change reaches ``region.threshold`` gets the colour map's colour for its change
     (0 to the largest change); every other pixel shows the image in dimmed grey, so the picture
     stays recognisable. The latent pixel's own block is outlined in green, the changed region's
-    bounding box in blue. Small images are enlarged (nearest neighbour) to ``min_side`` pixels;
-    ``maps[0]`` says where the pixels are.
+    bounding box in blue; a block drawn smaller than ``MARK_BELOW`` pixels also gets four green
+    ticks pointing at it, since its outline alone is lost on a page. Small images are enlarged
+    (nearest neighbour) to ``min_side`` pixels; ``maps[0]`` says where the pixels are.
     """
     image = np.asarray(image)
     if image.shape[:2] != np.shape(change):
@@ -205,13 +227,17 @@ def receptive_field_view(image: np.ndarray, change: np.ndarray, region: ChangedR
     rgb[changed] = colorize(np.asarray(change)[changed], CHANGE_CMAP, 0.0, top_value)
     height, width = change.shape
     cell = max(1, min_side // max(height, width))
+    block_side = min(block[2] - block[0], block[3] - block[1]) + 1
+    room = OUTLINE_ROOM + (MARK_GAP + MARK_TICK if block_side * cell < MARK_BELOW else 0)
     picture = pad(Picture(enlarge(rgb, cell, cell), (Box(0, 0, height, width, cell, cell),)),
-                  OUTLINE_ROOM, OUTLINE_ROOM, OUTLINE_ROOM, OUTLINE_ROOM)
+                  room, room, room, room)
     drawn = Image.fromarray(picture.pixels)
     draw = ImageDraw.Draw(drawn)
     if region.box is not None:
         _outline(draw, region.box, picture.maps[0], REGION_COLOUR)
     _outline(draw, block, picture.maps[0], BLOCK_COLOUR)  # last: it wins where the two meet
+    if block_side * cell < MARK_BELOW:
+        _ticks(draw, block, picture.maps[0], BLOCK_COLOUR)
     picture = Picture(np.asarray(drawn), picture.maps)
     picture = add_colorbar(picture, CHANGE_CMAP, (0.0, top_value),
                            "change (grey levels, largest over R, G, B)")
@@ -321,7 +347,7 @@ def match_size(image: Image.Image, size: tuple[int, int]) -> tuple[Image.Image, 
 
 
 def strip_picture(rows: Sequence[Sequence[np.ndarray]], row_labels: Sequence[str],
-                  captions: Sequence[Sequence[str]], max_width: int = 2048,
+                  captions: Sequence[Sequence[str]], max_width: int = STRIP_WIDTH,
                   min_side: int = 128) -> Picture:
     """Frames (H, W, 3) uint8 of one size in rows, each row named at its left, each frame with a
     caption below it. ``maps`` has one box per frame, row by row.
@@ -341,8 +367,8 @@ def strip_picture(rows: Sequence[Sequence[np.ndarray]], row_labels: Sequence[str
     up = max(1, min(min_side // max(height, width), max_width // (columns * width)))
     down = max(1, math.ceil(columns * width / max_width)) if up == 1 else 1
     frame_h, frame_w = height * up // down, width * up // down
-    size = 12
-    left = text_width(row_labels, 13) + GAP
+    size = CAPTION_SIZE
+    left = text_width(row_labels, size) + GAP
     caption_h = (font(size).size + 4) * max(len(t.splitlines()) for r in captions for t in r)
     cell_w = max(frame_w, text_width([line for r in captions for t in r for line in t.splitlines()],
                                      size))
@@ -352,7 +378,7 @@ def strip_picture(rows: Sequence[Sequence[np.ndarray]], row_labels: Sequence[str
     boxes = []
     for r, (row, texts) in enumerate(zip(rows, captions, strict=True)):
         y = r * row_h
-        draw.text((0, y + frame_h / 2), drawable(row_labels[r]), font=font(13), fill=INK,
+        draw.text((0, y + frame_h / 2), drawable(row_labels[r]), font=font(size), fill=INK,
                   anchor="lm")
         for c, (frame, text) in enumerate(zip(row, texts, strict=True)):
             x = left + c * (cell_w + GAP)
