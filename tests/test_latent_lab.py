@@ -6,6 +6,7 @@ are read back pixel by pixel."""
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -61,11 +62,23 @@ def pixels_of(path: str) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
 
 
-def reconstruction(client: Client, path: Path, vae: str) -> np.ndarray:
-    """The image tab's own reconstruction, from its encode_image endpoint."""
+@functools.cache
+def tab_outputs(client: Client, path: Path, vae: str) -> dict:
+    """The image tab's own outputs, from its encode_image endpoint (once per image and VAE)."""
     values = client.predict(handle_file(str(path)), vae, 384, "crop", image.MEAN, 0, True, True,
                             api_name="/encode_image")
-    return pixels_of(dict(zip(image.OUTPUTS, values, strict=True))["reconstruction"])
+    return dict(zip(image.OUTPUTS, values, strict=True))
+
+
+def reconstruction(client: Client, path: Path, vae: str) -> np.ndarray:
+    return pixels_of(tab_outputs(client, path, vae)["reconstruction"])
+
+
+def stds_of(client: Client, path: Path, vae: str) -> list[float]:
+    """The raw std of each channel, from the image tab's per-channel statistics."""
+    stats = tab_outputs(client, path, vae)["stats"]
+    column = stats["headers"].index("std")
+    return [float(row[column]) for row in stats["data"][:-1]]  # the last row is all channels
 
 
 def region_of(status: str) -> tuple[int, int, int, int]:
@@ -97,6 +110,7 @@ def test_receptive_field_holds_the_block_and_moves_with_the_point(client, pictur
         assert (green.min(0) > blue.min(0)).all() and (green.max(0) < blue.max(0)).all()
         regions.append(region)
         blocks.append(block)
+        all_status = status
     # the region moves with the point: each holds its own block and not the other's, and its
     # centre moved down and to the right
     for region, other in ((regions[0], blocks[1]), (regions[1], blocks[0])):
@@ -105,9 +119,18 @@ def test_receptive_field_holds_the_block_and_moves_with_the_point(client, pictur
     centres = [((top + bottom) / 2, (left + right) / 2) for top, left, bottom, right in regions]
     assert centres[1][0] > centres[0][0] and centres[1][1] > centres[0][1]
     # one channel only: a smaller change, still around the same block
-    status, _ = client.predict(*settings(pictures[0], vae), 40, 33, f"channel {CHANNELS[vae] - 1}",
+    last = CHANNELS[vae] - 1
+    status, _ = client.predict(*settings(pictures[0], vae), 40, 33, f"channel {last}",
                                -3.0, CORE, api_name="/receptive_field")
-    assert f"channel {CHANNELS[vae] - 1} moved by -3 std" in status and region_of(status)
+    assert f"channel {last} moved by -3 std" in status and region_of(status)
+    # the std is the channel's over this latent, the tab's "std" column, in the VAE's units
+    stds = stds_of(client, pictures[0], vae)
+    moved = float(re.search(rf"channel {last} -3 std = ([-+\d.e]+) in the VAE's units",
+                            status).group(1))
+    assert moved == pytest.approx(-3 * stds[last], rel=1e-2)
+    low, high = map(float, re.search(r"own std over this latent, ([\d.e-]+) to ([\d.e-]+) in "
+                                     r"the VAE's units", all_status).groups())
+    assert (low, high) == (pytest.approx(min(stds), rel=1e-2), pytest.approx(max(stds), rel=1e-2))
 
 
 @pytest.mark.parametrize("vae", VAES)
@@ -122,10 +145,14 @@ def test_channel_edits(client, pictures, vae):
     np.testing.assert_array_equal(pixels_of(edited), plain)  # all ones: the tab's reconstruction
     np.testing.assert_array_equal(pixels_of(shown_plain), plain)
     rows = latent_lab.zero_row(table["data"], "channel 1")
+    rows[2][2] = 1.5  # and channel 2 moved by 1.5 of its stds
     status, edited, _, _ = client.predict(*settings(pictures[0], vae), table | {"data": rows},
                                           api_name="/edit_channels")
-    assert "Edited channel 1. Against the plain decode: PSNR" in status
+    assert "Edited channels 1, 2. Against the plain decode: PSNR" in status
     assert np.abs(pixels_of(edited).astype(int) - plain).max() > 0
+    moved = float(re.search(r"channel 2 \+1.5 std = ([-+\d.e]+) in the VAE's units",
+                            status).group(1))
+    assert moved == pytest.approx(1.5 * stds_of(client, pictures[0], vae)[2], rel=1e-2)
     status, *_ = client.predict(*settings(pictures[0], vae), table | {"data": rows[:3]},
                                 api_name="/edit_channels")
     assert f"The table has 3 rows but this latent has {channels} channels" in status

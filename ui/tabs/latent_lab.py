@@ -7,6 +7,9 @@ Each experiment works on the latent the tab shows: the same upload, VAE, size an
 it with what it made (``remember``), so an experiment only decodes what it changes; it encodes
 only when the settings no longer match the tab's last encode (an API caller that skips the tab,
 or settings changed since). Every picture comes from ``viz.experiments``.
+
+Length: the three experiments share the cache, the checks of the tab's settings, the message
+path and one accordion; a file per experiment would repeat those or import them back.
 """
 
 from __future__ import annotations
@@ -53,10 +56,18 @@ SLERP_NOTE = (
     "**Why two rows.** A Gaussian latent in d dimensions lies near a sphere of radius √d; the "
     "straight line between two independent ones cuts inside it (halfway it is only 1/√2 as "
     "long), through latents that a diffusion model, which starts from such noise, never sees. "
-    "Spherical interpolation (slerp) follows the great circle through both and keeps the "
-    "length. Under each frame, *rms* is the latent's root mean square in the diffusion model's "
+    "Spherical interpolation (slerp) turns from one direction to the other at a steady rate; "
+    "for two latents of one length it keeps that length exactly (the great circle), for two "
+    "lengths it stays near them. Both mixes are taken around the diffusion model's zero (the "
+    "VAE's shift_factor). Under each frame, *rms* is the latent's root mean square in the model's "
     "space (about 1 for unit noise). Image latents are not independent noise (they share a mean "
     "and much of their direction), so the straight line loses less than that.")
+
+
+STD_SOURCE = "the 'std' column of the per-channel statistics"
+STD_INFO = ("A channel's std is its spread over this latent's positions, in the VAE's own units: "
+            f"{STD_SOURCE} above. A VAE's shift_factor does not change it; the diffusion model "
+            "sees it times the scaling_factor ('std in model space').")
 
 
 class LabError(ValueError):
@@ -125,6 +136,16 @@ def _number(value: float | None, name: str, low: float, high: float) -> float:
     return float(value)
 
 
+def _in_stds(stds: torch.Tensor, steps: Sequence[float]) -> str:
+    """What the channel stds are, in numbers: channel c moved by ``steps[c]`` of its stds."""
+    moved = [(c, float(d)) for c, d in enumerate(steps) if d]
+    if len(moved) > 1 and len({d for _, d in moved}) == 1:
+        return (f"each channel by its own std over this latent, {float(stds.min()):.3g} to "
+                f"{float(stds.max()):.3g} in the VAE's units: {STD_SOURCE}")
+    return "; ".join(f"channel {c} {d:+g} std = {d * float(stds[c]):+.3g} in the VAE's units"
+                     for c, d in moved) + f" (std over this latent: {STD_SOURCE})"
+
+
 def _channel_index(channel: str | None, channels: int) -> int | None:
     """None for all channels, else the channel's number, checked against the latent."""
     if channel in (None, ALL_CHANNELS):
@@ -169,8 +190,11 @@ def receptive_field(models: Models, lab: Lab, source: Source, x: float | None, y
     region = experiments.measure_change(change, level)
     block = experiments.block_of(row, column, ds)
     which = f"all {channels} channels" if index is None else f"channel {index}"
+    moves = [steps if index in (None, c) else 0.0 for c in range(channels)]
+    units = _in_stds(experiments.channel_stds(first.latent), moves)
     what = (f"Latent pixel (row {row}, column {column}), which stands for the {ds} x {ds} block at "
-            f"x {block[1]}-{block[3]}, y {block[0]}-{block[2]}: {which} moved by {steps:+g} std.")
+            f"x {block[1]}-{block[3]}, y {block[0]}-{block[2]}: {which} moved by {steps:+g} std "
+            f"({units}).")
     found = experiments.describe_change(region, block, ds, first.fitted.size)
     title = (f"Where the image changed: latent pixel (row {row}, column {column}), {which} "
              f"{steps:+g} std\nchanged region {region.width} x {region.height} px (blue), the "
@@ -218,7 +242,12 @@ def edit_channels(models: Models, lab: Lab, source: Source,
         psnr = metrics.psnr(plain, picture)
         status = (f"Edited channel{'s' if len(changed) > 1 else ''} {', '.join(changed)}. "
                   f"Against the plain decode: PSNR "
-                  f"{'∞ (identical)' if psnr == math.inf else f'{psnr:.2f} dB'}.")
+                  f"{'∞ (identical)' if psnr == math.inf else f'{psnr:.2f} dB'}. Scales are "
+                  f"taken around the model's zero, the VAE's shift_factor {first.space[1]:g}: "
+                  "a scale of 0 sets a channel to it.")
+        if any(shifts):
+            stds = experiments.channel_stds(first.latent)
+            status += f" Shifts: {_in_stds(stds, shifts)}."
     return {"edit_status": status, "edited": picture, "plain": plain,
             "difference": experiments.difference_view(plain, np.asarray(picture))}, lab
 
@@ -305,12 +334,15 @@ def build(models: Models, source: Sequence[gr.components.Component], preview: gr
                     target = gr.Image(label="Click a latent pixel (the instant preview)",
                                       format="png", interactive=False, elem_id="lab-target")
                     with gr.Row():
-                        x = gr.Number(None, precision=0, label="x (px)", elem_id="lab-x")
-                        y = gr.Number(None, precision=0, label="y (px)", elem_id="lab-y")
+                        x = gr.Number(None, precision=0, label="x (px)", elem_id="lab-x",
+                                      placeholder="click the preview")
+                        y = gr.Number(None, precision=0, label="y (px)", elem_id="lab-y",
+                                      placeholder="click the preview")
                     channel = gr.Dropdown(channel_choices, value=ALL_CHANNELS,
                                           label="Channel to change")
                     amount = gr.Slider(-4, 4, value=2, step=0.5,
-                                       label="Change, in units of the channel's std")
+                                       label="Change, in units of the channel's std",
+                                       info=STD_INFO)
                     threshold = gr.Radio(list(THRESHOLDS), value=next(iter(THRESHOLDS)),
                                          label="A pixel counts as changed when it moved by")
                     rf_button = gr.Button("Change this latent pixel")
@@ -323,8 +355,10 @@ def build(models: Models, source: Sequence[gr.components.Component], preview: gr
                 with gr.Column(scale=1):
                     table = gr.Dataframe(default_table(4), headers=TABLE_HEADERS,
                                          datatype="number", type="array", interactive=True,
-                                         static_columns=[0], label="Per channel: scale (0 "
-                                         "removes it, 1 keeps it) and shift")
+                                         static_columns=[0], label="Per channel: scale around "
+                                         "the model's zero (0 flattens the channel to it, 1 keeps "
+                                         "it, -1 flips it) and shift")
+                    gr.Markdown(STD_INFO)
                     with gr.Row():
                         zero_channel = gr.Dropdown(channel_choices[1:], value="channel 0",
                                                    label="Channel")
