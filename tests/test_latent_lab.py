@@ -166,6 +166,9 @@ def test_interpolation_ends_at_the_two_reconstructions(client, pictures, vae):
     linear_mid, spherical_mid = map(float, re.search(
         r"linear mix has rms ([\d.]+) and the spherical one ([\d.]+)", status).groups())
     assert spherical_mid > linear_mid  # the straight line cuts inside the sphere
+    # every rms with three significant digits, trailing zeros kept, so they line up
+    sizes = re.findall(r"(?:rms|one|have|and) (\d[\d.]*\d)", status.split("\n")[0])
+    assert len(sizes) == 4 and all(len(re.sub(r"^0\.0*", "", v)) == 3 for v in sizes), status
     drawn = pixels_of(strip)[LABEL_ROOM:]
     # the layout of a strip of this size, with captions of the same length, says where frames are
     layout = experiments.strip_picture([[ends[0]] * 5] * 2, ["linear", "spherical"],

@@ -278,15 +278,16 @@ def interpolate(models: Models, lab: Lab, source: Source, second_path: str | Non
             rows[row].append(np.asarray(pixels.tensor_to_image(
                 decode(models, source, cached, mix))))
             size = experiments.rms(mix, scale, shift)
-            captions[row].append(f"t = {t:.2f}\nrms {size:.3g}")
+            captions[row].append(f"t = {t:.2f}\nrms {size:#.3g}")
             if on_frame is not None:
                 on_frame(2 * i + row + 1, 2 * count)
             if i == (count - 1) // 2:
                 middle[row] = (t, size)
     strip = experiments.strip_picture(rows, ["linear", "spherical"], captions)
     status = (f"Second image: {second.note}. At t = {middle[0][0]:.2f} the linear mix has rms "
-              f"{middle[0][1]:.3g} and the spherical one {middle[1][1]:.3g}; the ends have "
-              f"{experiments.rms(a, scale, shift):.3g} and {experiments.rms(b, scale, shift):.3g}."
+              f"{middle[0][1]:#.3g} and the spherical one {middle[1][1]:#.3g}; the ends have "
+              f"{experiments.rms(a, scale, shift):#.3g} and "
+              f"{experiments.rms(b, scale, shift):#.3g}."
               f"\n\n{SLERP_NOTE}")
     return {"mix_status": status, "strip": strip}, lab
 
