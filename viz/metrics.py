@@ -9,6 +9,7 @@ which the comparison of VAEs reports.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -64,6 +65,10 @@ def _window_means(values: np.ndarray, size: int) -> np.ndarray:
     return sums / (size * size)
 
 
+SSIM_MIN_SIDE = 7  # SSIM's window: smaller images have no full window
+GAUSSIAN_SSIM_SIDE = 11  # the Gaussian window of Wang et al.: 11 taps, sigma 1.5
+
+
 def ssim(a: Pixels, b: Pixels, data_range: float = 255.0) -> float:
     """Mean structural similarity (1 = identical), with scikit-image's default settings.
 
@@ -73,27 +78,9 @@ def ssim(a: Pixels, b: Pixels, data_range: float = 255.0) -> float:
     ``skimage.metrics.structural_similarity(a, b, channel_axis=-1, data_range=255)`` does.
     Both sides must be at least 7 pixels.
     """
-    x, y = _as_float_image(a), _as_float_image(b)
-    if x.shape != y.shape:
-        raise ValueError(f"images differ in shape: {x.shape} vs {y.shape}")
-    size = 7
-    if min(x.shape[:2]) < size:
-        raise ValueError(f"SSIM needs images of at least {size}x{size} pixels, got {x.shape[:2]}")
-    n = size * size
-    mean_x, mean_y = _window_means(x, size), _window_means(y, size)
-    # Sample (co)variances: E[xy] - E[x]E[y], rescaled from 1/n to 1/(n - 1).
-    var_x = (_window_means(x * x, size) - mean_x**2) * n / (n - 1)
-    var_y = (_window_means(y * y, size) - mean_y**2) * n / (n - 1)
-    cov_xy = (_window_means(x * y, size) - mean_x * mean_y) * n / (n - 1)
-    # The constants keep the ratios stable where means or variances are near zero.
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    numerator = (2 * mean_x * mean_y + c1) * (2 * cov_xy + c2)
-    denominator = (mean_x**2 + mean_y**2 + c1) * (var_x + var_y + c2)
-    return float(np.mean(numerator / denominator))
-
-
-SSIM_MIN_SIDE = 7  # SSIM's window: smaller images have no full window
-GAUSSIAN_SSIM_SIDE = 11  # the Gaussian window of Wang et al.: 11 taps, sigma 1.5
+    n = SSIM_MIN_SIDE * SSIM_MIN_SIDE
+    return _ssim(a, b, data_range, SSIM_MIN_SIDE, lambda v: _window_means(v, SSIM_MIN_SIDE),
+                 n / (n - 1))  # sample (co)variances: rescaled from 1/n to 1/(n - 1)
 
 
 def _gaussian_window_means(values: np.ndarray, sigma: float = 1.5) -> np.ndarray:
@@ -122,16 +109,24 @@ def ssim_gaussian(a: Pixels, b: Pixels, data_range: float = 255.0) -> float:
     smoothly from the centre, so the map does not jump as an edge enters or leaves a window,
     as it does with ``ssim``'s flat 7x7 window. Both sides must be at least 11 pixels.
     """
+    return _ssim(a, b, data_range, GAUSSIAN_SSIM_SIDE, _gaussian_window_means, 1.0)
+
+
+def _ssim(a: Pixels, b: Pixels, data_range: float, side: int,
+          window_means: Callable[[np.ndarray], np.ndarray], variance_scale: float) -> float:
+    """The SSIM map of Wang et al. from local means, averaged: ``window_means`` gives the
+    (weighted) mean over every ``side`` x ``side`` window fully inside the image, and
+    ``variance_scale`` turns its E[xy] - E[x]E[y] into the variances the variant uses."""
     x, y = _as_float_image(a), _as_float_image(b)
     if x.shape != y.shape:
         raise ValueError(f"images differ in shape: {x.shape} vs {y.shape}")
-    side = GAUSSIAN_SSIM_SIDE
     if min(x.shape[:2]) < side:
         raise ValueError(f"SSIM needs images of at least {side}x{side} pixels, got {x.shape[:2]}")
-    mean_x, mean_y = _gaussian_window_means(x), _gaussian_window_means(y)
-    var_x = _gaussian_window_means(x * x) - mean_x**2
-    var_y = _gaussian_window_means(y * y) - mean_y**2
-    cov_xy = _gaussian_window_means(x * y) - mean_x * mean_y
+    mean_x, mean_y = window_means(x), window_means(y)
+    var_x = (window_means(x * x) - mean_x**2) * variance_scale
+    var_y = (window_means(y * y) - mean_y**2) * variance_scale
+    cov_xy = (window_means(x * y) - mean_x * mean_y) * variance_scale
+    # The constants keep the ratios stable where means or variances are near zero.
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     numerator = (2 * mean_x * mean_y + c1) * (2 * cov_xy + c2)
     denominator = (mean_x**2 + mean_y**2 + c1) * (var_x + var_y + c2)
