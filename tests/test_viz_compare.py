@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from matplotlib.patches import StepPatch
 
-from viz import compare
+from viz import compare, latents
 from viz.heatmap import GAP, colorize
 from viz.metrics import GAUSSIAN_SSIM_SIDE, abs_error_map, ssim_gaussian
 
@@ -155,10 +155,10 @@ def test_crop_view_enlarges_the_same_region_of_every_picture() -> None:
 
 
 def test_table_rows_and_csv_round_trip(tmp_path) -> None:
-    rows = [compare.table_row("SD", (4, 48, 64), compare.latent_space_text(0.18215, 0.0),
+    rows = [compare.table_row("SD", (4, 48, 64), latents.latent_space_text(0.18215, 0.0),
                               31.234567, 0.912345678, 0.51234, 0.98765),
             compare.failure_row("SD3", "the repository is gated"),
-            compare.table_row("FLUX", (16, 48, 64), compare.latent_space_text(0.3611, 0.1159),
+            compare.table_row("FLUX", (16, 48, 64), latents.latent_space_text(0.3611, 0.1159),
                               35.0, 0.95, 1.0, 2.0, note="fast")]
     assert rows[0] == ["SD", "4x48x64", 4, "z x 0.18215", 31.23, 0.9123, 0.512, 0.988, ""]
     assert rows[2][3] == "(z - 0.1159) x 0.3611"

@@ -38,6 +38,7 @@ from viz.heatmap import (
     heatmap,
     text_width,
 )
+from viz.latents import draw_densities
 from viz.metrics import abs_error_map
 from viz.plot import add_axes, new_figure
 
@@ -202,13 +203,6 @@ def crop_view(pictures: Sequence[Labelled], box: tuple[int, int, int, int],
 # Numbers
 
 
-def latent_space_text(scaling_factor: float, shift_factor: float) -> str:
-    """How the diffusion model's latent is made from the encoder's: "(z - 0.1159) x 0.3611"."""
-    if shift_factor:
-        return f"(z - {shift_factor:g}) x {scaling_factor:g}"
-    return f"z x {scaling_factor:g}"
-
-
 def table_row(label: str, latent_shape: Sequence[int], space: str, psnr: float, ssim: float,
               encode_s: float, decode_s: float, note: str = "") -> list:
     """One VAE's row of ``TABLE_HEADERS``; the shape is (channels, height, width)."""
@@ -244,17 +238,11 @@ def latent_histograms_figure(latents: Sequence[tuple[str, np.ndarray]]) -> Figur
     if not latents:
         raise ValueError("no latents to draw")
     values = [np.asarray(latent, dtype=np.float64) for _, latent in latents]
-    extent = max(4.0, *(float(np.quantile(np.abs(v), 0.999)) for v in values))
-    edges = np.linspace(-extent, extent, 81)
     below = 0.2 * (len(latents) + 1) + 0.1  # inches: a legend line per VAE and one for N(0, 1)
     figure = new_figure(6.4, 3.8 + below)
     axes = add_axes(figure, 0.7, 0.55 + below, 5.55, 2.75)
-    for (label, _), value in zip(latents, values, strict=True):
-        density, _ = np.histogram(value, bins=edges, density=True)
-        axes.stairs(density, edges, linewidth=1.5,
-                    label=f"{label}: mean {value.mean():+.2f}, std {value.std():.2f}")
-    x = np.linspace(-extent, extent, 200)
-    axes.plot(x, np.exp(-0.5 * x**2) / math.sqrt(2 * math.pi), "k--", label="N(0, 1)")
+    draw_densities(axes, [(f"{label}: mean {value.mean():+.2f}, std {value.std():.2f}", value)
+                          for (label, _), value in zip(latents, values, strict=True)], values)
     axes.set_xlabel("value in the diffusion model's space, all channels", fontsize=10)
     axes.set_ylabel("density", fontsize=10)
     axes.tick_params(labelsize=9)

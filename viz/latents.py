@@ -15,10 +15,12 @@ already previews the image. ``LATENT_RGB_MAPS`` holds the published maps per VAE
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from PIL import Image
 
@@ -261,6 +263,28 @@ def enlarge_to(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.repeat(np.repeat(pixels, size[1] // height, axis=0), size[0] // width, axis=1)
 
 
+def latent_space_text(scaling_factor: float, shift_factor: float, name: str = "z") -> str:
+    """How the diffusion model's latent is made from the encoder's ``name``:
+    "(z - 0.1159) x 0.3611", or "z x 0.18215" without a shift."""
+    if shift_factor:
+        return f"({name} - {shift_factor:g}) x {scaling_factor:g}"
+    return f"{name} x {scaling_factor:g}"
+
+
+def draw_densities(axes: Axes, groups: Sequence[tuple[str, np.ndarray]],
+                   spread: Sequence[np.ndarray]) -> None:
+    """Each labelled group of values as a density (stepped line) on shared bins, and the
+    standard normal N(0, 1) dashed, over +-4 or further where the 99.9th percentile of
+    ``spread``'s sizes reaches beyond."""
+    extent = max(4.0, *(float(np.quantile(np.abs(values), 0.999)) for values in spread))
+    edges = np.linspace(-extent, extent, 81)
+    for label, group in groups:
+        density, _ = np.histogram(group, bins=edges, density=True)
+        axes.stairs(density, edges, label=label, linewidth=1.5)
+    x = np.linspace(-extent, extent, 200)
+    axes.plot(x, np.exp(-0.5 * x**2) / math.sqrt(2 * math.pi), "k--", label="N(0, 1)")
+
+
 def latent_histogram_figure(
     latent: torch.Tensor | np.ndarray, scaling_factor: float, shift_factor: float = 0.0
 ) -> Figure:
@@ -273,8 +297,6 @@ def latent_histogram_figure(
     """
     scaled = model_space(latent, scaling_factor, shift_factor)
     channels = scaled.shape[0]
-    extent = max(4.0, float(np.quantile(np.abs(scaled), 0.999)))
-    edges = np.linspace(-extent, extent, 81)
     figure = new_figure(5.6, 3.6)
     axes = add_axes(figure, 0.7, 0.55, 4.75, 2.55)
     if channels <= 4:
@@ -284,14 +306,9 @@ def latent_histogram_figure(
         quiet, loud = int(stds.argmin()), int(stds.argmax())
         groups = [("all channels", scaled), (f"channel {quiet}", scaled[quiet]),
                   (f"channel {loud}", scaled[loud])]
-    for label, group in groups:
-        density, _ = np.histogram(group, bins=edges, density=True)
-        axes.stairs(density, edges, label=f"{label}: std {group.std():.2f}", linewidth=1.5)
-    x = np.linspace(-extent, extent, 200)
-    axes.plot(x, np.exp(-0.5 * x**2) / math.sqrt(2 * math.pi), "k--", label="N(0, 1)")
-    space = f"latent x {scaling_factor:g}"
-    if shift_factor:
-        space = f"(latent - {shift_factor:g}) x {scaling_factor:g}"
+    draw_densities(axes, [(f"{label}: std {group.std():.2f}", group) for label, group in groups],
+                   [scaled])
+    space = latent_space_text(scaling_factor, shift_factor, "latent")
     axes.set_xlabel(f"value in model space: {space}", fontsize=10)
     axes.set_ylabel("density", fontsize=10)
     axes.tick_params(labelsize=9)

@@ -70,7 +70,7 @@ def round_trip(vae: torch.nn.Module, image: Image.Image) -> RoundTrip:
         latent = vae.encode(x).mean
         scale, shift = vae.config.scaling_factor, vae.config.shift_factor
         model_latent = latents.model_space(latent, scale, shift)
-        space = compare.latent_space_text(scale, shift)
+        space = latents.latent_space_text(scale, shift)
     else:  # the TAESD family: the encoder's output is the diffusion model's latent
         latent = vae.encode(x)
         model_latent, space = latents.latent_to_numpy(latent), TAESD_SPACE
