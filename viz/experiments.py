@@ -46,6 +46,7 @@ from viz.heatmap import (
     pad,
     text_width,
 )
+from viz.latents import model_space
 
 CHANGE_CMAP = "magma"
 BLOCK_COLOUR = (0, 255, 0)  # the latent pixel's own block; grey and magma never hold pure green
@@ -322,8 +323,7 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float, centre: float = 0.0) -> to
 
 def rms(latent: torch.Tensor, scaling_factor: float, shift_factor: float = 0.0) -> float:
     """Root mean square of a latent in the diffusion model's space: about 1 for unit noise."""
-    model = (latent.to(torch.float64) - shift_factor) * scaling_factor
-    return float(model.pow(2).mean().sqrt())
+    return float(np.sqrt(np.mean(model_space(latent, scaling_factor, shift_factor) ** 2)))
 
 
 def match_size(image: Image.Image, size: tuple[int, int]) -> tuple[Image.Image, str]:

@@ -40,6 +40,11 @@ OUTPUTS = ("status", "size", "vae_input", "preview", "fitted_preview", "channels
            "histogram", "std", "original", "reconstruction", "error", "metrics", "downloads")
 
 
+def uses_tiles(fitted: Image.Image) -> bool:
+    """Whether the tab (and the experiments on its latent) run an image through the VAE in tiles."""
+    return fitted.width * fitted.height > TILE_ABOVE_PIXELS
+
+
 def latent_space(config: sd_parts.VAEConfig) -> tuple[float, float]:
     """(scaling_factor, shift_factor): the diffusion model sees (latent - shift) x scale.
 
@@ -109,7 +114,7 @@ def encode_image(models: Models, path: str | None, choice: str, max_side: int, f
         return
     space = latent_space(vae.config)
     fitted, size_note = pixels.fit_for_vae(image, int(max_side), vae.downscale, mode=fit)
-    tiled = fitted.width * fitted.height > TILE_ABOVE_PIXELS
+    tiled = uses_tiles(fitted)
     start = time.perf_counter()
     posterior = vae.encode(pixels.image_to_tensor(fitted), tiled=tiled)
     latent = choose_latent(posterior, latent_kind, seed)

@@ -29,11 +29,11 @@ from ui.tabs.image import (
     EXAMPLE_IMAGES,
     MAX_PIXELS,
     SAMPLE,
-    TILE_ABOVE_PIXELS,
     Encoded,
     Source,
     choose_latent,
     latent_space,
+    uses_tiles,
 )
 from viz import experiments, metrics, pixels, upload
 
@@ -110,7 +110,7 @@ def encode(models: Models, source: Source, cached: Encoded | None,
             fitted, note = experiments.match_size(image, size)
     except (upload.ImageInputError, ModelUnavailable, ValueError) as exc:
         raise LabError(str(exc)) from exc
-    tiled = fitted.width * fitted.height > TILE_ABOVE_PIXELS  # as the tab decides
+    tiled = uses_tiles(fitted)
     posterior = vae.encode(pixels.image_to_tensor(fitted), tiled=tiled)
     latent = choose_latent(posterior, source.latent_kind, source.seed)
     decoded = vae.decode(latent[None], tiled=tiled)[0]
