@@ -14,7 +14,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +105,16 @@ class PictureFiles:
         for _, path in self._written.values():
             Path(path).unlink(missing_ok=True)
         self._written.clear()
+
+
+def answer_once(max_age_s: int, views: dict[object, object]) -> Iterator[dict[object, object]]:
+    """A handler's one answer (component -> value), from a generator so that its picture files,
+    written by ``PictureFiles``, are removed once Gradio has sent it."""
+    files = PictureFiles(max_age_s)
+    try:
+        yield {component: files(value) for component, value in views.items()}
+    finally:  # Gradio asks for the next answer only after sending this one
+        files.remove()
 
 
 def on_zero_gpu(handler: Callable) -> Callable:

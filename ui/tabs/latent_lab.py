@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ui.loading import ModelUnavailable
-from ui.shared import PictureFiles, failure
+from ui.shared import answer_once, failure
 from ui.tabs.image import (
     EXAMPLE_IMAGES,
     MAX_PIXELS,
@@ -389,15 +389,13 @@ def build(models: Models, source: Sequence[gr.components.Component], preview: gr
 
     def answer(experiment, outputs: dict, lab_value, values: tuple) -> Iterator[dict]:
         """The experiment's views, or all empty but a message; the cache is kept either way."""
-        files, new_lab = PictureFiles(settings.output_max_age), lab_value or Lab()
+        new_lab = lab_value or Lab()
         try:
             views, new_lab = experiment(models, new_lab, *values)
         except LabError as exc:
             views = failure(outputs, next(iter(outputs)), str(exc))
-        try:  # Gradio asks for the next answer only after sending this one
-            yield {outputs[name]: files(views.get(name)) for name in outputs} | {lab: new_lab}
-        finally:
-            files.remove()
+        yield from answer_once(settings.output_max_age, {
+            outputs[name]: views.get(name) for name in outputs} | {lab: new_lab})
 
     def run_receptive_field(lab_value, path, choice, max_side, fit, latent_kind, seed, exact,
                             x, y, channel, amount, threshold):

@@ -19,7 +19,7 @@ import torch
 
 import sd_parts
 from ui.loading import ModelUnavailable
-from ui.shared import PictureFiles, literal, output_path, random_banner
+from ui.shared import PictureFiles, answer_once, literal, output_path, random_banner
 from viz import attention_html, export, text_encoder, tokens
 
 if TYPE_CHECKING:
@@ -60,8 +60,8 @@ class Tokens:
         return tuple(row[3] for row in self.rows)
 
 
-def read_tokens(tokenizer: sd_parts.CLIPTokenizer, prompt: str) -> Tokens:
-    pieces = tokenizer.tokenize(prompt)
+def read_tokens(tokenizer: sd_parts.CLIPTokenizer, prompt: str | None) -> Tokens:
+    pieces = tokenizer.tokenize(prompt or "")
     rows = tokens.token_rows(pieces, tokenizer.convert_tokens_to_ids(pieces))
     return Tokens(pieces, rows, tokens.positions_used(len(pieces)))
 
@@ -217,11 +217,8 @@ def build(models: Models, page_tab: gr.Tab | None = None) -> None:
 
     def attention_handler(text, layer_value, head_value, padding_value):
         views = update_attention(models, text, layer_value, head_value, padding_value)
-        files = PictureFiles(settings.output_max_age)
-        try:  # one answer, from a generator so that its files go once it is sent
-            yield {out[name]: files(views.get(name)) for name in ATTENTION_OUTPUTS}
-        finally:
-            files.remove()
+        yield from answer_once(settings.output_max_age,
+                               {out[name]: views.get(name) for name in ATTENTION_OUTPUTS})
 
     controls = [prompt, layer, head, padding]
     gr.on([inspect.click, prompt.submit], inspect_handler, controls,

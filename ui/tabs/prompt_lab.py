@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import gradio as gr
@@ -21,7 +20,8 @@ import torch
 import sd_parts
 from sd_parts.tokenizer import BOS_TOKEN, EOS_TOKEN, context_ids
 from ui.loading import ModelUnavailable
-from ui.shared import PictureFiles, literal, random_banner
+from ui.shared import answer_once, literal, random_banner
+from ui.tabs.prompt import read_tokens
 from viz import prompt_lab as lab
 from viz import tokens
 
@@ -60,29 +60,6 @@ SKIP_NOTE = ("The web UIs' **CLIP skip 2** = diffusers' `clip_skip=1` = **one la
              "one layer skipped.")
 
 
-@dataclass(frozen=True)
-class Read:
-    """A prompt as SD v1's text encoder sees it (77 positions)."""
-
-    pieces: list[str]  # every BPE piece, untruncated, without BOS/EOS
-    rows: list[list]  # tokens.token_rows: [position, text, piece, id, kind]
-    n_real: int  # BOS + kept tokens + EOS
-
-    @property
-    def ids(self) -> tuple[int, ...]:
-        return tuple(row[3] for row in self.rows)
-
-    @property
-    def labels(self) -> list[str]:
-        return [row[1] for row in self.rows]
-
-
-def read(tokenizer: sd_parts.CLIPTokenizer, prompt: str | None) -> Read:
-    pieces = tokenizer.tokenize(prompt or "")
-    rows = tokens.token_rows(pieces, tokenizer.convert_tokens_to_ids(pieces))
-    return Read(pieces, rows, tokens.positions_used(len(pieces)))
-
-
 @functools.lru_cache(maxsize=4)  # switching the padding toggle re-draws without re-encoding
 def run_encoder(models: Models, rows: tuple[tuple[int, ...], ...]) -> sd_parts.CLIPTextOutput:
     with torch.inference_mode():
@@ -102,7 +79,7 @@ def compare_prompts(models: Models, prompt_a: str, prompt_b: str, padding: bool
     """Both prompts' tokens aligned, and how far apart their vectors are at every position and
     layer, with a sentence that reads the map."""
     try:
-        a, b = read(models.tokenizer(), prompt_a), read(models.tokenizer(), prompt_b)
+        a, b = read_tokens(models.tokenizer(), prompt_a), read_tokens(models.tokenizer(), prompt_b)
         output = run_encoder(models, (a.ids, b.ids))
     except ModelUnavailable as exc:
         return {"compare_reading": unavailable(exc)}
@@ -129,7 +106,7 @@ def compare_prompts(models: Models, prompt_a: str, prompt_b: str, padding: bool
 def clip_skip(models: Models, prompt: str) -> dict[str, object]:
     """How far each token's final embedding moves with 1 and 2 layers skipped."""
     try:
-        text = read(models.tokenizer(), prompt)
+        text = read_tokens(models.tokenizer(), prompt)
         encoder = models.text_encoder()
         output = run_encoder(models, (text.ids,))
     except ModelUnavailable as exc:
@@ -228,7 +205,7 @@ def weighting(models: Models, prompt: str) -> dict[str, object]:
 
 def token_choices(models: Models, prompt: str) -> list[tuple[str, int]]:
     """The prompt's real positions (BOS, tokens, EOS) as dropdown choices."""
-    text = read(models.tokenizer(), prompt)
+    text = read_tokens(models.tokenizer(), prompt)
     return [(f"{p}: {label}", p) for p, label in enumerate(text.labels[: text.n_real])]
 
 
@@ -237,7 +214,7 @@ def nearest_tokens(models: Models, prompt: str, position: int | str | None, k: i
     """The k vocabulary entries whose token embeddings point most nearly the way the chosen
     position's token does."""
     try:
-        text = read(models.tokenizer(), prompt)
+        text = read_tokens(models.tokenizer(), prompt)
         table = models.text_encoder().embeddings.token_embedding.weight
     except ModelUnavailable as exc:
         return {"nearest_notes": unavailable(exc)}
@@ -266,16 +243,6 @@ def nearest_tokens(models: Models, prompt: str, position: int | str | None, k: i
 
 # ---------------------------------------------------------------------------------------------
 # The page
-
-
-def answer(max_age_s: int, out: dict, names: tuple[str, ...], views: dict[str, object]
-           ) -> Iterator[dict]:
-    """One answer, from a generator so that its picture files go once it is sent."""
-    files = PictureFiles(max_age_s)
-    try:
-        yield {out[name]: files(views.get(name)) for name in names}
-    finally:
-        files.remove()
 
 
 def build(models: Models, page_tab: gr.Tab | None = None) -> None:
@@ -362,20 +329,23 @@ def build(models: Models, page_tab: gr.Tab | None = None) -> None:
     def outputs(names: tuple[str, ...]) -> list:
         return [out[name] for name in names]
 
+    def answer(names: tuple[str, ...], views: dict[str, object]) -> Iterator[dict]:
+        return answer_once(age, {out[name]: views.get(name) for name in names})
+
     def compare_handler(a, b, pad):
-        yield from answer(age, out, COMPARE_OUTPUTS, compare_prompts(models, a, b, pad))
+        yield from answer(COMPARE_OUTPUTS, compare_prompts(models, a, b, pad))
 
     def skip_handler(text):
-        yield from answer(age, out, SKIP_OUTPUTS, clip_skip(models, text))
+        yield from answer(SKIP_OUTPUTS, clip_skip(models, text))
 
     def long_handler(text):
-        yield from answer(age, out, LONG_OUTPUTS, long_prompt(models, text))
+        yield from answer(LONG_OUTPUTS, long_prompt(models, text))
 
     def weight_handler(text):
-        yield from answer(age, out, WEIGHT_OUTPUTS, weighting(models, text))
+        yield from answer(WEIGHT_OUTPUTS, weighting(models, text))
 
     def nearest_handler(text, chosen, count):
-        yield from answer(age, out, NEAREST_OUTPUTS, nearest_tokens(models, text, chosen, count))
+        yield from answer(NEAREST_OUTPUTS, nearest_tokens(models, text, chosen, count))
 
     def choices_handler(text):
         try:
