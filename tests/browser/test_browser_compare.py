@@ -5,7 +5,7 @@ it move.
 
 Screenshots go to ``test-output/screenshots/``; with ``SD_PARTS_SCREENSHOTS=docs/screenshots``
 the README's picture of the tab is written too. Without Chromium these tests skip on a
-developer's machine and fail under ``CI=true``, as tests/test_browser.py does.
+developer's machine and fail under ``CI=true``, as tests/browser/test_browser_image_prompt.py does.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 from PIL import Image
-from test_browser import chromium_page, loaded_image, require_chromium, shot
 
 import app
+from tests.helpers.browser import chromium_page, loaded_image, require_chromium, shot
 from ui.shared import LABEL_ROOM
 from ui.tabs.compare import TITLE
 from viz import compare

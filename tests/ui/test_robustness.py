@@ -16,14 +16,14 @@ import gradio
 import httpx
 import numpy as np
 import pytest
-from corpus import IMG_ONERROR, PROMPTS, SCRIPT, image_cases, write_image_cases
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from packaging.version import Version
 from PIL import Image
-from serve import ROOT
 
 import app
+from tests.helpers.corpus import IMG_ONERROR, PROMPTS, SCRIPT, image_cases, write_image_cases
+from tests.helpers.serve import ROOT
 from ui import server as app_server
 from ui.tabs import image, prompt
 from viz.pixels import fit_for_vae

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sd_parts import TINY_VAE, AutoencoderKL, load_vae
-from tests.conftest import tiny_reference_vae
+from tests.helpers.references import tiny_reference_vae
 
 TOL = 1e-4
 

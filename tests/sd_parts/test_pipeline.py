@@ -11,7 +11,7 @@ import torch
 
 from sd_parts import load_tokenizer
 from sd_parts.pipeline import StableDiffusionPipeline, load_pipeline
-from tests.conftest import (
+from tests.helpers.references import (
     TINY_UNET_OVERRIDES,
     reference_text_encoder,
     reference_unet,

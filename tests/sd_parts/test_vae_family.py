@@ -15,7 +15,7 @@ from huggingface_hub.utils import hf_raise_for_status
 import sd_parts
 from sd_parts import FLUX_VAE, SD3_VAE, SDXL_VAE, TINY_VAE, VAEConfig, WeightsError, load_vae
 from sd_parts import weights as weights_module
-from tests.conftest import diffusers_vae
+from tests.helpers.references import diffusers_vae
 
 TOL = 1e-4
 FAMILY = {"sdxl": SDXL_VAE, "sd3": SD3_VAE, "flux": FLUX_VAE}

@@ -12,7 +12,7 @@ from gradio_client import Client
 from safetensors.torch import load
 
 import app
-from tests.serve import fetch, in_process, picture
+from tests.helpers.serve import fetch, in_process, picture
 from ui.shared import LABEL_ROOM
 from ui.tabs import generate
 from viz import diffusion, latents

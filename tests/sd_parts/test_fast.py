@@ -16,7 +16,7 @@ from sd_parts.vae import blend_tiles, tile_spans
 from viz.metrics import psnr
 from viz.pixels import image_to_tensor
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
 # bfloat16 keeps 8 significant bits; measured on the full-size VAE with random weights the
 # difference to float32 is 45-50 dB, and 8-bit rounding of an image is about 59 dB
 FAST_MODE_MIN_PSNR_DB = 40.0

@@ -20,7 +20,7 @@ from safetensors import safe_open
 
 import app
 import sd_parts
-from tests.serve import free_port
+from tests.helpers.serve import free_port
 from ui import server
 from ui.shared import LABEL_ROOM
 from ui.tabs import image, latent_lab

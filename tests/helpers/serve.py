@@ -27,7 +27,7 @@ import numpy as np
 import psutil
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 120  # importing torch and gradio on a busy 2-core machine takes a while
 STOP_TIMEOUT_S = 15
 

@@ -13,9 +13,9 @@ import huggingface_hub.constants
 import pytest
 
 import app
-from tests.conftest import tiny_reference_vae
-from tests.serve import free_port
-from tests.test_weights import build_hub_cache
+from tests.helpers.hub_cache import build_hub_cache
+from tests.helpers.references import tiny_reference_vae
+from tests.helpers.serve import free_port
 from ui import loading
 from ui.tabs import image, prompt
 

@@ -21,8 +21,8 @@ from PIL import Image
 from safetensors.torch import load
 
 import app
-from tests.conftest import reference_text_encoder, tiny_reference_vae
-from tests.serve import fetch, in_process, picture
+from tests.helpers.references import reference_text_encoder, tiny_reference_vae
+from tests.helpers.serve import fetch, in_process, picture
 from ui.tabs import generate
 from viz import diffusion, latents, pixels
 

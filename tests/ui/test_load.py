@@ -26,9 +26,9 @@ import pytest
 from gradio_client import Client, handle_file
 from gradio_client.utils import QueueError
 from PIL import Image
-from serve import ROOT, folder_bytes, in_process, serve
 
 import app
+from tests.helpers.serve import ROOT, folder_bytes, in_process, serve
 from ui.tabs import image, prompt
 
 CLIENTS = 16

@@ -16,8 +16,8 @@ from safetensors import safe_open
 
 import app
 import sd_parts
-from tests.serve import in_process
-from tests.test_viz_attention_html import MapReader
+from tests.helpers.html_reader import MapReader
+from tests.helpers.serve import in_process
 from ui.shared import LABEL_ROOM
 from ui.tabs import image, prompt
 from viz.heatmap import colorize, pad

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sd_parts import TINY_CLIP, CLIPTextEncoder, CLIPTextOutput, load_text_encoder
-from tests.conftest import reference_text_encoder
+from tests.helpers.references import reference_text_encoder
 
 TOL = 1e-4
 

@@ -16,7 +16,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from sd_parts import WeightsError, load_text_encoder, load_vae, weights
-from tests.conftest import reference_text_encoder, tiny_reference_vae
+from tests.helpers.hub_cache import build_hub_cache
+from tests.helpers.references import reference_text_encoder, tiny_reference_vae
 
 VAE_FILE = "diffusion_pytorch_model.safetensors"
 
@@ -181,18 +182,6 @@ def test_missing_folder_says_what_was_tried(tmp_path):
     assert "text_encoder" in str(info.value) and "HF_HUB_OFFLINE" in str(info.value)
 
 
-def build_hub_cache(cache: Path, repo_id: str, files: dict[str, Path]) -> None:
-    """The folder layout huggingface_hub keeps in its cache: refs point at snapshots."""
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    root = cache / f"models--{repo_id.replace('/', '--')}"
-    (root / "refs").mkdir(parents=True)
-    (root / "refs" / "main").write_text(commit)
-    for name, src in files.items():
-        dst = root / "snapshots" / commit / name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        dst.write_bytes(src.read_bytes())
-
-
 def test_hub_cache_offline(tiny_vae_folder, tmp_path):
     """Through the repo id, as the app does, with HF_HUB_OFFLINE=1 and the files in the cache."""
     te_folder = tmp_path / "te"
@@ -217,7 +206,7 @@ def test_hub_cache_offline(tiny_vae_folder, tmp_path):
     """)
     env = os.environ | {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                            text=True, timeout=120, cwd=Path(__file__).parent.parent)
+                            text=True, timeout=120, cwd=Path(__file__).parents[2])
     assert result.returncode == 0, result.stderr
     assert "loaded (16, 32) 32" in result.stdout
     assert "ERROR Could not get config.json" in result.stdout

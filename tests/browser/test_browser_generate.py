@@ -5,7 +5,7 @@ long run part way.
 
 Screenshots go to ``test-output/screenshots/``; with ``SD_PARTS_SCREENSHOTS=docs/screenshots``
 the README's picture of the tab is written too. Without Chromium these tests skip on a
-developer's machine and fail under ``CI=true``, as tests/test_browser.py does.
+developer's machine and fail under ``CI=true``, as tests/browser/test_browser_image_prompt.py does.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import re
 from collections.abc import Iterator
 
 import pytest
-from serve import serve
-from test_browser import chromium_page, loaded_image, require_chromium, shot
 
+from tests.helpers.browser import chromium_page, loaded_image, require_chromium, shot
+from tests.helpers.serve import serve
 from ui.tabs.generate import TITLE
 
 STEPS = 8  # PNDM visits one timestep more: 9 updates, a few seconds with tiny weights

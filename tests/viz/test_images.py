@@ -1,6 +1,6 @@
 """The pixel side: safe upload reading, sizing for the VAE, the tensor convention, metrics, files.
 
-``load_image`` is tested on the corpus of awkward files in ``tests/corpus.py``: empty, not an
+``load_image`` is tested on the corpus of awkward files in ``tests/helpers/corpus.py``: empty, not an
 image, SVG, truncated, decompression bombs, 16-bit, CMYK, transparency, animation, EXIF rotation.
 """
 
@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from tests.corpus import MAX_PIXELS, ImageCase, image_cases, write_image_cases
+from tests.helpers.corpus import MAX_PIXELS, ImageCase, image_cases, write_image_cases
 from viz.export import embeddings_to_safetensors, latent_to_safetensors
 from viz.heatmap import colorize
 from viz.metrics import SSIM_MIN_SIDE, abs_error_map, error_view, psnr, ssim

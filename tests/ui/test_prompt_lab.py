@@ -157,7 +157,7 @@ def test_clip_skip_and_nearest_tokens_answer_in_shape(client):
 def test_opening_the_lab_answers_the_prompts_already_there(tiny_server):
     """In Chromium: opening the lab, then an experiment, shows its result before any click; on
     a phone-wide page the pictures' buttons sit above them, not over their titles."""
-    from test_browser import chromium_page, require_chromium, shot
+    from tests.helpers.browser import chromium_page, require_chromium, shot
 
     require_chromium()
     with chromium_page() as page:

@@ -22,9 +22,9 @@ import torch
 from gradio_client import Client
 from PIL import Image
 from safetensors.torch import load
-from serve import serve
 
 import app
+from tests.helpers.serve import serve
 from ui.tabs import generate
 
 VISITORS = 4

@@ -26,7 +26,7 @@ from sd_parts.single_file import (
 )
 from sd_parts.unet import UNetConfig
 from sd_parts.weights import RenameRule, WeightsError, rename_key, squeeze_1x1
-from tests.conftest import reference_text_encoder, reference_unet, reference_vae
+from tests.helpers.references import reference_text_encoder, reference_unet, reference_vae
 
 TOL = 1e-4
 # SD v1's structure (four levels, two layers per level, a channel change at every level but the

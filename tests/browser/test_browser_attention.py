@@ -4,7 +4,7 @@ moves with the next tap and stays on the new map when the head changes; 77 x 77 
 
 The page can be touched (``has_touch``), so taps are real touch events, and it can still hover.
 Screenshots go to ``test-output/screenshots/``. Without Chromium these tests skip on a
-developer's machine and fail under ``CI=true``, as tests/test_browser.py does.
+developer's machine and fail under ``CI=true``, as tests/browser/test_browser_image_prompt.py does.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from test_browser import (
+
+from tests.helpers.browser import (
     PROMPT_TAB,
     SHOTS,
     attention_map,
@@ -22,7 +23,6 @@ from test_browser import (
     require_chromium,
     shot,
 )
-
 from viz.attention_html import HINT
 
 MAP = "#attention-map"

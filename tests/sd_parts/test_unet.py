@@ -9,7 +9,7 @@ import torch
 from sd_parts.runtime import IM2COL_MAX_POSITIONS, ONEDNN_MIN_ROWS, conv3x3, linear
 from sd_parts.unet import TINY_UNET, UNet2DConditionModel, UNetConfig
 from sd_parts.weights import load_unet
-from tests.conftest import TINY_UNET_OVERRIDES, reference_unet
+from tests.helpers.references import TINY_UNET_OVERRIDES, reference_unet
 
 TOL = 1e-4
 
