@@ -133,6 +133,10 @@ class UNetConfig:
     # exp(-log(10000) * i / (half - freq_shift)); SD was trained with True and 0
     flip_sin_to_cos: bool = True
     freq_shift: int = 0
+    # Width of an extra condition added to the timestep's sinusoids (time_embedding.cond_proj):
+    # guidance-distilled Latent Consistency Models (LCM Dreamshaper v7: 256) take the guidance
+    # scale this way, so one UNet call replaces the two of classifier-free guidance. None: SD's.
+    time_cond_proj_dim: int | None = None
 
     def __post_init__(self) -> None:
         levels = len(self.block_out_channels)
@@ -145,6 +149,9 @@ class UNetConfig:
             if channels % count or channels % self.norm_num_groups:
                 raise ValueError(f"{channels} channels do not split into {count} heads and "
                                  f"{self.norm_num_groups} norm groups")
+        cond = self.time_cond_proj_dim
+        if cond is not None and (isinstance(cond, bool) or not isinstance(cond, int) or cond < 1):
+            raise ValueError(f"time_cond_proj_dim must be a positive int or None; got {cond!r}")
         object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
         object.__setattr__(self, "num_attention_heads", heads)
 
@@ -177,7 +184,6 @@ _BUILDS = {
     "transformer_layers_per_block": ((1,), "several transformer layers per block (SDXL)"),
     "class_embed_type": ((None,), "class embeddings"),
     "num_class_embeds": ((None,), "class embeddings"),
-    "time_cond_proj_dim": ((None,), "a guidance-distilled (LCM) time condition"),
     "encoder_hid_dim": ((None,), "a projection of the text context"),
     "mid_block_type": (("UNetMidBlock2DCrossAttn",), "another middle block"),
     "only_cross_attention": ((False,), "cross-attention in place of self-attention"),

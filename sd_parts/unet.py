@@ -32,7 +32,8 @@ from . import vae
 from .config import TINY_UNET, UNetConfig
 from .runtime import conv3x3, linear, run_with_fallback
 
-__all__ = ["TINY_UNET", "UNet2DConditionModel", "UNetConfig", "timestep_embedding"]
+__all__ = ["TINY_UNET", "UNet2DConditionModel", "UNetConfig", "guidance_embedding",
+           "timestep_embedding"]
 
 # (probs (B, heads, h*w, T) float32, (h, w)) for each cross-attention layer, in forward order
 CrossAttentionHook = Callable[[torch.Tensor, tuple[int, int]], None]
@@ -57,15 +58,50 @@ def timestep_embedding(
     return torch.cat([cos, sin] if flip_sin_to_cos else [sin, cos], dim=-1)
 
 
-class TimestepEmbedding(nn.Module):
-    """The sinusoids (320) through a two-layer MLP, to the width the residual blocks read (1280)."""
+def guidance_embedding(guidance_scale: float | torch.Tensor, dim: int,
+                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A guidance scale (a number, or (B,) numbers) -> (B, dim) sinusoids, the ``timestep_cond``
+    of a guidance-distilled UNet (Luo et al., "Latent Consistency Models", 2023).
 
-    def __init__(self, in_features: int, out_features: int):
+    LCM counts guidance from 0 (w = scale - 1: 0 is no guidance) and spreads w x 1000 over the
+    sinusoids as a timestep is spread, sines first, the slowest frequency 1/10000 exactly
+    (diffusers' ``LatentConsistencyModelPipeline.get_guidance_scale_embedding``, after VDM).
+    Computed in float32, returned in ``dtype``; an odd ``dim`` ends with one zero.
+    """
+    if isinstance(guidance_scale, torch.Tensor):
+        if guidance_scale.ndim > 1 or guidance_scale.is_complex():
+            raise ValueError(f"guidance_scale must be a number or a (batch,) tensor; got shape "
+                             f"{tuple(guidance_scale.shape)}")
+        w = guidance_scale.float().reshape(-1) - 1
+    else:
+        w = torch.tensor([float(guidance_scale) - 1.0])  # the subtraction in float64, as LCM's
+    half = dim // 2
+    if half < 2:
+        raise ValueError(f"the guidance embedding needs dim >= 4; got {dim}")
+    step = torch.tensor(10000.0).log() / (half - 1)
+    frequencies = (torch.arange(half, dtype=torch.float32) * -step).exp().to(w.device)
+    angles = (w * 1000.0)[:, None] * frequencies[None, :]  # (B, half)
+    embedding = torch.cat([angles.sin(), angles.cos()], dim=1)
+    return F.pad(embedding, (0, dim % 2)).to(dtype)
+
+
+class TimestepEmbedding(nn.Module):
+    """The sinusoids (320) through a two-layer MLP, to the width the residual blocks read (1280).
+
+    A guidance-distilled UNet (``time_cond_proj_dim``) adds a projection of its extra condition,
+    the guidance scale's own sinusoids, to the timestep's before the MLP (``cond_proj``).
+    """
+
+    def __init__(self, in_features: int, out_features: int, cond_features: int | None = None):
         super().__init__()
         self.linear_1 = nn.Linear(in_features, out_features)
         self.linear_2 = nn.Linear(out_features, out_features)
+        self.cond_proj = (nn.Linear(cond_features, in_features, bias=False)
+                          if cond_features is not None else None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        if condition is not None:
+            x = x + self.cond_proj(condition)
         return self.linear_2(F.silu(self.linear_1(x), inplace=True))
 
 
@@ -343,7 +379,7 @@ class UNet2DConditionModel(nn.Module):
                       context_dim=config.cross_attention_dim,
                       linear_projection=config.use_linear_projection)
         self.conv_in = nn.Conv2d(config.in_channels, channels[0], 3, padding=1)
-        self.time_embedding = TimestepEmbedding(channels[0], temb)
+        self.time_embedding = TimestepEmbedding(channels[0], temb, config.time_cond_proj_dim)
         last = levels - 1  # the coarsest level has no attention (SD's layout)
         self.down_blocks = nn.ModuleList(
             DownBlock2D(channels[max(i - 1, 0)], channels[i], num_layers=config.layers_per_block,
@@ -373,6 +409,7 @@ class UNet2DConditionModel(nn.Module):
         timestep: int | float | torch.Tensor,
         context: torch.Tensor,
         on_cross_attention: CrossAttentionHook | None = None,
+        timestep_cond: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(B, 4, h, w) noisy latents, a timestep (one for all or one per sample) and the text
         context (B, T, 768) -> the predicted noise (B, 4, h, w).
@@ -381,19 +418,27 @@ class UNet2DConditionModel(nn.Module):
         layer in forward order (16 in SD v1: 6 down, 1 mid, 9 up) with its probabilities
         (B, heads, h*w, T), float32, computed explicitly instead of by fused attention. It must
         not change them. If a 16-bit run overflows and is repeated in float32, it is called again.
+
+        ``timestep_cond`` (B, time_cond_proj_dim): the extra time condition of a guidance-
+        distilled (LCM) UNet, e.g. ``guidance_embedding(scale, time_cond_proj_dim)``; only for a
+        config with ``time_cond_proj_dim`` (without it such a UNet runs as if it were 0).
         """
-        self._check_inputs(latents, context)
+        self._check_inputs(latents, context, timestep_cond)
         t = self._timesteps(timestep, latents.shape[0], latents.device)
         return run_with_fallback(
-            self, lambda x: self._predict(x, t, context, on_cross_attention), latents)
+            self, lambda x: self._predict(x, t, context, on_cross_attention, timestep_cond),
+            latents)
 
     def _predict(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-                 on_probs: CrossAttentionHook | None) -> torch.Tensor:
+                 on_probs: CrossAttentionHook | None,
+                 timestep_cond: torch.Tensor | None) -> torch.Tensor:
         config = self.config
         sinusoids = timestep_embedding(t, config.block_out_channels[0], config.flip_sin_to_cos,
                                        config.freq_shift)
+        if timestep_cond is not None:
+            timestep_cond = timestep_cond.to(x.dtype)
         # every residual block's time projection starts with a SiLU: applied once, here
-        temb = F.silu(self.time_embedding(sinusoids.to(x.dtype)), inplace=True)
+        temb = F.silu(self.time_embedding(sinusoids.to(x.dtype), timestep_cond), inplace=True)
         context = context.to(x.dtype)
         x = self.conv_in(x)
         skips = [x]
@@ -413,8 +458,18 @@ class UNet2DConditionModel(nn.Module):
         """How many layers attend to the text (16 in SD v1): the hook's calls per forward."""
         return sum(1 for m in self.modules() if isinstance(m, BasicTransformerBlock))
 
-    def _check_inputs(self, latents: torch.Tensor, context: torch.Tensor) -> None:
+    def _check_inputs(self, latents: torch.Tensor, context: torch.Tensor,
+                      timestep_cond: torch.Tensor | None = None) -> None:
         config = self.config
+        if timestep_cond is not None:
+            dim = config.time_cond_proj_dim
+            if dim is None:
+                raise ValueError("timestep_cond is for guidance-distilled (LCM) UNets, whose "
+                                 "config has time_cond_proj_dim; this UNet has none")
+            if tuple(timestep_cond.shape) != (latents.shape[0], dim) \
+                    or not timestep_cond.is_floating_point():
+                raise ValueError(f"timestep_cond must be a float tensor (batch {latents.shape[0]}"
+                                 f", {dim}); got {tuple(timestep_cond.shape)}")
         if (latents.ndim != 4 or latents.shape[1] != config.in_channels
                 or not latents.is_floating_point()):
             raise ValueError(

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sd_parts.runtime import IM2COL_MAX_POSITIONS, ONEDNN_MIN_ROWS, conv3x3, linear
-from sd_parts.unet import TINY_UNET, UNet2DConditionModel, UNetConfig
+from sd_parts.unet import TINY_UNET, UNet2DConditionModel, UNetConfig, guidance_embedding
 from sd_parts.weights import load_unet
 from tests.helpers.references import TINY_UNET_OVERRIDES, reference_unet
 
@@ -134,6 +134,41 @@ def test_sd2_layout_matches_diffusers(tmp_path):
     with torch.no_grad():
         expected = reference(latents, 300, context).sample
     assert_close_to(unet(latents, 300, context), expected)
+
+
+def test_guidance_distilled_unet_matches_diffusers(tmp_path):
+    """An LCM UNet (time_cond_proj_dim) adds the guidance scale's sinusoids to the timestep's."""
+    from diffusers import LatentConsistencyModelPipeline
+
+    reference = reference_unet(**TINY_UNET_OVERRIDES | {"time_cond_proj_dim": 16})
+    reference.save_pretrained(tmp_path)
+    unet = load_unet(str(tmp_path))
+    assert unet.config.time_cond_proj_dim == 16
+    assert unet.time_embedding.cond_proj.weight.shape == (32, 16)
+    scales = torch.tensor([8.0, 1.5])
+    cond = guidance_embedding(scales, 16)
+    # diffusers' function takes w = scale - 1 (it uses no pipeline state, so no pipeline is made)
+    expected_cond = LatentConsistencyModelPipeline.get_guidance_scale_embedding(
+        None, scales - 1, embedding_dim=16)
+    torch.testing.assert_close(cond, expected_cond, rtol=0, atol=1e-6)
+    torch.testing.assert_close(guidance_embedding(8.0, 16), expected_cond[:1], rtol=0, atol=1e-6)
+    assert guidance_embedding(8.0, 17, torch.bfloat16).shape == (1, 17)
+    latents, context = inputs(2, 8, 8, 32)
+    with torch.no_grad():
+        expected = reference(latents, 300, context, timestep_cond=cond).sample
+        without = reference(latents, 300, context).sample
+    eps = unet(latents, 300, context, timestep_cond=cond)
+    assert_close_to(eps, expected)
+    assert_close_to(unet(latents, 300, context), without)
+    assert not torch.allclose(eps, without, atol=1e-3)  # the condition changes the prediction
+    with pytest.raises(ValueError, match=r"timestep_cond must be .* \(batch 2, 16\)"):
+        unet(latents, 300, context, timestep_cond=cond[:1])
+
+
+def test_timestep_cond_needs_a_distilled_unet(tiny_unet):
+    latents, context = inputs(1, 8, 8, 32)
+    with pytest.raises(ValueError, match="time_cond_proj_dim; this UNet has none"):
+        tiny_unet(latents, 1, context, timestep_cond=torch.zeros(1, 16))
 
 
 def test_tiny_config_equals_reference_overrides(tiny_reference):
