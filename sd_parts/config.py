@@ -40,6 +40,11 @@ class VAEConfig:
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
 
+    @property
+    def downscale(self) -> int:
+        """Pixels per latent pixel along each side: one halving per encoder level but the last."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
     @classmethod
     def from_dict(cls, config: dict) -> VAEConfig:
         """A config from a diffusers ``config.json``'s dict.

@@ -282,7 +282,7 @@ class AutoencoderKL(nn.Module):
 
     @property
     def downscale(self) -> int:
-        return 2 ** (len(self.config.block_out_channels) - 1)
+        return self.config.downscale
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor, tiled: bool = False) -> DiagonalGaussian:

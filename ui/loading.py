@@ -28,11 +28,9 @@ ETAG_TIMEOUT_S = 5  # huggingface_hub's own: 10 s per metadata request, 60 s whe
 PROBE_TIMEOUT_S = 4.0
 REMEMBER_FAILURE_S = 120.0  # a fix (a cable, a proxy) is seen within two minutes
 REMEMBER_SUCCESS_S = 60.0
-FIXES = (
-    "To fix: once the weights are in the local cache, start with HF_HUB_OFFLINE=1 (no network "
-    "needed); or pass --vae / --text-encoder a local folder with the Hub's layout; or start with "
-    "--weights random to see the architecture with random weights."
-)
+FIXES = ("To fix: start with HF_HUB_OFFLINE=1 once the weights are cached; or give local files "
+         "(--vae, --text-encoder, --unet folders, or --pipeline FILE.safetensors); or start with "
+         "--weights random.")
 Model = TypeVar("Model")
 
 
@@ -51,7 +49,8 @@ def configure_timeouts() -> None:
 
 
 def is_local(source: str) -> bool:
-    return os.path.isdir(source)
+    """A folder or a file on this machine, not a Hub repo id."""
+    return os.path.exists(source)
 
 
 class HubAccess:
@@ -188,7 +187,8 @@ def start_prefetch(
     missing = [d for d in downloads if not d.cached()]
     if not missing:
         return None
-    names = " and ".join(d.what for d in missing)
+    whats = [d.what for d in missing]
+    names = ", ".join(whats[:-1]) + f" and {whats[-1]}" if len(whats) > 1 else whats[0]
 
     def fetch_all() -> None:
         failure = hub.failure()

@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 import sd_parts
+from ui.loading import ModelUnavailable
 from viz.heatmap import Picture, pad
 
 LABEL_ROOM = 30  # pixels: Gradio draws a component's label over the top-left of its picture
@@ -64,6 +65,12 @@ def literal(text: str) -> str:
     HF_HUB_OFFLINE would otherwise turn italic.
     """
     return re.sub(r"([\\`*_\[\]~|#])", r"\\\1", html.escape(text, quote=False))
+
+
+# What a handler answers with ``failure``: a model that cannot be loaded, or input that cannot be
+# used (an unreadable upload is a viz.upload.ImageInputError, a ValueError too). Anything else is
+# a bug, and Gradio's error badge is then right.
+REFUSED = (ModelUnavailable, ValueError)
 
 
 def failure(names: Iterable[str], status: str, message: str) -> dict[str, object]:

@@ -26,6 +26,7 @@ from PIL.PngImagePlugin import PngInfo
 from safetensors.torch import save_file
 
 from sd_parts.tiny_vae import AutoencoderTiny
+from sd_parts.vae import AutoencoderKL
 from viz.heatmap import (
     INK,
     Box,
@@ -248,3 +249,9 @@ def save_step_latents(latents: Sequence[torch.Tensor], timesteps: Sequence[float
                 "settings": json.dumps(settings, ensure_ascii=False)}
     save_file(tensors, str(path), metadata=metadata)
     return path
+
+
+def vae_image(vae: AutoencoderKL, latent: torch.Tensor) -> np.ndarray:
+    """A model-space latent (B, C, h, w), on any device, as the VAE's image (H, W, 3) uint8."""
+    device = next(vae.parameters()).device
+    return images_to_pixels(vae.decode(latent.to(device) / vae.config.scaling_factor))

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import unicodedata
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+import sd_parts
 from sd_parts.tokenizer import (
     BOS_ID,
     BOS_TOKEN,
@@ -178,3 +180,30 @@ def token_count_note(pieces: Sequence[str], max_length: int = MAX_LENGTH) -> str
     if len(pieces) > kept:
         return f"{note}; {len(pieces) - kept} more tokens were cut."
     return f"{note}; {max_length - used} are padding."
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """A prompt as the text encoder sees it."""
+
+    pieces: list[str]  # every BPE piece of the prompt, untruncated, without BOS/EOS
+    rows: list[list]  # the 77 positions, as token_rows gives them
+    n_real: int  # BOS + kept tokens + EOS
+
+    @property
+    def labels(self) -> list[str]:
+        return [row[1] for row in self.rows]  # the readable text of each position
+
+    @property
+    def kinds(self) -> list[str]:
+        return [row[4] for row in self.rows]  # BOS, token, EOS or padding
+
+    @property
+    def ids(self) -> tuple[int, ...]:
+        return tuple(row[3] for row in self.rows)
+
+
+def read_tokens(tokenizer: sd_parts.CLIPTokenizer, prompt: str | None) -> Tokens:
+    pieces = tokenizer.tokenize(prompt or "")
+    rows = token_rows(pieces, tokenizer.convert_tokens_to_ids(pieces))
+    return Tokens(pieces, rows, positions_used(len(pieces)))

@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import app
 from tests.helpers.browser import chromium_page, loaded_image, require_chromium, shot
+from ui.models import Settings
 from ui.shared import LABEL_ROOM
 from ui.tabs.compare import TITLE
 from viz import compare
 
-SETTINGS = app.Settings(weights="tiny")
+SETTINGS = Settings(weights="tiny")
 CHOICES = (SETTINGS.vae_choices + SETTINGS.tiny_vae_choices)[-3:]  # 4 and 16 channels, TAESD
 SIZE = (160, 120)  # width, height of the upload: encoded as it is, every side a multiple of 8
 

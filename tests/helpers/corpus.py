@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 SOLID = (200, 100, 50)  # an orange that survives JPEG and CMYK round trips within a few levels
-MAX_PIXELS = 40_000_000  # the app's limit (ui.tabs.image.MAX_PIXELS)
+MAX_PIXELS = 40_000_000  # the app's limit (ui.tabs.encoding.MAX_PIXELS)
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,7 @@ def free_port() -> int:
 
 @contextmanager
 def in_process(settings: object) -> Iterator[str]:
-    """The app with ``settings`` (an ``app.Settings``) served from this process on a free port,
+    """The app with ``settings`` (an ``Settings``) served from this process on a free port,
     with the real launch options; yields its URL and closes it afterwards. Tests that replace a
     model or count calls use this; the others use ``Server`` (a process of its own)."""
     import app  # here: importing it builds the page, which only these tests need

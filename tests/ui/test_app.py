@@ -14,17 +14,19 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 from safetensors import safe_open
 
-import app
 import sd_parts
 from tests.helpers.html_reader import MapReader
 from tests.helpers.serve import in_process
+from ui import encoding
+from ui.models import VAES, Models, Settings, menu
 from ui.shared import LABEL_ROOM
 from ui.tabs import image, prompt
 from viz.heatmap import colorize, pad
 from viz.text_encoder import ATTENTION
+from viz.tokens import read_tokens
 
-TINY = app.RANDOM_VAE["tiny"]
-MODELS = app.Models(app.Settings(weights="tiny"))
+TINY = next(iter(menu(VAES, "tiny")))
+MODELS = Models(Settings(weights="tiny"))
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +35,14 @@ def client():
         yield Client(url, verbose=False)
 
 
-def encode(client: Client, path: str | Path, latent_kind: str = image.MEAN,
+def encode(client: Client, path: str | Path, latent_kind: str = encoding.MEAN,
            size: int = 256) -> dict:
     values = client.predict(handle_file(str(path)), TINY, size, "crop", latent_kind, 0, True, True,
                             api_name="/encode_image")
     return dict(zip(image.OUTPUTS, values, strict=True))
 
 
-@pytest.mark.parametrize("example", image.EXAMPLE_IMAGES[:2])
+@pytest.mark.parametrize("example", encoding.EXAMPLE_IMAGES[:2])
 def test_encode_examples(client, example):
     out = encode(client, example)
     source = Image.open(example)
@@ -70,14 +72,14 @@ def test_encode_examples(client, example):
 
 def test_sample_differs_from_mean_and_is_seeded():
     def latent(kind: str, seed: int) -> torch.Tensor:
-        *_, last = image.encode_image(MODELS, image.EXAMPLE_IMAGES[0], TINY, 256, "crop", kind,
+        *_, last = image.encode_image(MODELS, encoding.EXAMPLE_IMAGES[0], TINY, 256, "crop", kind,
                                       seed, True, True)
         with safe_open(last["downloads"][0], "pt") as f:
             return f.get_tensor("latent")
 
-    mean, sample = latent(image.MEAN, 0), latent(image.SAMPLE, 0)
+    mean, sample = latent(encoding.MEAN, 0), latent(encoding.SAMPLE, 0)
     assert not mean.equal(sample)
-    assert sample.equal(latent(image.SAMPLE, 0)) and not sample.equal(latent(image.SAMPLE, 1))
+    assert sample.equal(latent(encoding.SAMPLE, 0)) and not sample.equal(latent(encoding.SAMPLE, 1))
 
 
 def test_unusable_upload_gives_one_message_and_empty_outputs(client, tmp_path):
@@ -132,7 +134,7 @@ def test_tokens_come_before_the_text_encoder_runs():
 
 
 def test_attention_views_show_the_chosen_layer_and_head():
-    read = prompt.read_tokens(MODELS.tokenizer(), "a photo of a cat")
+    read = read_tokens(MODELS.tokenizer(), "a photo of a cat")
     output = prompt.run_text_encoder(MODELS, read.ids)
     views = prompt.attention_views(read, output, 2, "head 3", False)
     weights = output.attentions[1][0, 2, : read.n_real, : read.n_real].double().numpy()
@@ -163,7 +165,7 @@ def test_served_attention_map_is_the_one_asked_for(client):
         for layer, head in [(1, prompt.MEAN_OVER_HEADS), (2, prompt.MEAN_OVER_HEADS),
                             (2, "head 3")]
     }
-    read = prompt.read_tokens(MODELS.tokenizer(), text)
+    read = read_tokens(MODELS.tokenizer(), text)
     output = prompt.run_text_encoder(MODELS, read.ids)
     drawn = pad(prompt.attention_views(read, output, 2, "head 3", False)["attention"],
                 top=LABEL_ROOM).pixels
@@ -177,7 +179,7 @@ def test_served_attention_map_is_the_one_asked_for(client):
         client.predict(text, 1, "head 9", False, api_name="/attention_view")
 
 
-class SixteenChannels(app.Models):
+class SixteenChannels(Models):
     """The tiny app, with a VAE of 16 latent channels (as SD3's and FLUX's have)."""
 
     def vae(self, choice: str, exact: bool) -> sd_parts.AutoencoderKL:
@@ -187,8 +189,8 @@ class SixteenChannels(app.Models):
 
 
 def test_image_tab_shows_any_channel_count_and_downscale():
-    views = list(image.encode_image(SixteenChannels(MODELS.settings), image.EXAMPLE_IMAGES[1],
-                                    TINY, 256, "crop", image.MEAN, 0, False, True))[-1]
+    views = list(image.encode_image(SixteenChannels(MODELS.settings), encoding.EXAMPLE_IMAGES[1],
+                                    TINY, 256, "crop", encoding.MEAN, 0, False, True))[-1]
     assert views["status"] is None
     assert "The latent is 16x" in views["size"] and "2x2 pixels" in views["size"]
     assert "No published RGB map" in views["size"]  # so the preview's map is fitted

@@ -13,22 +13,23 @@ import huggingface_hub.constants
 import pytest
 
 import app
+import ui.models
 from tests.helpers.hub_cache import build_hub_cache
 from tests.helpers.references import tiny_reference_vae
 from tests.helpers.serve import free_port
-from ui import loading
+from ui import encoding, loading
 from ui.tabs import image, prompt
 
 SD_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-HUB = app.Settings(weights="hub")
+HUB = ui.models.Settings(weights="hub")
 
 
 @pytest.fixture
 def empty_cache(tmp_path, monkeypatch) -> Path:
     cache = tmp_path / "empty-cache"
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(app, "HUB", loading.HubAccess())
-    for getter in (app.get_vae, app.get_text_encoder, prompt.run_text_encoder):
+    monkeypatch.setattr(ui.models, "HUB", loading.HubAccess())
+    for getter in (ui.models.get_vae, ui.models.get_text_encoder, prompt.run_text_encoder):
         getter.cache_clear()
     return cache
 
@@ -47,11 +48,11 @@ def unreachable(empty_cache, monkeypatch) -> None:
 
 def test_demo_builds_without_loading_anything(offline):
     assert isinstance(app.build_demo(HUB), gr.Blocks)
-    assert app.get_vae.cache_info().currsize == app.get_text_encoder.cache_info().currsize == 0
+    assert ui.models.get_vae.cache_info().currsize == ui.models.get_text_encoder.cache_info().currsize == 0
 
 
 def test_prompt_view_shows_tokens_and_the_reason(offline):
-    views = list(prompt.inspect_prompt(app.Models(HUB), "a photo of a cat", 1,
+    views = list(prompt.inspect_prompt(ui.models.Models(HUB), "a photo of a cat", 1,
                                        prompt.MEAN_OVER_HEADS, False))
     assert views[0]["tokens"][1] == ("a</w>", "token")  # before any model is asked for
     last = views[-1]
@@ -63,8 +64,8 @@ def test_prompt_view_shows_tokens_and_the_reason(offline):
 
 
 def test_image_view_says_what_failed(offline):
-    (views,) = image.encode_image(app.Models(HUB), image.EXAMPLE_IMAGES[0], "SD v1.5 VAE", 256,
-                                  "crop", image.MEAN, 0, True, True)
+    (views,) = image.encode_image(ui.models.Models(HUB), encoding.EXAMPLE_IMAGES[0], "SD v1.5 VAE", 256,
+                                  "crop", encoding.MEAN, 0, True, True)
     message = views["status"]
     assert "vae/config.json: not in the local cache and the Hub could not be reached" in message
     assert SD_REPO in message and r"HF\_HUB\_OFFLINE=1" in message
@@ -72,14 +73,14 @@ def test_image_view_says_what_failed(offline):
 
 
 def test_unreachable_hub_is_known_at_once_and_remembered(unreachable):
-    models = app.Models(HUB)
+    models = ui.models.Models(HUB)
     start = time.perf_counter()
-    (views,) = image.encode_image(models, image.EXAMPLE_IMAGES[0], "SD v1.5 VAE", 256, "crop",
-                                  image.MEAN, 0, True, True)
+    (views,) = image.encode_image(models, encoding.EXAMPLE_IMAGES[0], "SD v1.5 VAE", 256, "crop",
+                                  encoding.MEAN, 0, True, True)
     first_s = time.perf_counter() - start
     message = views["status"]
     assert "the Hugging Face Hub did not answer" in message and "ConnectError" in message
-    for fix in (r"HF\_HUB\_OFFLINE=1", "local folder", "--weights random"):
+    for fix in (r"HF\_HUB\_OFFLINE=1", "local files", "--unet", "--pipeline", "--weights random"):
         assert fix in message
     assert first_s < 10  # huggingface_hub alone retries for about 45 s
 
@@ -87,16 +88,16 @@ def test_unreachable_hub_is_known_at_once_and_remembered(unreachable):
     last = list(prompt.inspect_prompt(models, "a cat", 1, prompt.MEAN_OVER_HEADS, False))[-1]
     assert time.perf_counter() - start < 2  # remembered: the Hub is not asked again
     assert "the Hugging Face Hub did not answer" in last["notes"]
-    assert app.HUB.probes == 1 and 0 < app.HUB.retry_in() <= loading.REMEMBER_FAILURE_S
+    assert ui.models.HUB.probes == 1 and 0 < ui.models.HUB.retry_in() <= loading.REMEMBER_FAILURE_S
 
 
 def test_cached_weights_load_while_the_hub_is_down(unreachable, empty_cache, tmp_path):
     folder = tmp_path / "vae"
     tiny_reference_vae().save_pretrained(folder)
     build_hub_cache(empty_cache, SD_REPO, {f"vae/{f.name}": f for f in folder.iterdir()})
-    vae = app.get_vae(HUB, "SD v1.5 VAE", True)
+    vae = ui.models.get_vae(HUB, "SD v1.5 VAE", True)
     assert vae.config.block_out_channels == (16, 32)
-    assert app.HUB.probes == 1 and huggingface_hub.constants.HF_HUB_OFFLINE is False
+    assert ui.models.HUB.probes == 1 and huggingface_hub.constants.HF_HUB_OFFLINE is False
 
 
 def test_hub_timeouts_are_short():
@@ -105,26 +106,26 @@ def test_hub_timeouts_are_short():
 
 def test_prefetch_starts_only_when_something_is_missing(empty_cache, unreachable, tmp_path):
     said = []
-    downloads = app.downloads(HUB)
+    downloads = ui.models.downloads(HUB)
     assert [(d.what, d.source) for d in downloads][:2] == [
         ("the VAE (SD v1.5 VAE)", SD_REPO), ("the text encoder", SD_REPO)]
     # then what the comparison ticks at first besides SD v1.5's VAE: a 16-channel VAE and TAESD
     assert [(d.source, d.subfolder) for d in downloads][3:] == [
         ("black-forest-labs/FLUX.1-schnell", "vae"), ("madebyollin/taesd", None)]
-    assert app.downloads(app.Settings(weights="random")) == []
+    assert ui.models.downloads(ui.models.Settings(weights="random")) == []
     local = loading.Download("a local VAE", str(tmp_path), None, downloads[0].layout)
-    assert local.cached() and loading.start_prefetch([local], app.HUB, said.append) is None
+    assert local.cached() and loading.start_prefetch([local], ui.models.HUB, said.append) is None
     # the Hub does not answer: said once in the console, nothing fetched, the failure remembered
-    loading.start_prefetch(downloads, app.HUB, said.append).join(timeout=30)
+    loading.start_prefetch(downloads, ui.models.HUB, said.append).join(timeout=30)
     assert len(said) == 1 and "did not answer" in said[0] and "--weights random" in said[0]
     assert "the VAE (SD v1.5 VAE) and the text encoder" in said[0]
-    assert app.HUB.failure() is not None and app.HUB.probes == 1  # remembered, not asked again
+    assert ui.models.HUB.failure() is not None and ui.models.HUB.probes == 1  # remembered, not asked again
 
 
 def test_prefetch_fetches_in_the_background(empty_cache, tmp_path, monkeypatch):
     """With a Hub that answers (here: files are 'fetched' from a local copy), the missing files
     are fetched in a thread, with a line in the console before and after."""
-    monkeypatch.setattr(app.HUB, "failure", lambda: None)
+    monkeypatch.setattr(ui.models.HUB, "failure", lambda: None)
     folder = tmp_path / "vae"
     tiny_reference_vae().save_pretrained(folder)
     fetched = []
@@ -134,10 +135,10 @@ def test_prefetch_fetches_in_the_background(empty_cache, tmp_path, monkeypatch):
         fetched.append(self.what)
 
     monkeypatch.setattr(loading.Download, "fetch", fetch)
-    download = app.downloads(HUB)[0]
+    download = ui.models.downloads(HUB)[0]
     said = []
-    thread = loading.start_prefetch([download], app.HUB, said.append)
+    thread = loading.start_prefetch([download], ui.models.HUB, said.append)
     thread.join(timeout=30)
     assert fetched == [download.what] and download.cached()
     assert said[0].startswith("Fetching the VAE") and said[1].startswith("Fetched the VAE")
-    assert loading.start_prefetch([download], app.HUB, said.append) is None  # cached now
+    assert loading.start_prefetch([download], ui.models.HUB, said.append) is None  # cached now

@@ -13,13 +13,13 @@ import pytest
 from gradio_client import Client, handle_file
 from PIL import Image
 
-import app
+from ui.models import Models, Settings
 from ui.shared import LABEL_ROOM
 from ui.tabs import compare as tab
 from viz import compare, metrics
 
-SETTINGS = app.Settings(weights="tiny")
-MODELS = app.Models(SETTINGS)
+SETTINGS = Settings(weights="tiny")
+MODELS = Models(SETTINGS)
 CHOICES = SETTINGS.vae_choices + SETTINGS.tiny_vae_choices
 SIZE = (96, 64)  # width, height: small, so every tiny VAE runs in a fraction of a second
 

@@ -23,10 +23,11 @@ from safetensors.torch import load
 import app
 from tests.helpers.references import reference_text_encoder, tiny_reference_vae
 from tests.helpers.serve import fetch, in_process, picture
+from ui.models import Models, Settings
 from ui.tabs import generate
 from viz import diffusion, latents, pixels
 
-MODELS = app.Models(app.Settings(weights="tiny"))
+MODELS = Models(Settings(weights="tiny"))
 SIZE = 32  # pixels; the tiny VAE halves each side, so the latent is 16 x 16
 MARKER = (220, 60, 40)  # the noise-level chart's current-step dot
 FORWARD = ("status", "noisy", "x0", "schedule")
@@ -309,7 +310,7 @@ def test_a_missing_unet_gets_its_message(tmp_path, monkeypatch):
     tiny_reference_vae().save_pretrained(tmp_path / "vae")
     reference_text_encoder(hidden_size=32, intermediate_size=64, layers=2, heads=4
                            ).save_pretrained(tmp_path / "text_encoder")
-    settings = app.Settings(vae=str(tmp_path / "vae"), text_encoder=str(tmp_path / "text_encoder"))
+    settings = Settings(vae=str(tmp_path / "vae"), text_encoder=str(tmp_path / "text_encoder"))
     with in_process(settings) as address:
         (update,) = run(Client(address, verbose=False, download_files=False))
     assert update["status"].startswith("Could not load the UNet")

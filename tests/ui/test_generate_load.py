@@ -23,8 +23,8 @@ from gradio_client import Client
 from PIL import Image
 from safetensors.torch import load
 
-import app
 from tests.helpers.serve import serve
+from ui.models import Models, Settings
 from ui.tabs import generate
 
 VISITORS = 4
@@ -57,7 +57,7 @@ def test_visitors_at_once_each_get_their_own_run(server):
     clients = [Client(server.url, verbose=False, download_files=False) for _ in seeds]
     with ThreadPoolExecutor(VISITORS) as pool:
         answers = list(pool.map(generate_image, clients, seeds))
-    pipe = app.Models(app.Settings(weights="tiny")).pipeline(True)  # the server's weights
+    pipe = Models(Settings(weights="tiny")).pipeline(True)  # the server's weights
     images = []
     with httpx.Client(timeout=30, trust_env=False) as http:
         for seed, answer in zip(seeds, answers, strict=True):

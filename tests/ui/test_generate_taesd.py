@@ -11,13 +11,13 @@ import torch
 from gradio_client import Client
 from safetensors.torch import load
 
-import app
 from tests.helpers.serve import fetch, in_process, picture
+from ui.models import TINY_VAES, Models, Settings, menu
 from ui.shared import LABEL_ROOM
 from ui.tabs import generate
 from viz import diffusion, latents
 
-MODELS = app.Models(app.Settings(weights="tiny"))
+MODELS = Models(Settings(weights="tiny"))
 SIZE = 32  # pixels: the tiny VAE and the tiny TAESD both halve each side
 STEPS = 4
 
@@ -50,7 +50,7 @@ def close(got: np.ndarray, want: np.ndarray) -> None:
 def test_taesd_preview_draws_the_decoded_latent():
     """The pure view: a (C, h, w) latent becomes the image TAESD decodes, at the image's size."""
     tiny_vae = MODELS.generation_tiny_vae(True)
-    assert tiny_vae.config == app.RANDOM_TINY_VAES["tiny"][MODELS.settings.tiny_vae_choices[0]]
+    assert tiny_vae.config == menu(TINY_VAES, "tiny")[MODELS.settings.tiny_vae_choices[0]]
     assert tiny_vae.downscale == MODELS.pipeline(True).latent_downscale
     latent = torch.randn(4, 8, 12, generator=torch.Generator().manual_seed(3))
     drawn = diffusion.taesd_preview(tiny_vae, latent)

@@ -18,15 +18,16 @@ from gradio_client import Client, handle_file
 from PIL import Image
 from safetensors import safe_open
 
-import app
 import sd_parts
 from tests.helpers.serve import free_port
-from ui import server
+from ui import encoding, server
+from ui.models import VAES, Models, Settings, menu
 from ui.shared import LABEL_ROOM
-from ui.tabs import image, latent_lab
+from ui.sections import latent_lab
+from ui.tabs import image
 from viz import experiments, pixels
 
-VAES = list(app.RANDOM_VAES["tiny"])  # the 4-channel tiny VAE, then the 16-channel one
+VAES = list(menu(VAES, "tiny"))  # the 4-channel tiny VAE, then the 16-channel one
 CHANNELS = {VAES[0]: 4, VAES[1]: 16}
 CORE = "10% of the largest change (the core)"
 WIDTH, HEIGHT = 48, 40  # multiples of the tiny VAE's downscale (2): encoded as they are
@@ -55,7 +56,7 @@ def pictures(tmp_path_factory) -> tuple[Path, Path]:
 
 def settings(path: Path | None, vae: str) -> tuple:
     """The image tab's values the experiments read, in the API's order."""
-    return (handle_file(str(path)) if path else None, vae, 384, "crop", image.MEAN, 0, True)
+    return (handle_file(str(path)) if path else None, vae, 384, "crop", encoding.MEAN, 0, True)
 
 
 def pixels_of(path: str) -> np.ndarray:
@@ -65,7 +66,7 @@ def pixels_of(path: str) -> np.ndarray:
 @functools.cache
 def tab_outputs(client: Client, path: Path, vae: str) -> dict:
     """The image tab's own outputs, from its encode_image endpoint (once per image and VAE)."""
-    values = client.predict(handle_file(str(path)), vae, 384, "crop", image.MEAN, 0, True, True,
+    values = client.predict(handle_file(str(path)), vae, 384, "crop", encoding.MEAN, 0, True, True,
                             api_name="/encode_image")
     return dict(zip(image.OUTPUTS, values, strict=True))
 
@@ -218,9 +219,10 @@ def test_the_experiments_start_from_the_tabs_latent(pictures, monkeypatch, tmp_p
         return plain_encode(vae, images, tiled=tiled)
 
     monkeypatch.setattr(sd_parts.AutoencoderKL, "encode", counted)
-    models = app.Models(app.Settings(weights="tiny"))
+    models = Models(Settings(weights="tiny"))
     with gr.Blocks(delete_cache=models.settings.delete_cache) as demo:  # the image tab alone
-        image.build(models)
+        with gr.Tab(image.TITLE) as tab:
+            image.build(models, tab)
     port = free_port()
     server.launch(demo, server_port=port, prevent_thread_lock=True, quiet=True)
     try:

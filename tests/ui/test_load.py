@@ -27,8 +27,9 @@ from gradio_client import Client, handle_file
 from gradio_client.utils import QueueError
 from PIL import Image
 
-import app
 from tests.helpers.serve import ROOT, folder_bytes, in_process, serve
+from ui import encoding
+from ui.models import VAES, Settings, menu
 from ui.tabs import image, prompt
 
 CLIENTS = 16
@@ -39,7 +40,7 @@ REQUEST_TIMEOUT_S = 120  # one request, queued behind 15 others on 2 cores
 WORDS = ["cat", "dog", "horse", "boat", "tree", "house", "bird", "fish", "apple", "chair",
          "clock", "train", "bread", "moon", "lamp", "shoe"]  # one BPE token each
 FIGURES = ROOT / "test-output" / "load.json"
-TINY = app.RANDOM_VAE["tiny"]
+TINY = next(iter(menu(VAES, "tiny")))
 
 
 def client_image(index: int) -> tuple[tuple[int, int], tuple[int, int, int]]:
@@ -67,7 +68,7 @@ class Visitor:
         self.done[kind] += 1
 
     def image_round_trip(self) -> None:
-        values = self.client.submit(handle_file(str(self.image)), TINY, 256, "crop", image.MEAN,
+        values = self.client.submit(handle_file(str(self.image)), TINY, 256, "crop", encoding.MEAN,
                                     0, True, True, api_name="/encode_image"
                                     ).result(REQUEST_TIMEOUT_S)
         out = dict(zip(image.OUTPUTS, values, strict=True))
@@ -202,7 +203,7 @@ def test_full_queue_says_busy():
     """With room for 2 waiting requests, a burst of 12 gets 'busy' answers, and the rest finish.
 
     The queue is Gradio's own, the same in-process as in a server process of its own."""
-    with in_process(app.Settings(weights="tiny", queue_size=2)) as url:
+    with in_process(Settings(weights="tiny", queue_size=2)) as url:
         with httpx.Client(base_url=url, timeout=30, trust_env=False) as http:
             client = Client(url, verbose=False, download_files=False)
             data = ["a photo of a cat", 1, prompt.MEAN_OVER_HEADS, False]

@@ -11,14 +11,14 @@ import torch
 from gradio_client import Client
 from PIL import Image
 
-import app
 import sd_parts
+from ui.models import Models, Settings
 from ui.shared import LABEL_ROOM
 from ui.tabs import prompt_lab
 from viz.heatmap import MASKED
 from viz.prompt_lab import short as lab_short
 
-MODELS = app.Models(app.Settings(weights="tiny"))
+MODELS = Models(Settings(weights="tiny"))
 
 
 @pytest.fixture(scope="module")

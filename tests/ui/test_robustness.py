@@ -24,12 +24,14 @@ from PIL import Image
 import app
 from tests.helpers.corpus import IMG_ONERROR, PROMPTS, SCRIPT, image_cases, write_image_cases
 from tests.helpers.serve import ROOT
+from ui import encoding
 from ui import server as app_server
+from ui.models import VAES, Settings, menu
 from ui.tabs import image, prompt
 from viz.pixels import fit_for_vae
 from viz.upload import load_image
 
-TINY = app.RANDOM_VAE["tiny"]
+TINY = next(iter(menu(VAES, "tiny")))
 IMAGE_NAMES = [case.name for case in image_cases()]
 PASSWD_MARK = "root:x:0:0"
 APP_SOURCE_MARK = "def build_demo"
@@ -57,7 +59,7 @@ def corpus(tmp_path_factory):
 
 
 def encode(client: Client, path: Path) -> dict:
-    values = client.predict(handle_file(str(path)), TINY, 256, "crop", image.MEAN, 0, True, True,
+    values = client.predict(handle_file(str(path)), TINY, 256, "crop", encoding.MEAN, 0, True, True,
                             api_name="/encode_image")
     return dict(zip(image.OUTPUTS, values, strict=True))
 
@@ -82,7 +84,7 @@ def test_image_corpus(server, client, corpus, name):
         assert out["reconstruction"] is None and out["channels"] is None
     else:
         assert out["status"] is None
-        expected, _ = fit_for_vae(load_image(path, image.MAX_PIXELS), 256, 2)
+        expected, _ = fit_for_vae(load_image(path, encoding.MAX_PIXELS), 256, 2)
         seen = Image.open(out["original"])
         assert np.array_equal(np.asarray(seen.convert("RGB")), np.asarray(expected))
         assert Image.open(out["reconstruction"]).size == expected.size
@@ -98,7 +100,7 @@ def test_file_not_uploaded_by_the_user_is_refused(http):
     for path in ("/etc/passwd", str(ROOT / "app.py"), str(ROOT / "assets" / ".." / "app.py")):
         events = call_raw(http, "encode_image", [
             {"path": path, "meta": {"_type": "gradio.FileData"}},
-            TINY, 256, "crop", image.MEAN, 0, True, True])
+            TINY, 256, "crop", encoding.MEAN, 0, True, True])
         assert "event: error" in events
         assert PASSWD_MARK not in events and APP_SOURCE_MARK not in events
         assert "Traceback" not in events and "gradio_api/file=" not in events
@@ -166,7 +168,7 @@ def test_attention_view_out_of_range(client, layer, head, message):
 def test_malformed_requests_give_no_details(http):
     """Wrong types and values reach Gradio or the handler; the answer names no code or path."""
     bad_calls = [
-        ("encode_image", [None, TINY, "not a size", "crop", image.MEAN, "x", True, True]),
+        ("encode_image", [None, TINY, "not a size", "crop", encoding.MEAN, "x", True, True]),
         ("encode_image", [{"path": "x", "meta": {"_type": "gradio.FileData"}}]),
         ("inspect_prompt", [{"not": "text"}, "one", 7, None]),
         ("attention_view", ["a cat", 1, "head x", False]),
@@ -238,7 +240,7 @@ def test_served_pages_reveal_no_paths(server, http):
 
 def test_launch_settings(monkeypatch):
     seen = {}
-    demo = app.build_demo(app.Settings(weights="tiny"))
+    demo = app.build_demo(Settings(weights="tiny"))
     monkeypatch.setattr(demo, "launch", lambda **options: seen.update(options))
     monkeypatch.setattr(app_server, "start_cache_cleaner", lambda max_age_s: None)
     app_server.launch(demo)
@@ -248,7 +250,7 @@ def test_launch_settings(monkeypatch):
     assert seen["server_name"] == "127.0.0.1"
     if Version(gradio.__version__) < Version("6.32"):
         assert seen["ssr_mode"] is False  # advisory: run-history endpoints and a saved token
-    assert image.MAX_PIXELS <= 40_000_000
+    assert encoding.MAX_PIXELS <= 40_000_000
     assert [m.cls for m in seen["app_kwargs"]["middleware"]] == [app_server.RefuseOffSiteRequests]
     assert demo.analytics_enabled is False
 

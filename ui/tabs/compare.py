@@ -16,7 +16,6 @@ import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import gradio as gr
 import numpy as np
@@ -24,13 +23,11 @@ import torch
 from PIL import Image
 
 import sd_parts
+from ui.encoding import EXAMPLE_IMAGES, MAX_PIXELS
 from ui.loading import ModelUnavailable
+from ui.models import Models
 from ui.shared import PictureFiles, failure, literal, mode_note, output_path, random_banner
-from ui.tabs.image import EXAMPLE_IMAGES, MAX_PIXELS
 from viz import compare, latents, metrics, pixels, upload
-
-if TYPE_CHECKING:
-    from app import Models
 
 TITLE = "Compare VAEs"
 SIZES = [256, 384, 512]
@@ -205,7 +202,7 @@ def crop_region(record: dict | None, x: float | None, y: float | None, side: int
     return "", compare.crop_view(pictures, box)
 
 
-def build(models: Models) -> None:
+def build(models: Models, tab: gr.Tab) -> None:
     """The tab's layout and events, inside an open ``gr.Blocks``."""
     settings = models.settings
     if settings.random:

@@ -20,7 +20,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import gradio as gr
 import numpy as np
@@ -29,8 +28,11 @@ import torch
 import sd_parts
 from sd_parts.pipeline import GenerationResult, StepState, check_arguments
 from sd_parts.tokenizer import tokens_kept
-from ui.loading import ModelUnavailable
+from ui.encoding import MAX_PIXELS, latent_space
+from ui.models import Models
+from ui.sections import forward
 from ui.shared import (
+    REFUSED,
     PictureFiles,
     failure,
     mode_note,
@@ -38,13 +40,8 @@ from ui.shared import (
     output_path,
     random_banner,
 )
-from ui.tabs import forward
-from ui.tabs.image import MAX_PIXELS, latent_space
 from viz import diffusion, latents, pixels, upload
 from viz.heatmap import Picture
-
-if TYPE_CHECKING:
-    from app import Models
 
 Preview = Callable[[torch.Tensor], np.ndarray]  # a model-space latent (C, h, w) -> RGB picture
 
@@ -198,7 +195,7 @@ def generate(models: Models, request: Request, exact: bool, stop: threading.Even
             init = _load_init_image(request.init_image, request.width, request.height)
         check_arguments(1, 1, request.steps, request.guidance, request.height, request.width,
                         pipe.latent_downscale, init, request.strength)
-    except (ModelUnavailable, upload.ImageInputError, ValueError) as exc:
+    except REFUSED as exc:
         yield failure(OUTPUTS, "status", str(exc))
         return
     multiple = pipe.latent_downscale
@@ -414,15 +411,15 @@ def decode_step(models: Models, record: RunRecord | None, step: float, exact: bo
     if record is None or not record.steps:
         return None
     step = min(max(int(step or 0), 0), record.steps)
-    return forward.decoded(models.generation_vae(exact), record.latents[step][None])
+    return diffusion.vae_image(models.generation_vae(exact), record.latents[step][None])
 
 
-def build(models: Models) -> None:
+def build(models: Models, tab: gr.Tab) -> None:
     """The tab's layout and events, inside an open ``gr.Blocks``."""
     settings = models.settings
     if settings.random:
         gr.Markdown(random_banner(settings.weights), elem_classes="banner")
-    multiple = settings.generate_multiple
+    multiple = models.generation_downscale
     with gr.Row():
         with gr.Column(scale=1):
             prompt = gr.Textbox(label="Prompt", elem_id="generate-prompt", lines=2,

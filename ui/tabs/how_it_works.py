@@ -6,6 +6,8 @@ from pathlib import Path
 
 import gradio as gr
 
+from ui.models import Models
+
 TITLE = "How it works"
 TEXT_FILE = Path(__file__).resolve().parents[1] / "how_it_works.md"
 MODEL_CARDS = {
@@ -16,7 +18,7 @@ MODEL_CARDS = {
 }
 
 
-def build() -> None:
+def build(models: Models, tab: gr.Tab) -> None:
     """The tab's text, inside an open ``gr.Blocks``."""
     gr.Markdown(TEXT_FILE.read_text(encoding="utf-8"))
     gr.Markdown("Model cards: " + " · ".join(f"[{name}]({url})"

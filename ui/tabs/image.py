@@ -12,87 +12,32 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import gradio as gr
-import numpy as np
 import torch
 from PIL import Image
 
 import sd_parts
-from ui.loading import ModelUnavailable
-from ui.shared import PictureFiles, failure, mode_note, output_path, random_banner
+from ui.encoding import (
+    EXAMPLE_IMAGES,
+    MAX_PIXELS,
+    MEAN,
+    SAMPLE,
+    SIZES,
+    Encoded,
+    Source,
+    choose_latent,
+    latent_space,
+    uses_tiles,
+)
+from ui.models import Models
+from ui.sections import latent_lab
+from ui.shared import REFUSED, PictureFiles, failure, mode_note, output_path, random_banner
 from viz import export, latents, metrics, pixels, upload
 
-if TYPE_CHECKING:
-    from app import Models
-
 TITLE = "Image → latent → image"
-ASSETS = Path(__file__).resolve().parents[2] / "assets"
-EXAMPLE_IMAGES = [str(p) for p in sorted(ASSETS.iterdir()) if p.suffix in (".png", ".jpg")]
-MEAN, SAMPLE = "posterior mean", "seeded sample (mean + std x noise)"
-SIZES = [256, 384, 512, 768, 1024, 2048]
-MAX_PIXELS = 40_000_000  # checked from the file header, before any pixel is decoded
-TILE_ABOVE_PIXELS = 768 * 768  # bigger images go through the VAE in overlapping tiles
 OUTPUTS = ("status", "size", "vae_input", "preview", "fitted_preview", "channels", "stats",
            "histogram", "std", "original", "reconstruction", "error", "metrics", "downloads")
-
-
-def uses_tiles(fitted: Image.Image) -> bool:
-    """Whether the tab (and the experiments on its latent) run an image through the VAE in tiles."""
-    return fitted.width * fitted.height > TILE_ABOVE_PIXELS
-
-
-def latent_space(config: sd_parts.VAEConfig) -> tuple[float, float]:
-    """(scaling_factor, shift_factor): the diffusion model sees (latent - shift) x scale.
-
-    SD3's and FLUX's VAEs shift their latents; SD v1's and SDXL's shift_factor is 0.
-    """
-    return config.scaling_factor, config.shift_factor
-
-
-@dataclass(frozen=True)
-class Source:
-    """The tab's settings that make a latent: which image, VAE, size and latent kind."""
-
-    path: str | None
-    choice: str
-    max_side: int
-    fit: str
-    latent_kind: str
-    seed: int | None
-    exact: bool
-
-
-@dataclass(frozen=True)
-class Encoded:
-    """One image through the VAE as this tab does it: the latent and its plain decode. The
-    latent experiments keep it, keyed by ``source`` and ``size``, and start from it."""
-
-    source: Source
-    size: tuple[int, int] | None  # None: fitted as the tab fits it; else (width, height) made
-    latent: torch.Tensor  # (C, h, w) float32: the posterior mean or the seeded sample
-    decoded: torch.Tensor  # (3, H, W) float32 in about [-1, 1], not yet clamped
-    fitted: Image.Image  # what the encoder saw
-    note: str  # how the upload was brought to the encoder's size
-    downscale: int
-    space: tuple[float, float]  # (scaling_factor, shift_factor)
-    tiled: bool
-
-    @property
-    def reconstruction(self) -> np.ndarray:
-        """The plain decode as the tab shows it: (H, W, 3) uint8."""
-        return np.asarray(pixels.tensor_to_image(self.decoded))
-
-
-def choose_latent(posterior: sd_parts.DiagonalGaussian, latent_kind: str, seed: int | None
-                  ) -> torch.Tensor:
-    """The latent (C, h, w) to decode: the posterior mean, or a sample seeded by ``seed``."""
-    if latent_kind == SAMPLE:
-        return posterior.sample(torch.Generator().manual_seed(int(seed)))[0]
-    return posterior.mean[0]
 
 
 def encode_image(models: Models, path: str | None, choice: str, max_side: int, fit: str,
@@ -109,7 +54,7 @@ def encode_image(models: Models, path: str | None, choice: str, max_side: int, f
     try:
         image = upload.load_image(path, MAX_PIXELS)
         vae = models.vae(choice, bool(exact))
-    except (upload.ImageInputError, ModelUnavailable) as exc:
+    except REFUSED as exc:
         yield failure(OUTPUTS, "status", str(exc))
         return
     space = latent_space(vae.config)
@@ -187,7 +132,7 @@ def _quality(original: Image.Image, reconstruction: Image.Image) -> str:
     return f"**PSNR** {psnr_text} · **SSIM** {metrics.ssim(original, reconstruction):.4f}"
 
 
-def build(models: Models) -> None:
+def build(models: Models, tab: gr.Tab) -> None:
     """The tab's layout and events, inside an open ``gr.Blocks``."""
     settings = models.settings
     if settings.random:
@@ -236,8 +181,6 @@ def build(models: Models) -> None:
             out["metrics"] = gr.Markdown()
             out["downloads"] = gr.File(label="Downloads: latent (.safetensors), reconstruction "
                                        "(.png)", file_count="multiple")
-
-    from ui.tabs import latent_lab  # imported here: latent_lab imports from this module
 
     # built first: the tab's encode fills the experiments' cache (a gr.State) with its latent
     lab = latent_lab.build(models, [image_file, choice, max_side, fit, latent_kind, seed, exact],

@@ -11,19 +11,16 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import gradio as gr
 import torch
 
 import sd_parts
 from ui.loading import ModelUnavailable
+from ui.models import Models
 from ui.shared import PictureFiles, answer_once, literal, output_path, random_banner
 from viz import attention_html, export, text_encoder, tokens
-
-if TYPE_CHECKING:
-    from app import Models
+from viz.tokens import Tokens, read_tokens
 
 TITLE = "Prompt → tokens → embeddings → attention"
 EXAMPLE_PROMPTS = [
@@ -37,33 +34,6 @@ OUTPUTS = ("tokens", "notes", "table", "embeddings", "norms", "cosine", "attenti
 # "attention" is the chosen map as a PNG file to download; "attention_map" the same map as HTML
 ATTENTION_OUTPUTS = ("attention", "attention_map", "heads", "eos")
 KIND_COLOURS = {"BOS": "green", "EOS": "red", "padding": "gray", "token": "blue"}
-
-
-@dataclass(frozen=True)
-class Tokens:
-    """A prompt as the text encoder sees it."""
-
-    pieces: list[str]  # every BPE piece of the prompt, untruncated, without BOS/EOS
-    rows: list[list]  # the 77 positions, as tokens.token_rows gives them
-    n_real: int  # BOS + kept tokens + EOS
-
-    @property
-    def labels(self) -> list[str]:
-        return [row[1] for row in self.rows]  # the readable text of each position
-
-    @property
-    def kinds(self) -> list[str]:
-        return [row[4] for row in self.rows]  # BOS, token, EOS or padding
-
-    @property
-    def ids(self) -> tuple[int, ...]:
-        return tuple(row[3] for row in self.rows)
-
-
-def read_tokens(tokenizer: sd_parts.CLIPTokenizer, prompt: str | None) -> Tokens:
-    pieces = tokenizer.tokenize(prompt or "")
-    rows = tokens.token_rows(pieces, tokenizer.convert_tokens_to_ids(pieces))
-    return Tokens(pieces, rows, tokens.positions_used(len(pieces)))
 
 
 @functools.lru_cache(maxsize=8)  # changing layer or head re-draws without re-encoding
@@ -153,8 +123,8 @@ def update_attention(models: Models, prompt: str, layer: int, head: str, padding
     return attention_views(read, output, layer, head, padding)
 
 
-def build(models: Models, page_tab: gr.Tab | None = None) -> None:
-    """The tab's layout and events, inside an open ``gr.Blocks`` (in ``page_tab``, the page's tab
+def build(models: Models, tab: gr.Tab) -> None:
+    """The tab's layout and events, inside an open ``gr.Blocks`` (in ``tab``, the page's tab
     that holds it, if there is one: opening it the first time inspects the prompt filled in)."""
     settings, clip = models.settings, models.settings.clip_config
     if settings.random:
@@ -224,8 +194,8 @@ def build(models: Models, page_tab: gr.Tab | None = None) -> None:
     gr.on([inspect.click, prompt.submit], inspect_handler, controls,
           [out[name] for name in OUTPUTS], api_name="inspect_prompt", concurrency_id="models",
           concurrency_limit=1).then(lambda: True, None, shown, api_visibility="private")
-    if page_tab is not None:
-        page_tab.select(first_view, [shown, *controls], [*(out[name] for name in OUTPUTS), shown],
+    if tab is not None:
+        tab.select(first_view, [shown, *controls], [*(out[name] for name in OUTPUTS), shown],
                         api_visibility="private", concurrency_id="models", concurrency_limit=1)
     gr.on([layer.release, head.change, padding.change], attention_handler, controls,
           [out[name] for name in ATTENTION_OUTPUTS], api_name="attention_view",

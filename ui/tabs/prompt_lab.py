@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import gradio as gr
 import torch
@@ -20,13 +19,11 @@ import torch
 import sd_parts
 from sd_parts.tokenizer import BOS_TOKEN, EOS_TOKEN, context_ids
 from ui.loading import ModelUnavailable
-from ui.shared import answer_once, literal, random_banner
-from ui.tabs.prompt import read_tokens
+from ui.models import Models
+from ui.shared import answer_once, failure, literal, random_banner
 from viz import prompt_lab as lab
 from viz import tokens
-
-if TYPE_CHECKING:
-    from app import Models
+from viz.tokens import read_tokens
 
 TITLE = "Prompt lab: habits → embeddings"
 COMPARE_OUTPUTS = ("compare_tokens", "compare_map", "compare_reading")
@@ -66,10 +63,6 @@ def run_encoder(models: Models, rows: tuple[tuple[int, ...], ...]) -> sd_parts.C
         return models.text_encoder()(torch.tensor(rows), output_hidden_states=True)
 
 
-def unavailable(exc: ModelUnavailable) -> str:
-    return f"**The model could not be loaded.** {literal(str(exc))}"
-
-
 # ---------------------------------------------------------------------------------------------
 # The five experiments
 
@@ -82,7 +75,7 @@ def compare_prompts(models: Models, prompt_a: str, prompt_b: str, padding: bool
         a, b = read_tokens(models.tokenizer(), prompt_a), read_tokens(models.tokenizer(), prompt_b)
         output = run_encoder(models, (a.ids, b.ids))
     except ModelUnavailable as exc:
-        return {"compare_reading": unavailable(exc)}
+        return failure(COMPARE_OUTPUTS, "compare_reading", str(exc))
     padding_from = max(a.n_real, b.n_real)  # padding in both prompts from here on
     count = len(a.rows) if padding else padding_from
     states = [*output.hidden_states, output.last_hidden_state]
@@ -110,7 +103,7 @@ def clip_skip(models: Models, prompt: str) -> dict[str, object]:
         encoder = models.text_encoder()
         output = run_encoder(models, (text.ids,))
     except ModelUnavailable as exc:
-        return {"skip_reading": unavailable(exc)}
+        return failure(SKIP_OUTPUTS, "skip_reading", str(exc))
     n_layers = len(encoder.encoder.layers)
     skips = range(1, min(MOST_SKIPPED, n_layers - 1) + 1)  # at least one layer must run
     # One pass serves every skip: clip_skip=k is the final LayerNorm of hidden state -(k + 1),
@@ -136,7 +129,7 @@ def long_prompt(models: Models, prompt: str) -> dict[str, object]:
     try:
         tokenizer = models.tokenizer()
     except ModelUnavailable as exc:
-        return {"long_reading": unavailable(exc)}
+        return failure(LONG_OUTPUTS, "long_reading", str(exc))
     pieces = tokenizer.tokenize(prompt or "")
     layout = lab.chunk_layout(pieces, tokenizer.convert_tokens_to_ids(pieces),
                               tokenizer.bos_token_id, tokenizer.eos_token_id,
@@ -200,7 +193,7 @@ def weighting(models: Models, prompt: str) -> dict[str, object]:
     try:
         return weighting_views(models.tokenizer(), models.text_encoder(), prompt)
     except ModelUnavailable as exc:
-        return {"weight_notes": unavailable(exc)}
+        return failure(WEIGHT_OUTPUTS, "weight_notes", str(exc))
 
 
 def token_choices(models: Models, prompt: str) -> list[tuple[str, int]]:
@@ -217,7 +210,7 @@ def nearest_tokens(models: Models, prompt: str, position: int | str | None, k: i
         text = read_tokens(models.tokenizer(), prompt)
         table = models.text_encoder().embeddings.token_embedding.weight
     except ModelUnavailable as exc:
-        return {"nearest_notes": unavailable(exc)}
+        return failure(NEAREST_OUTPUTS, "nearest_notes", str(exc))
     try:  # a choice's value is its position; a typed one may read "5" or "5: cat</w>"
         index = int(position) if isinstance(position, int | float) else int(
             str(position).split(":")[0])
@@ -245,8 +238,8 @@ def nearest_tokens(models: Models, prompt: str, position: int | str | None, k: i
 # The page
 
 
-def build(models: Models, page_tab: gr.Tab | None = None) -> None:
-    """The tab's layout and events, inside an open ``gr.Blocks`` (in ``page_tab``, the page's tab
+def build(models: Models, tab: gr.Tab) -> None:
+    """The tab's layout and events, inside an open ``gr.Blocks`` (in ``tab``, the page's tab
     that holds the lab, if there is one: opening it shows the first comparison)."""
     settings = models.settings
     age = settings.output_max_age
@@ -361,7 +354,7 @@ def build(models: Models, page_tab: gr.Tab | None = None) -> None:
     # Opening the lab, or one of its experiments, answers the prompts already filled in: the
     # first view is a result, not an empty box. Showing the same inputs again costs little (the
     # encoder's output is cached).
-    opened = [pair_tab.select] + ([page_tab.select] if page_tab is not None else [])
+    opened = [pair_tab.select] + ([tab.select] if tab is not None else [])
     gr.on(opened, compare_handler, [prompt_a, prompt_b, padding], outputs(COMPARE_OUTPUTS),
           api_visibility="private", **model_event)
     gr.on([skip_tab.select], skip_handler, [skip_prompt], outputs(SKIP_OUTPUTS),

@@ -8,20 +8,16 @@ sampler is involved, only the schedule's abar_t.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import gradio as gr
 import numpy as np
 import torch
 
 import sd_parts
+from ui.encoding import EXAMPLE_IMAGES, MAX_PIXELS
 from ui.loading import ModelUnavailable
-from ui.shared import PictureFiles, failure, literal
-from ui.tabs.image import EXAMPLE_IMAGES, MAX_PIXELS
+from ui.models import Models
+from ui.shared import REFUSED, PictureFiles, failure, literal
 from viz import diffusion, pixels, upload
-
-if TYPE_CHECKING:
-    from app import Models
 
 
 def forward_noise(models: Models, path: str | None, t: float, seed: float, ask_unet: bool,
@@ -38,7 +34,7 @@ def forward_noise(models: Models, path: str | None, t: float, seed: float, ask_u
         vae = models.generation_vae(exact)
         schedule = sd_parts.load_scheduler(models.scheduler_config(), kind="ddpm")
         image = upload.load_image(path, MAX_PIXELS)
-    except (ModelUnavailable, upload.ImageInputError) as exc:
+    except REFUSED as exc:
         return failure(names, "forward_status", str(exc))
     t = int(min(max(t or 0, 0), 1000))
     device = next(vae.parameters()).device
@@ -53,7 +49,7 @@ def forward_noise(models: Models, path: str | None, t: float, seed: float, ask_u
                            if t == 0 else
                            f"t = {t}: x_t keeps {schedule_signal(schedule.alphas_cumprod, t)} "
                            "of the image's latent; the rest is noise."),
-        "forward_noisy": decoded(vae, x_t),
+        "forward_noisy": diffusion.vae_image(vae, x_t),
         "forward_schedule": diffusion.schedule_figure(schedule.alphas_cumprod, t),
         "forward_x0": None,
     }
@@ -65,19 +61,13 @@ def forward_noise(models: Models, path: str | None, t: float, seed: float, ask_u
         context = pipe.encode_prompt([""])
         eps = pipe.unet(x_t, t - 1, context)
         x0 = diffusion.predicted_original(x_t, eps, schedule.alphas_cumprod, t)
-        views["forward_x0"] = decoded(vae, x0)
+        views["forward_x0"] = diffusion.vae_image(vae, x0)
     return views
 
 
 def schedule_signal(alphas_cumprod: torch.Tensor, t: int) -> str:
     share = 1.0 if t == 0 else float(alphas_cumprod[t - 1].sqrt())
     return f"sqrt(ᾱ) = {share:.3f}"
-
-
-def decoded(vae: sd_parts.AutoencoderKL, latent: torch.Tensor) -> np.ndarray:
-    """A model-space latent (B, C, h, w), on any device, as the VAE's image (H, W, 3) uint8."""
-    device = next(vae.parameters()).device
-    return pixels.images_to_pixels(vae.decode(latent.to(device) / vae.config.scaling_factor))
 
 
 def build(models: Models, exact: gr.Checkbox) -> None:

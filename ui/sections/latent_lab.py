@@ -17,30 +17,22 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
 import gradio as gr
 import numpy as np
 import torch
 
-from ui.loading import ModelUnavailable
-from ui.shared import answer_once, failure
-from ui.tabs.image import (
+from ui.encoding import (
     EXAMPLE_IMAGES,
-    MAX_PIXELS,
-    SAMPLE,
     Encoded,
     Source,
-    choose_latent,
-    latent_space,
-    uses_tiles,
+    decode,
+    encode,
 )
-from viz import experiments, metrics, pixels, upload
+from ui.models import Models
+from ui.shared import REFUSED, answer_once, failure
+from viz import experiments, metrics, pixels
 
-if TYPE_CHECKING:
-    from app import Models
-
-MAX_CHANNELS = 16  # the most any VAE of the catalogue has (SD3, FLUX)
 ALL_CHANNELS = "all channels"
 # what counts as a changed pixel: an absolute change, or one relative to the largest
 THRESHOLDS = {"1 grey level (1/255, visible in an 8-bit image)": None,
@@ -70,10 +62,6 @@ STD_INFO = ("A channel's std is its spread over this latent's positions, in the 
             "sees it times the scaling_factor ('std in model space').")
 
 
-class LabError(ValueError):
-    """A request that cannot be answered; the message says what to do."""
-
-
 @dataclass(frozen=True)
 class Lab:
     """A visitor's cached encodes: the tab's image, and the second image of the interpolation."""
@@ -88,50 +76,11 @@ def remember(lab: Lab | None, encoded: Encoded) -> Lab:
     return replace(lab or Lab(), first=encoded)
 
 
-def encode(models: Models, source: Source, cached: Encoded | None,
-           size: tuple[int, int] | None = None) -> Encoded:
-    """The latent and plain decode of ``source`` (``cached`` when its settings are the same).
-
-    ``size`` None fits the image as the tab does; a (width, height) brings it to that size.
-    """
-    if not source.path:
-        raise LabError("Upload an image (or click an example) and encode it first.")
-    if source.latent_kind == SAMPLE and source.seed is None:
-        raise LabError("Fill in the seed for the sample.")
-    if cached is not None and (cached.source, cached.size) == (source, size):
-        return cached
-    try:
-        image = upload.load_image(source.path, MAX_PIXELS)
-        vae = models.vae(source.choice, bool(source.exact))
-        if size is None:
-            fitted, note = pixels.fit_for_vae(image, int(source.max_side), vae.downscale,
-                                              mode=source.fit)
-        else:
-            fitted, note = experiments.match_size(image, size)
-    except (upload.ImageInputError, ModelUnavailable, ValueError) as exc:
-        raise LabError(str(exc)) from exc
-    tiled = uses_tiles(fitted)
-    posterior = vae.encode(pixels.image_to_tensor(fitted), tiled=tiled)
-    latent = choose_latent(posterior, source.latent_kind, source.seed)
-    decoded = vae.decode(latent[None], tiled=tiled)[0]
-    return Encoded(source, size, latent, decoded, fitted, note, vae.downscale,
-                   latent_space(vae.config), tiled)
-
-
-def decode(models: Models, source: Source, encoded: Encoded, latent: torch.Tensor
-           ) -> torch.Tensor:
-    """Decode an edited latent as the plain one was; the plain latent's decode is reused."""
-    if torch.equal(latent, encoded.latent):
-        return encoded.decoded
-    vae = models.vae(source.choice, bool(source.exact))
-    return vae.decode(latent[None], tiled=encoded.tiled)[0]
-
-
 def _number(value: float | None, name: str, low: float, high: float) -> float:
     if value is None or not math.isfinite(float(value)):
-        raise LabError(f"Fill in {name} with a number.")
+        raise ValueError(f"Fill in {name} with a number.")
     if not low <= float(value) <= high:
-        raise LabError(f"{name[0].upper()}{name[1:]} must be from {low:g} to {high:g}; got "
+        raise ValueError(f"{name[0].upper()}{name[1:]} must be from {low:g} to {high:g}; got "
                        f"{float(value):g}.")
     return float(value)
 
@@ -152,7 +101,7 @@ def _channel_index(channel: str | None, channels: int) -> int | None:
         return None
     number = channel.removeprefix("channel ").strip()
     if not number.isdigit() or int(number) >= channels:
-        raise LabError(f"{channel!r} is not a channel of this latent: it has {channels} "
+        raise ValueError(f"{channel!r} is not a channel of this latent: it has {channels} "
                        f"(channel 0 to channel {channels - 1}), or choose {ALL_CHANNELS!r}.")
     return int(number)
 
@@ -166,15 +115,15 @@ def receptive_field(models: Models, lab: Lab, source: Source, x: float | None, y
                     ) -> tuple[dict[str, object], Lab]:
     """Move one latent pixel, decode, and show where the image changed and how far."""
     if x is None or y is None:
-        raise LabError("Click a point of the latent preview (or fill in x and y) first.")
+        raise ValueError("Click a point of the latent preview (or fill in x and y) first.")
     first = encode(models, source, lab.first)
     lab = replace(lab, first=first)
     width, height = first.fitted.size
     if not (0 <= x < width and 0 <= y < height):
-        raise LabError(f"The point ({x:g}, {y:g}) is outside the {width}x{height} preview: "
+        raise ValueError(f"The point ({x:g}, {y:g}) is outside the {width}x{height} preview: "
                        f"click inside it (x from 0 to {width - 1}, y from 0 to {height - 1}).")
     if threshold not in THRESHOLDS:
-        raise LabError(f"Choose a threshold among: {', '.join(THRESHOLDS)}.")
+        raise ValueError(f"Choose a threshold among: {', '.join(THRESHOLDS)}.")
     steps = _number(amount, "the change", -MAX_AMOUNT, MAX_AMOUNT)
     channels = first.latent.shape[0]
     index = _channel_index(channel, channels)
@@ -208,19 +157,19 @@ def parse_table(table: Sequence[Sequence[object]] | None, channels: int
     """The scales and shifts of the channel table, one row per channel, checked."""
     rows = [list(row) for row in (table or [])]
     if len(rows) != channels:
-        raise LabError(f"The table has {len(rows)} rows but this latent has {channels} channels: "
+        raise ValueError(f"The table has {len(rows)} rows but this latent has {channels} channels: "
                        "press Reset to get one row per channel.")
     scales, shifts = [], []
     for index, row in enumerate(rows):
         if len(row) != len(TABLE_HEADERS):
-            raise LabError(f"Row {index} of the table needs {len(TABLE_HEADERS)} values "
+            raise ValueError(f"Row {index} of the table needs {len(TABLE_HEADERS)} values "
                            f"({', '.join(TABLE_HEADERS)}).")
         for column, target in ((1, scales), (2, shifts)):
             name = f"the {TABLE_HEADERS[column].split()[0]} of channel {index}"
             try:
                 value = float(row[column])
             except (TypeError, ValueError):
-                raise LabError(f"Fill in {name} with a number; got {row[column]!r}.") from None
+                raise ValueError(f"Fill in {name} with a number; got {row[column]!r}.") from None
             target.append(_number(value, name, -MAX_EDIT, MAX_EDIT))
     return scales, shifts
 
@@ -261,7 +210,7 @@ def interpolate(models: Models, lab: Lab, source: Source, second_path: str | Non
     first = encode(models, source, lab.first)
     lab = replace(lab, first=first)
     if not second_path:
-        raise LabError("Upload a second image (or click one of its examples) to mix with.")
+        raise ValueError("Upload a second image (or click one of its examples) to mix with.")
     second = encode(models, replace(source, path=second_path), lab.second, first.fitted.size)
     lab = replace(lab, second=second)
     a, b = first.latent, second.latent
@@ -306,7 +255,7 @@ def zero_row(table: Sequence[Sequence[object]] | None, channel: str | None
     rows = [list(row) for row in (table or [])]
     try:
         index = _channel_index(channel, len(rows))
-    except LabError as exc:
+    except REFUSED as exc:
         raise gr.Error(str(exc)) from None
     if index is None:
         return [[row[0], 0.0, 0.0] for row in rows]
@@ -325,7 +274,7 @@ def build(models: Models, source: Sequence[gr.components.Component], preview: gr
     """
     settings = models.settings
     lab = gr.State(None, time_to_live=settings.cache_max_age)
-    channel_choices = [ALL_CHANNELS] + [f"channel {c}" for c in range(MAX_CHANNELS)]
+    channel_choices = [ALL_CHANNELS] + [f"channel {c}" for c in range(models.max_latent_channels)]
     with gr.Accordion("Experiments on this latent: receptive field, channel edits, "
                       "interpolation", open=False, elem_id="latent-lab"):
         gr.Markdown(INTRO)
@@ -392,7 +341,7 @@ def build(models: Models, source: Sequence[gr.components.Component], preview: gr
         new_lab = lab_value or Lab()
         try:
             views, new_lab = experiment(models, new_lab, *values)
-        except LabError as exc:
+        except REFUSED as exc:
             views = failure(outputs, next(iter(outputs)), str(exc))
         yield from answer_once(settings.output_max_age, {
             outputs[name]: views.get(name) for name in outputs} | {lab: new_lab})
