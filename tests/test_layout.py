@@ -70,3 +70,45 @@ def test_long_files_say_why() -> None:
     assert not unexplained, (
         f"over {LONG} lines with no 'Length:' paragraph in the module docstring saying why: "
         f"{', '.join(unexplained)}; split the file or say why it is one")
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module ``path`` imports, anywhere in the file: at the top, inside a function, or
+    under ``if TYPE_CHECKING:`` (a type-only import is a dependency too)."""
+    names = set()
+    package = ".".join(path.relative_to(ROOT).parent.parts)
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from the file's own package
+                parent = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join(parent + ([base] if base else []))
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_tabs_stand_alone() -> None:
+    """A tab imports ui's shared modules, its sections, viz and sd_parts: never app.py and
+    never another tab. A section never imports a tab, and the shared modules import neither."""
+    tabs = {path.stem for path in (ROOT / "ui" / "tabs").glob("*.py")} - {"__init__"}
+    problems = []
+    for path in sorted((ROOT / "ui").rglob("*.py")):
+        here = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        for name in imported_modules(path):
+            top = name.split(".")[0]
+            other_tab = name.startswith("ui.tabs.") and name.split(".")[2] in tabs \
+                and name != here
+            if top == "app" or other_tab or (
+                    not here.startswith("ui.tabs") and name.startswith("ui.tabs")) or (
+                    not here.startswith(("ui.tabs", "ui.sections"))
+                    and name.startswith("ui.sections.")):
+                problems.append(f"{path.relative_to(ROOT)} imports {name}")
+    assert not problems, "; ".join(problems)
+    for package, forbidden in (("sd_parts", ("gradio", "matplotlib", "PIL", "viz", "ui", "app")),
+                               ("viz", ("gradio", "ui", "app"))):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            bad = {n for n in imported_modules(path) if n.split(".")[0] in forbidden}
+            assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
