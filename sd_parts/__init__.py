@@ -26,7 +26,15 @@ from .schedulers import Scheduler, SchedulerConfig, load_scheduler
 from .single_file import load_single_file
 from .tiny_vae import TAESD, TAESD3, TINY_TAESD, TINY_TAESD_16, AutoencoderTiny, TinyVAEConfig
 from .tokenizer import CLIPTokenizer, load_tokenizer
-from .unet import TINY_UNET, UNet2DConditionModel, UNetConfig
+from .unet import (
+    TINY_UNET,
+    UNet2DConditionModel,
+    UNetBlock,
+    UNetConfig,
+    UNetProbe,
+    guidance_embedding,
+    unet_blocks,
+)
 from .vae import AutoencoderKL, DiagonalGaussian
 from .weights import (
     DEFAULT_REPO,
@@ -49,4 +57,5 @@ __all__ = [
     "parse_weights", "token_weights",
     "TAESD", "TAESD3", "TAESD_REPO", "TINY_TAESD", "TINY_TAESD_16", "AutoencoderTiny",
     "TinyVAEConfig", "load_tiny_vae",
+    "UNetBlock", "UNetProbe", "guidance_embedding", "unet_blocks",
 ]

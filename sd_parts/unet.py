@@ -15,14 +15,15 @@ Parameter names equal the keys of the Hub's ``unet/diffusion_pytorch_model.safet
 SD 2.x UNets (linear projections, per-level head counts, 1024-wide context) build too. Any
 latent size works: where the encoder halves an odd side, the decoder resizes to the skip's size.
 
-Length: a little over 400 lines, because the blocks read best together, in the order data flows
-through them; the config (UNetConfig) lives in config.py and the CPU kernel choices in runtime.py.
+The residual and resampling blocks and the UNet itself are here, in the order data flows
+through them; the transformer blocks are in unet_transformer.py, the probe that records what
+happens inside one call in unet_probe.py, the config (UNetConfig) in config.py and the CPU
+kernel choices in runtime.py.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -30,15 +31,12 @@ from torch import nn
 
 from . import vae
 from .config import TINY_UNET, UNetConfig
-from .runtime import conv3x3, linear, run_with_fallback
+from .runtime import conv3x3, run_with_fallback
+from .unet_probe import CrossAttentionHook, UNetBlock, UNetProbe, observe, unet_blocks
+from .unet_transformer import BasicTransformerBlock, Transformer2DModel
 
-__all__ = ["TINY_UNET", "UNet2DConditionModel", "UNetConfig", "guidance_embedding",
-           "timestep_embedding"]
-
-# (probs (B, heads, h*w, T) float32, (h, w)) for each cross-attention layer, in forward order
-CrossAttentionHook = Callable[[torch.Tensor, tuple[int, int]], None]
-# The transformer's GroupNorm uses this epsilon whatever the config says, as the checkpoint did.
-TRANSFORMER_NORM_EPS = 1e-6
+__all__ = ["TINY_UNET", "UNet2DConditionModel", "UNetBlock", "UNetConfig", "UNetProbe",
+           "guidance_embedding", "timestep_embedding", "unet_blocks"]
 
 
 def timestep_embedding(
@@ -56,6 +54,18 @@ def timestep_embedding(
     angles = timesteps.float()[:, None] * exponent.exp()[None, :]  # (B, half)
     sin, cos = angles.sin(), angles.cos()
     return torch.cat([cos, sin] if flip_sin_to_cos else [sin, cos], dim=-1)
+
+
+class TimestepSinusoids(nn.Module):
+    """``timestep_embedding`` as a module without weights (the checkpoint code's ``time_proj``),
+    so that the sinusoids a UNet call used can be recorded like any layer's output."""
+
+    def __init__(self, dim: int, flip_sin_to_cos: bool, freq_shift: int):
+        super().__init__()
+        self.dim, self.flip_sin_to_cos, self.freq_shift = dim, flip_sin_to_cos, freq_shift
+
+    def forward(self, timesteps: torch.Tensor) -> torch.Tensor:
+        return timestep_embedding(timesteps, self.dim, self.flip_sin_to_cos, self.freq_shift)
 
 
 def guidance_embedding(guidance_scale: float | torch.Tensor, dim: int,
@@ -166,116 +176,6 @@ class Upsample2D(vae.Upsample2D):
         return conv3x3(F.interpolate(x, scale_factor=2.0, mode="nearest"), self.conv)
 
 
-class Attention(nn.Module):
-    """Multi-head attention of queries from the image over keys and values from ``context``:
-    the image itself (self-attention, attn1) or the prompt's tokens (cross-attention, attn2)."""
-
-    def __init__(self, query_dim: int, context_dim: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.to_q = nn.Linear(query_dim, query_dim, bias=False)
-        self.to_k = nn.Linear(context_dim, query_dim, bias=False)
-        self.to_v = nn.Linear(context_dim, query_dim, bias=False)
-        self.to_out = nn.ModuleList([nn.Linear(query_dim, query_dim)])  # [1] was a Dropout
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        context: torch.Tensor | None = None,
-        on_probs: CrossAttentionHook | None = None,
-        size: tuple[int, int] = (0, 0),
-    ) -> torch.Tensor:
-        B, N, C = x.shape
-        context = x if context is None else context
-        q, k, v = (linear(source, p.weight, None).view(B, source.shape[1], self.heads, -1)
-                   .transpose(1, 2)  # (B, nh, N or T, hs)
-                   for p, source in ((self.to_q, x), (self.to_k, context), (self.to_v, context)))
-        if on_probs is None:
-            y = F.scaled_dot_product_attention(q, k, v)
-        else:
-            # The explicit path, for showing where each token looks: the probabilities in
-            # float32 whatever the weights' dtype. The hook must only read them.
-            scores = (q.float() / math.sqrt(q.shape[-1])) @ k.float().transpose(-2, -1)
-            probs = scores.softmax(dim=-1)  # (B, nh, N, T)
-            on_probs(probs, size)
-            y = probs.to(v.dtype) @ v
-        out = self.to_out[0]
-        return linear(y.transpose(1, 2).reshape(B, N, C), out.weight, out.bias)
-
-
-class GEGLU(nn.Module):
-    """A gated GELU unit (Shazeer, "GLU Variants Improve Transformer", 2020): one Linear makes a
-    value and a gate, and the output is value * GELU(gate)."""
-
-    def __init__(self, in_features: int, out_features: int):
-        super().__init__()
-        self.proj = nn.Linear(in_features, 2 * out_features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        value, gate = linear(x, self.proj.weight, self.proj.bias).chunk(2, dim=-1)
-        return F.gelu(gate).mul_(value)  # in place on GELU's fresh output
-
-
-class FeedForward(nn.Module):
-    def __init__(self, dim: int, mult: int = 4):
-        super().__init__()
-        # net.1 was a Dropout: an Identity keeps the output Linear at the checkpoint's net.2
-        self.net = nn.ModuleList(
-            [GEGLU(dim, mult * dim), nn.Identity(), nn.Linear(mult * dim, dim)])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(self.net[0](x), self.net[2].weight, self.net[2].bias)
-
-
-class BasicTransformerBlock(nn.Module):
-    """Pre-LayerNorm transformer block: self-attention, cross-attention to the text, GEGLU MLP."""
-
-    def __init__(self, dim: int, context_dim: int, heads: int):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn1 = Attention(dim, dim, heads)
-        self.norm2 = nn.LayerNorm(dim)
-        self.attn2 = Attention(dim, context_dim, heads)
-        self.norm3 = nn.LayerNorm(dim)
-        self.ff = FeedForward(dim)
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor,
-                on_probs: CrossAttentionHook | None, size: tuple[int, int]) -> torch.Tensor:
-        x = self.attn1(self.norm1(x)).add_(x)
-        x = self.attn2(self.norm2(x), context, on_probs, size).add_(x)
-        return self.ff(self.norm3(x)).add_(x)
-
-
-class Transformer2DModel(nn.Module):
-    """The image as a sequence of H*W tokens through one transformer block, with a residual.
-
-    proj_in/proj_out are 1x1 convs in SD v1 and Linears in SD 2.x: both are the same Linear on
-    each position's channels, and that is how they run here (on channels-last activations the
-    image-to-token reshape is a view, not a copy).
-    """
-
-    def __init__(self, channels: int, heads: int, context_dim: int, groups: int,
-                 linear_projection: bool):
-        super().__init__()
-        self.norm = nn.GroupNorm(groups, channels, eps=TRANSFORMER_NORM_EPS)
-        self.proj_in = (nn.Linear(channels, channels) if linear_projection
-                        else nn.Conv2d(channels, channels, 1))
-        self.transformer_blocks = nn.ModuleList(
-            [BasicTransformerBlock(channels, context_dim, heads)])
-        self.proj_out = (nn.Linear(channels, channels) if linear_projection
-                         else nn.Conv2d(channels, channels, 1))
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor,
-                on_probs: CrossAttentionHook | None) -> torch.Tensor:
-        B, C, H, W = x.shape
-        tokens = self.norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, HW, C)
-        tokens = linear(tokens, self.proj_in.weight, self.proj_in.bias)
-        for block in self.transformer_blocks:
-            tokens = block(tokens, context, on_probs, (H, W))
-        out = linear(tokens, self.proj_out.weight, self.proj_out.bias)
-        return out.view(B, H, W, C).permute(0, 3, 1, 2).add_(x)  # (B, C, H, W), channels-last
-
-
 class DownBlock2D(nn.Module):
     """One encoder level: ``num_layers`` residual blocks, each followed by a transformer when
     ``heads`` > 0 (diffusers' CrossAttnDownBlock2D; DownBlock2D without), then optionally a
@@ -296,13 +196,13 @@ class DownBlock2D(nn.Module):
         )
         self.downsamplers = nn.ModuleList([Downsample2D(out_channels)] if add_downsample else [])
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor,
-                on_probs: CrossAttentionHook | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(self, x: torch.Tensor, temb: torch.Tensor,
+                context: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         skips = []
         for i, resnet in enumerate(self.resnets):
             x = resnet(x, temb)
             if self.attentions:
-                x = self.attentions[i](x, context, on_probs)
+                x = self.attentions[i](x, context)
             skips.append(x)
         for downsampler in self.downsamplers:
             x = downsampler(x)
@@ -332,14 +232,14 @@ class UpBlock2D(nn.Module):
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels)] if add_upsample else [])
 
     def forward(self, x: torch.Tensor, skips: list[torch.Tensor], temb: torch.Tensor,
-                context: torch.Tensor, on_probs: CrossAttentionHook | None,
+                context: torch.Tensor,
                 upsample_to: tuple[int, int] | None = None) -> torch.Tensor:
         """``skips``: this level's skip connections in the order the encoder made them;
         ``upsample_to``: the size of the next level's skips."""
         for i, resnet in enumerate(self.resnets):
             x = resnet(torch.cat([x, skips[-1 - i]], dim=1), temb)
             if self.attentions:
-                x = self.attentions[i](x, context, on_probs)
+                x = self.attentions[i](x, context)
         for upsampler in self.upsamplers:
             x = upsampler(x, upsample_to)
         return x
@@ -356,10 +256,9 @@ class UNetMidBlock2DCrossAttn(nn.Module):
         self.attentions = nn.ModuleList(
             [Transformer2DModel(channels, heads, context_dim, groups, linear_projection)])
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor,
-                on_probs: CrossAttentionHook | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         x = self.resnets[0](x, temb)
-        x = self.attentions[0](x, context, on_probs)
+        x = self.attentions[0](x, context)
         return self.resnets[1](x, temb)
 
 
@@ -379,6 +278,7 @@ class UNet2DConditionModel(nn.Module):
                       context_dim=config.cross_attention_dim,
                       linear_projection=config.use_linear_projection)
         self.conv_in = nn.Conv2d(config.in_channels, channels[0], 3, padding=1)
+        self.time_proj = TimestepSinusoids(channels[0], config.flip_sin_to_cos, config.freq_shift)
         self.time_embedding = TimestepEmbedding(channels[0], temb, config.time_cond_proj_dim)
         last = levels - 1  # the coarsest level has no attention (SD's layout)
         self.down_blocks = nn.ModuleList(
@@ -410,31 +310,33 @@ class UNet2DConditionModel(nn.Module):
         context: torch.Tensor,
         on_cross_attention: CrossAttentionHook | None = None,
         timestep_cond: torch.Tensor | None = None,
+        probe: UNetProbe | None = None,
     ) -> torch.Tensor:
         """(B, 4, h, w) noisy latents, a timestep (one for all or one per sample) and the text
         context (B, T, 768) -> the predicted noise (B, 4, h, w).
 
         ``on_cross_attention(probs, (h, w))``, when given, is called by each cross-attention
         layer in forward order (16 in SD v1: 6 down, 1 mid, 9 up) with its probabilities
-        (B, heads, h*w, T), float32, computed explicitly instead of by fused attention. It must
-        not change them. If a 16-bit run overflows and is repeated in float32, it is called again.
+        (B, heads, h*w, T), float32, computed explicitly beside the fused attention (which still
+        makes the output, so it is the same with or without the hook). It must not change them.
+        If a 16-bit run overflows and is repeated in float32, it is called again.
 
         ``timestep_cond`` (B, time_cond_proj_dim): the extra time condition of a guidance-
         distilled (LCM) UNet, e.g. ``guidance_embedding(scale, time_cond_proj_dim)``; only for a
         config with ``time_cond_proj_dim`` (without it such a UNet runs as if it were 0).
+
+        ``probe`` (a ``UNetProbe``): records the layer outputs, skip connections and attention
+        probabilities it asks for, during this call only; the output is the same without it.
         """
         self._check_inputs(latents, context, timestep_cond)
         t = self._timesteps(timestep, latents.shape[0], latents.device)
-        return run_with_fallback(
-            self, lambda x: self._predict(x, t, context, on_cross_attention, timestep_cond),
-            latents)
+        with observe(self, probe, on_cross_attention, tuple(latents.shape[-2:])):
+            return run_with_fallback(
+                self, lambda x: self._predict(x, t, context, timestep_cond), latents)
 
     def _predict(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-                 on_probs: CrossAttentionHook | None,
                  timestep_cond: torch.Tensor | None) -> torch.Tensor:
-        config = self.config
-        sinusoids = timestep_embedding(t, config.block_out_channels[0], config.flip_sin_to_cos,
-                                       config.freq_shift)
+        sinusoids = self.time_proj(t)
         if timestep_cond is not None:
             timestep_cond = timestep_cond.to(x.dtype)
         # every residual block's time projection starts with a SiLU: applied once, here
@@ -443,14 +345,13 @@ class UNet2DConditionModel(nn.Module):
         x = self.conv_in(x)
         skips = [x]
         for block in self.down_blocks:
-            x, outputs = block(x, temb, context, on_probs)
+            x, outputs = block(x, temb, context)
             skips += outputs
-        x = self.mid_block(x, temb, context, on_probs)
+        x = self.mid_block(x, temb, context)
         for block in self.up_blocks:
             n = len(block.resnets)
             skips, level = skips[:-n], skips[-n:]
-            x = block(x, level, temb, context, on_probs,
-                      tuple(skips[-1].shape[-2:]) if skips else None)
+            x = block(x, level, temb, context, tuple(skips[-1].shape[-2:]) if skips else None)
         return self.conv_out(F.silu(self.conv_norm_out(x), inplace=True))
 
     @property
@@ -458,18 +359,13 @@ class UNet2DConditionModel(nn.Module):
         """How many layers attend to the text (16 in SD v1): the hook's calls per forward."""
         return sum(1 for m in self.modules() if isinstance(m, BasicTransformerBlock))
 
+    def block_paths(self) -> list[UNetBlock]:
+        """The top-level blocks in forward order, for drawing the UNet: ``unet_blocks(config)``."""
+        return unet_blocks(self.config)
+
     def _check_inputs(self, latents: torch.Tensor, context: torch.Tensor,
                       timestep_cond: torch.Tensor | None = None) -> None:
         config = self.config
-        if timestep_cond is not None:
-            dim = config.time_cond_proj_dim
-            if dim is None:
-                raise ValueError("timestep_cond is for guidance-distilled (LCM) UNets, whose "
-                                 "config has time_cond_proj_dim; this UNet has none")
-            if tuple(timestep_cond.shape) != (latents.shape[0], dim) \
-                    or not timestep_cond.is_floating_point():
-                raise ValueError(f"timestep_cond must be a float tensor (batch {latents.shape[0]}"
-                                 f", {dim}); got {tuple(timestep_cond.shape)}")
         if (latents.ndim != 4 or latents.shape[1] != config.in_channels
                 or not latents.is_floating_point()):
             raise ValueError(
@@ -480,6 +376,15 @@ class UNet2DConditionModel(nn.Module):
             raise ValueError(
                 f"context must be the text encoder's output (batch {latents.shape[0]}, tokens, "
                 f"{config.cross_attention_dim}); got {tuple(context.shape)}")
+        if timestep_cond is not None:
+            dim = config.time_cond_proj_dim
+            if dim is None:
+                raise ValueError("timestep_cond is for guidance-distilled (LCM) UNets, whose "
+                                 "config has time_cond_proj_dim; this UNet has none")
+            if tuple(timestep_cond.shape) != (latents.shape[0], dim) \
+                    or not timestep_cond.is_floating_point():
+                raise ValueError(f"timestep_cond must be a float tensor (batch {latents.shape[0]}"
+                                 f", {dim}); got {tuple(timestep_cond.shape)}")
 
     @staticmethod
     def _timesteps(timestep: int | float | torch.Tensor, batch: int,
