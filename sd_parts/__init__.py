@@ -12,6 +12,17 @@ from .config import (
     CLIPTextConfig,
     VAEConfig,
 )
+from .lora import (
+    LoraSummary,
+    WeightChange,
+    load_lora_weights,
+    lora_changes,
+    lora_deltas,
+    read_lora,
+    set_lora_scale,
+    unload_lora_weights,
+    weight_changes,
+)
 from .pipeline import GenerationResult, StableDiffusionPipeline, StepState, Trace, load_pipeline
 from .prompts import (
     apply_weights,
@@ -57,5 +68,7 @@ __all__ = [
     "parse_weights", "token_weights",
     "TAESD", "TAESD3", "TAESD_REPO", "TINY_TAESD", "TINY_TAESD_16", "AutoencoderTiny",
     "TinyVAEConfig", "load_tiny_vae",
+    "LoraSummary", "WeightChange", "load_lora_weights", "lora_changes", "lora_deltas", "read_lora",
+    "set_lora_scale", "unload_lora_weights", "weight_changes",
     "UNetBlock", "UNetProbe", "guidance_embedding", "unet_blocks",
 ]

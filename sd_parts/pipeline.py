@@ -159,6 +159,12 @@ class StableDiffusionPipeline:
         options as in ``sd_parts.prompts.encode_prompts`` (all off: diffusers' encoding)."""
         return self._encode(prompts, long_prompts, weighting, clip_skip)[0]
 
+    # Adapters, as methods: pipe.load_lora_weights(source, scale=0.8) is
+    # sd_parts.lora.load_lora_weights(pipe, source, scale=0.8). LoRAs are fused into the UNet's
+    # and text encoder's weights (the originals kept for unloading); textual inversions add
+    # tokens to the tokenizer and rows to the text encoder's embedding table.
+    from .lora import load_lora_weights, set_lora_scale, unload_lora_weights
+
     def _encode(self, prompts: list[str], long_prompts: bool, weighting: bool,
                 clip_skip: int | None) -> tuple[torch.Tensor, list[str]]:
         context, notes = encode_prompts(self.text_encoder, self.tokenizer, prompts,
