@@ -35,6 +35,12 @@ from .prompts import (
 from .runtime import fast_dtype
 from .schedulers import Scheduler, SchedulerConfig, load_scheduler
 from .single_file import load_single_file
+from .textual_inversion import (
+    Embedding,
+    load_textual_inversion,
+    read_embedding,
+    unload_textual_inversion,
+)
 from .tiny_vae import TAESD, TAESD3, TINY_TAESD, TINY_TAESD_16, AutoencoderTiny, TinyVAEConfig
 from .tokenizer import CLIPTokenizer, load_tokenizer
 from .unet import (
@@ -68,7 +74,8 @@ __all__ = [
     "parse_weights", "token_weights",
     "TAESD", "TAESD3", "TAESD_REPO", "TINY_TAESD", "TINY_TAESD_16", "AutoencoderTiny",
     "TinyVAEConfig", "load_tiny_vae",
-    "LoraSummary", "WeightChange", "load_lora_weights", "lora_changes", "lora_deltas", "read_lora",
-    "set_lora_scale", "unload_lora_weights", "weight_changes",
+    "Embedding", "LoraSummary", "WeightChange", "load_lora_weights", "load_textual_inversion",
+    "lora_changes", "lora_deltas", "read_embedding", "read_lora", "set_lora_scale",
+    "unload_lora_weights", "unload_textual_inversion", "weight_changes",
     "UNetBlock", "UNetProbe", "guidance_embedding", "unet_blocks",
 ]

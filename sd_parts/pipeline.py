@@ -164,6 +164,7 @@ class StableDiffusionPipeline:
     # and text encoder's weights (the originals kept for unloading); textual inversions add
     # tokens to the tokenizer and rows to the text encoder's embedding table.
     from .lora import load_lora_weights, set_lora_scale, unload_lora_weights
+    from .textual_inversion import load_textual_inversion, unload_textual_inversion
 
     def _encode(self, prompts: list[str], long_prompts: bool, weighting: bool,
                 clip_skip: int | None) -> tuple[torch.Tensor, list[str]]:

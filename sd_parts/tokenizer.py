@@ -14,6 +14,10 @@ Text goes through four steps:
 The ids are then wrapped as ``<|startoftext|> ... <|endoftext|>`` and, for SD v1, cut and padded to
 77 positions with ``<|endoftext|>``: ``context_ids`` is that rule, the one place it is written.
 
+Tokens added for textual inversion (``with_added_tokens``) are cut out of the cleaned text before
+step 2, wherever they stand, as transformers does with added tokens: ``x<cat-toy>y`` is ``x``, the
+token, ``y``. They are matched lowercased, like the rest of the prompt.
+
 References: Radford et al. 2021, "Learning Transferable Visual Models From Natural Language
 Supervision" (CLIP); Sennrich et al. 2016, "Neural Machine Translation of Rare Words with Subword
 Units" (BPE). The vocabulary is the one SD v1 was trained with: the Hub's ``tokenizer/vocab.json``
@@ -24,6 +28,7 @@ built.
 
 from __future__ import annotations
 
+import copy
 import gzip
 import heapq
 import html
@@ -149,6 +154,10 @@ class CLIPTokenizer:
         self.eos_token_id = self.vocab[EOS_TOKEN]
         self.pad_token_id = self.eos_token_id
         self._word_cache: dict[str, list[str]] = {}
+        # tokens added for textual inversion: token -> id, and what a typed token stands for
+        self.added: dict[str, int] = {}
+        self.expansions: dict[str, list[str]] = {}
+        self._split = _SPECIAL_TOKENS  # cuts out the special and the added tokens
 
     def __len__(self) -> int:
         return len(self.vocab)
@@ -156,10 +165,10 @@ class CLIPTokenizer:
     def tokenize(self, text: str) -> list[str]:
         """The BPE pieces of ``text``, e.g. ``['a</w>', 'photo</w>']``, without BOS and EOS."""
         pieces: list[str] = []
-        # Splitting on a captured pattern keeps the special tokens, at the odd positions.
-        for n, chunk in enumerate(_SPECIAL_TOKENS.split(clean_text(text))):
+        # Splitting on a captured pattern keeps the special and added tokens, at the odd positions.
+        for n, chunk in enumerate(self._split.split(clean_text(text))):
             if n % 2 == 1:
-                pieces.append(chunk)
+                pieces.extend(self.expansions.get(chunk, [chunk]))
                 continue
             for word in _PRE_TOKENIZER.findall(chunk):
                 pieces.extend(self._bpe("".join(BYTE_TO_UNICODE[b] for b in word.encode("utf-8"))))
@@ -210,6 +219,34 @@ class CLIPTokenizer:
         self._word_cache[word] = pieces
         return pieces
 
+    def with_added_tokens(self, token: str, count: int = 1) -> CLIPTokenizer:
+        """A copy of this tokenizer that also knows ``token``, as ``count`` new tokens.
+
+        Several tokens are named ``token``, ``token_1``, ``token_2``, ... (diffusers' names for a
+        multi-vector textual inversion), with the next free ids, and ``token`` in a prompt stands
+        for all of them, as diffusers' ``maybe_convert_prompt`` expands it. This tokenizer is
+        left as it is (it may be shared: the bundled one is).
+        """
+        token = clean_text(token)  # matched in the cleaned, lowercased prompt
+        names = [token] + [f"{token}_{i}" for i in range(1, count)]
+        taken = [name for name in names if name in self.vocab]
+        if not token or count < 1 or taken:
+            why = f"{', '.join(map(repr, taken))} already in the vocabulary" if taken else \
+                f"an empty token or a count of {count}"
+            raise ValueError(f"cannot add the token {token!r}: {why}; choose another token name")
+        first = max(self.id_to_token) + 1
+        new = copy.copy(self)
+        new.vocab, new.id_to_token = dict(self.vocab), dict(self.id_to_token)
+        new.added, new.expansions = dict(self.added), dict(self.expansions)
+        for i, name in enumerate(names, start=first):
+            new.vocab[name], new.id_to_token[i], new.added[name] = i, name, i
+        if count > 1:
+            new.expansions[token] = names
+        # longest first, so "tok_1" is not read as "tok" and "_1"
+        alternatives = sorted([BOS_TOKEN, EOS_TOKEN, *new.added], key=len, reverse=True)
+        new._split = regex.compile("(" + "|".join(map(regex.escape, alternatives)) + ")")
+        return new
+
     def encode(self, text: str) -> list[int]:
         """``[BOS, ...ids..., EOS]`` for one text, neither truncated nor padded."""
         return [self.bos_token_id, *(self.vocab[p] for p in self.tokenize(text)), self.eos_token_id]
@@ -256,6 +293,9 @@ class CLIPTokenizer:
                 if not skip_special_tokens:
                     data += token.encode("utf-8")
                 continue
+            if token in self.added:  # written as typed, not in byte symbols
+                data += token.encode("utf-8") + b" "
+                continue
             data += piece_bytes(token)
             if token.endswith(END_OF_WORD):
                 data += b" "
@@ -263,12 +303,12 @@ class CLIPTokenizer:
         return data.decode("utf-8", errors="replace").strip()
 
     def save(self, folder: str | Path) -> None:
-        """Write ``vocab.json`` and ``merges.txt`` as in the Hub's ``tokenizer/`` folder."""
+        """Write ``vocab.json`` and ``merges.txt`` as in the Hub's ``tokenizer/`` folder (without
+        added tokens: they belong to their textual inversion files)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "vocab.json").write_text(
-            json.dumps(self.vocab, ensure_ascii=False), encoding="utf-8"
-        )
+        vocab = {token: i for token, i in self.vocab.items() if token not in self.added}
+        (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
         lines = ["#version: 0.2", *(f"{a} {b}" for a, b in self.merges)]
         (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
