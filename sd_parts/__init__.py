@@ -27,10 +27,14 @@ from .pipeline import GenerationResult, StableDiffusionPipeline, StepState, Trac
 from .prompts import (
     apply_weights,
     chunk_ids,
+    emphasize,
     encode_long,
     encode_prompts,
+    parse_prompt,
     parse_weights,
+    prompt_runs,
     token_weights,
+    webui_runs,
 )
 from .runtime import fast_dtype
 from .schedulers import Scheduler, SchedulerConfig, load_scheduler
@@ -77,5 +81,6 @@ __all__ = [
     "Embedding", "LoraSummary", "WeightChange", "load_lora_weights", "load_textual_inversion",
     "lora_changes", "lora_deltas", "read_embedding", "read_lora", "set_lora_scale",
     "unload_lora_weights", "unload_textual_inversion", "weight_changes",
+    "emphasize", "parse_prompt", "prompt_runs", "webui_runs",
     "UNetBlock", "UNetProbe", "guidance_embedding", "unet_blocks",
 ]

@@ -12,7 +12,9 @@ from sd_parts.prompts import (
     chunk_ids,
     encode_long,
     encode_prompts,
+    parse_prompt,
     parse_weights,
+    prompt_runs,
     token_weights,
 )
 
@@ -42,7 +44,12 @@ PARSE_TABLE = [
     (r"\(cat\)", [("(cat)", 1.0)], 0),
     (r"(\(cat\))", [("(cat)", 1.1)], 0),
     (r"\[x\] and \\", [("[x] and \\", 1.0)], 0),
-    ("a \\ b", [("a \\ b", 1.0)], 0),
+    # a backslash before any other character is dropped, as the web UI drops it (with a note)
+    ("a \\ b", [("a  b", 1.0)], 1),
+    (r"a\b", [("ab", 1.0)], 1),
+    ("cat\\", [("cat", 1.0)], 1),
+    (r"(a\:1.2)", [("a", 1.2)], 1),
+    (r"\\\(x", [("\\(x", 1.0)], 0),
     ("style: photo", [("style: photo", 1.0)], 0),
     # malformed: read as the UIs read it, with a note each
     ("(cat", [("cat", 1.1)], 1),
@@ -181,3 +188,119 @@ def test_encode_prompts_options(encoder, tokenizer):
         # without weighting, brackets are text, as diffusers reads them
         as_text, _ = encode_prompts(encoder, tokenizer, ["a (cat:1.4)"])
         torch.testing.assert_close(as_text, encoder(tokenizer(["a (cat:1.4)"])).last_hidden_state)
+
+
+# (prompt, its BREAK-separated segments, number of notes)
+BREAK_TABLE = [
+    ("a cat BREAK a dog", [[("a cat", 1.0)], [("a dog", 1.0)]], 0),
+    ("BREAK a", [[], [("a", 1.0)]], 0),
+    ("a BREAK", [[("a", 1.0)], []], 0),
+    ("a BREAK BREAK b", [[("a", 1.0)], [], [("b", 1.0)]], 0),
+    ("a,BREAK,b", [[("a,", 1.0)], [(",b", 1.0)]], 0),
+    ("(red) BREAK [cat]", [[("red", 1.1)], [("cat", DOWN)]], 0),
+    ("aBREAK b, break c", [[("aBREAK b, break c", 1.0)]], 0),  # a word of its own, in capitals
+    ("(a BREAK b)", [[("a BREAK b", 1.1)]], 1),  # inside brackets: a word, with a note
+]
+
+
+@pytest.mark.parametrize(("prompt", "segments", "n_notes"), BREAK_TABLE)
+def test_parse_prompt_reads_break(prompt, segments, n_notes):
+    got, notes = parse_prompt(prompt)
+    assert got == [[(text, pytest.approx(weight)) for text, weight in spans]
+                   for spans in segments]
+    assert len(notes) == n_notes, notes
+
+
+def words(*counts: tuple[str, int]) -> str:
+    """A prompt of one-token words: words(("cat", 2), (",", 1)) is "cat cat ,"."""
+    return " ".join(word for word, n in counts for _ in range(n))
+
+
+# (prompt, the chunks by hand: plain 75-token cuts, the web UI's), in one-token words
+CHUNK_TABLE = [
+    # the comma is 15 tokens before the cut: the web UI moves the 14 dogs after it on
+    (words(("cat", 60), (",", 1), ("dog", 20)),
+     [[("cat", 60), (",", 1), ("dog", 14)], [("dog", 6)]],
+     [[("cat", 60), (",", 1)], [("dog", 20)]]),
+    # 20 tokens before the cut: still moved; 25: too far back, the plain cut
+    (words(("cat", 55), (",", 1), ("dog", 25)),
+     [[("cat", 55), (",", 1), ("dog", 19)], [("dog", 6)]],
+     [[("cat", 55), (",", 1)], [("dog", 25)]]),
+    (words(("cat", 50), (",", 1), ("dog", 30)),
+     [[("cat", 50), (",", 1), ("dog", 24)], [("dog", 6)]],
+     [[("cat", 50), (",", 1), ("dog", 24)], [("dog", 6)]]),
+    # a comma as the 76th token goes to the next chunk in both
+    (words(("cat", 75), (",", 1), ("dog", 2)),
+     [[("cat", 75)], [(",", 1), ("dog", 2)]],
+     [[("cat", 75)], [(",", 1), ("dog", 2)]]),
+    # BREAK: read by the web UI's rule only ("break" is then no token)
+    ("a cat BREAK a dog, BREAK BREAK tree",
+     [[("a", 1), ("cat", 1), ("break", 1), ("a", 1), ("dog", 1), (",", 1), ("break", 2),
+       ("tree", 1)]],
+     [[("a", 1), ("cat", 1)], [("a", 1), ("dog", 1), (",", 1)], [], [("tree", 1)]]),
+    ("BREAK cat", [[("break", 1), ("cat", 1)]], [[], [("cat", 1)]]),
+    ("", [[]], [[]]),
+]
+
+
+@pytest.mark.parametrize(("prompt", "plain", "webui"), CHUNK_TABLE)
+@pytest.mark.parametrize("weighting", [False, True])
+def test_chunking_rules(tokenizer, prompt, plain, webui, weighting):
+    vocab = tokenizer.vocab
+    for chunking, expected in (("plain", plain), ("webui", webui)):
+        runs, _ = prompt_runs(tokenizer, prompt, weighting, chunking)
+        want = [[vocab[f"{word}</w>"] for word, n in run for _ in range(n)] for run in expected]
+        assert [ids for ids, _ in runs] == want, chunking
+        assert all(weights == [1.0] * len(ids) for ids, weights in runs)
+
+
+def test_webui_chunks_as_the_encoder_sees_them(encoder, tokenizer):
+    vocab, bos, eos = tokenizer.vocab, tokenizer.bos_token_id, tokenizer.eos_token_id
+    a, cat, dog = vocab["a</w>"], vocab["cat</w>"], vocab["dog</w>"]
+    rows = [[bos, a, cat, eos] + [eos] * 73, [bos, a, dog, eos] + [eos] * 73]
+    with torch.inference_mode():
+        context, _ = encode_prompts(encoder, tokenizer, ["a cat BREAK a dog"], long=True,
+                                    chunking="webui")
+        torch.testing.assert_close(context, encode_long(encoder, torch.tensor(rows)))
+    # weights travel with their tokens into the chunks
+    runs, _ = prompt_runs(tokenizer, "(cat:1.5) BREAK [dog]", True, "webui")
+    assert runs == [([cat], [1.5]), ([dog], [pytest.approx(DOWN)])]
+
+
+def test_webui_keeps_a_multi_vector_token_in_one_chunk(tokenizer):
+    extended = tokenizer.with_added_tokens("<thing>", 3)
+    first = extended.vocab["<thing>"]
+    prompt = words(("cat", 74)) + " <thing>"
+    plain, _ = prompt_runs(extended, prompt, False, "plain")
+    assert [ids[-1:] for ids, _ in plain] == [[first], [first + 2]]  # split 1 + 2
+    webui, _ = prompt_runs(extended, prompt, False, "webui")
+    assert [len(ids) for ids, _ in webui] == [74, 3]
+    assert webui[1][0] == [first, first + 1, first + 2]
+
+
+def test_emphasis_restores_each_chunks_mean(encoder, tokenizer):
+    """The web UI's "Original": a chunk's mean is restored within that chunk, not over the joined
+    context; "No norm" multiplies only. Hand-worked positions: cat is token 0 (chunk 0, row 1),
+    tree token 81 (chunk 1, row 1 + 81 - 75 = 7)."""
+    weighted = "(cat:1.5) " + words(("dog", 80)) + " (tree:0.5)"
+    plain_text = "cat " + words(("dog", 80)) + " tree"
+    weights = torch.ones(2, 77)
+    weights[0, 1], weights[1, 7] = 1.5, 0.5
+    with torch.inference_mode():
+        plain, _ = encode_prompts(encoder, tokenizer, [plain_text], long=True)
+        original, _ = encode_prompts(encoder, tokenizer, [weighted], long=True, weighting=True)
+        no_norm, _ = encode_prompts(encoder, tokenizer, [weighted], long=True, weighting=True,
+                                    emphasis="no norm")
+    chunks = plain.reshape(2, 77, -1)
+    scaled = chunks * weights[..., None]
+    expected = scaled * (chunks.mean(dim=(1, 2)) / scaled.mean(dim=(1, 2)))[:, None, None]
+    torch.testing.assert_close(original, expected.reshape(1, 154, -1), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(original.reshape(2, 77, -1).mean(dim=(1, 2)),
+                               chunks.mean(dim=(1, 2)), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(no_norm, scaled.reshape(1, 154, -1))
+    joined = apply_weights(plain, weights.reshape(1, 154))  # the mean over both chunks at once
+    assert not torch.allclose(original, joined, atol=1e-4)
+    with pytest.raises(ValueError, match="emphasis must be one of"):
+        encode_prompts(encoder, tokenizer, ["a"], emphasis="none")
+    with pytest.raises(ValueError, match="chunking must be one of"):
+        encode_prompts(encoder, tokenizer, ["a"], chunking="comma")
