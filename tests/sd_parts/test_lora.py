@@ -253,3 +253,38 @@ def test_weight_changes_reads_back_the_norms():
     with pytest.raises(ValueError, match="names in only one.*conv1"):
         weight_changes(base, {k: v for k, v in new.items() if "conv1" not in k})
     assert layer_kind("down_blocks.1.downsamplers.0.conv") == "resampling conv"
+
+
+def test_older_diffusers_names_and_peft_metadata(pipes, tmp_path):
+    """lora.down/lora.up, attention-processor and lora_linear_layer names read as the same layers;
+    alpha from diffusers' lora_adapter_metadata (PEFT's lora_alpha and alpha_pattern)."""
+    import json
+
+    _, pipe = pipes
+    block = "unet.down_blocks.0.attentions.0.transformer_blocks.0"
+    tensors = {
+        f"{block}.attn1.to_q.lora.down.weight": torch.ones(2, 32),
+        f"{block}.attn1.to_q.lora.up.weight": torch.ones(32, 2),
+        f"{block}.attn2.processor.to_out_lora.down.weight": torch.ones(2, 32),
+        f"{block}.attn2.processor.to_out_lora.up.weight": torch.ones(32, 2),
+        "text_encoder.text_model.encoder.layers.0.mlp.fc1.lora_linear_layer.down.weight":
+            torch.ones(2, 32),
+        "text_encoder.text_model.encoder.layers.0.mlp.fc1.lora_linear_layer.up.weight":
+            torch.ones(64, 2),
+    }
+    metadata = {"unet.lora_alpha": 1, "unet.alpha_pattern": {"attn2.to_out.0": 3},
+                "text_encoder.lora_alpha": 4}
+    save_file(tensors, tmp_path / "old.safetensors",
+              metadata={"lora_adapter_metadata": json.dumps(metadata)})
+    layers, _, _ = read_lora(pipe, tmp_path / "old.safetensors")
+    found = {(layer.part, layer.module): layer.alpha for layer in layers}
+    assert found == {
+        ("unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"): 1.0,
+        ("unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_out.0"): 3.0,
+        ("text_encoder", "encoder.layers.0.mlp.fc1"): 4.0,
+    }
+    metadata["unet.use_dora"] = True
+    save_file(tensors, tmp_path / "dora.safetensors",
+              metadata={"lora_adapter_metadata": json.dumps(metadata)})
+    with pytest.raises(WeightsError, match="unet.use_dora"):
+        read_lora(pipe, tmp_path / "dora.safetensors")
