@@ -28,9 +28,10 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.conftest import reference_text_encoder, reference_vae  # noqa: E402
-from tests.serve import free_port  # noqa: E402
 from tests.test_weights import build_hub_cache  # noqa: E402
+
+from tests.helpers.references import reference_text_encoder, reference_vae  # noqa: E402
+from tests.helpers.serve import free_port  # noqa: E402
 
 REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 

@@ -37,27 +37,29 @@ sys.path.insert(0, str(ROOT))
 
 from generation import cpu_name  # noqa: E402
 
-import app  # noqa: E402
 import sd_parts  # noqa: E402
+from ui.models import DEVICE, Models, Settings  # noqa: E402
+from ui.runs import GenerationRequest  # noqa: E402
 from ui.shared import PictureFiles  # noqa: E402
 from ui.tabs import generate  # noqa: E402
 
 PROMPT = "a photograph of an astronaut riding a horse"
 
 
-def pipeline_run(models: app.Models, request: generate.Request, exact: bool
+def pipeline_run(models: Models, request: GenerationRequest, exact: bool
                  ) -> tuple[float, list[float]]:
     """Seconds of the pipeline's own run, and the time of each step since the start."""
     pipe = models.pipeline(exact)
     marks: list[float] = []
     start = time.perf_counter()
-    pipe(request.prompt, request.negative, request.steps, request.guidance, request.height,
+    pipe(request.prompt, request.negative_prompt, request.num_inference_steps,
+         request.guidance_scale, request.height,
          request.width, torch.Generator().manual_seed(request.seed), request.scheduler,
          callback=lambda *_: marks.append(time.perf_counter() - start))
     return time.perf_counter() - start, marks
 
 
-def tab_run(models: app.Models, request: generate.Request, exact: bool) -> tuple[float, float]:
+def tab_run(models: Models, request: GenerationRequest, exact: bool) -> tuple[float, float]:
     """Seconds of the tab's whole run, and until its first preview is written."""
     files = PictureFiles(models.settings.output_max_age)
     first, last = None, {}
@@ -82,20 +84,20 @@ def main() -> None:
     parser.add_argument("--exact", action="store_true",
                         help="float32 (default: the app's default mode on this machine)")
     args = parser.parse_args()
-    exact = args.exact or sd_parts.fast_dtype(app.DEVICE) == torch.float32
-    dtype = "float32" if exact else str(sd_parts.fast_dtype(app.DEVICE)).removeprefix("torch.")
-    print(f"{cpu_name()}, {torch.get_num_threads()} threads, device {app.DEVICE}; "
+    exact = args.exact or sd_parts.fast_dtype(DEVICE) == torch.float32
+    dtype = "float32" if exact else str(sd_parts.fast_dtype(DEVICE)).removeprefix("torch.")
+    print(f"{cpu_name()}, {torch.get_num_threads()} threads, device {DEVICE}; "
           f"torch {torch.__version__}; {dtype}")
     print(f"{args.size} px, {args.steps} PNDM steps, guidance 7.5, full-size random weights, "
           f"median of {args.rounds} rounds\n")
 
-    models = app.Models(app.Settings(weights="random"))
-    request = generate.parse_request(PROMPT, "", args.steps, 7.5, "PNDM (PLMS)", False, 0,
+    models = Models(Settings(weights="random"))
+    request = generate.parse_request(PROMPT, "", args.steps, 7.5, "pndm", False, 0,
                                      args.size, args.size, None, 0.8, 8)
     built = time.perf_counter()
     models.pipeline(exact)
     print(f"models built in {time.perf_counter() - built:.0f} s")
-    warm_up = generate.parse_request(PROMPT, "", 2, 7.5, "PNDM (PLMS)", False, 0, args.size,
+    warm_up = generate.parse_request(PROMPT, "", 2, 7.5, "pndm", False, 0, args.size,
                                      args.size, None, 0.8, 8)
     pipeline_run(models, warm_up, exact)
     tab_run(models, warm_up, exact)

@@ -35,13 +35,14 @@ sys.path.insert(0, str(ROOT))
 
 import app  # noqa: E402
 import sd_parts  # noqa: E402
-from tests.serve import free_port  # noqa: E402
-from ui import server  # noqa: E402
-from ui.tabs import compare, image, prompt  # noqa: E402
+from tests.helpers.serve import free_port  # noqa: E402
+from ui import encoding, server  # noqa: E402
+from ui.models import Models, Settings  # noqa: E402
+from ui.tabs import compare, prompt  # noqa: E402
 from viz import pixels, upload  # noqa: E402
 
 PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
-EXAMPLE = image.ASSETS / "astronaut.png"
+EXAMPLE = encoding.ASSETS / "astronaut.png"
 
 
 def paired(model: Callable[[int], object], tab: Callable[[int], object], rounds: int
@@ -67,8 +68,8 @@ def main() -> None:
     args = parser.parse_args()
     from gradio_client import Client, handle_file
 
-    settings = app.Settings(weights="random")
-    models = app.Models(settings)
+    settings = Settings(weights="random")
+    models = Models(settings)
     demo = app.build_demo(settings)
     port = free_port()
     server.launch(demo, server_port=port, prevent_thread_lock=True, quiet=True)
@@ -93,7 +94,7 @@ def main() -> None:
         # the VAE alone on the image the tab encodes, in the tab's default mode
         exact = bool(torch.float32 == sd_parts.fast_dtype("cpu"))
         vae = models.vae(settings.vae_choices[0], exact)
-        fitted, _ = pixels.fit_for_vae(upload.load_image(EXAMPLE, image.MAX_PIXELS), args.size,
+        fitted, _ = pixels.fit_for_vae(upload.load_image(EXAMPLE, encoding.MAX_PIXELS), args.size,
                                        vae.downscale)
         tensor = pixels.image_to_tensor(fitted)
 
@@ -101,7 +102,7 @@ def main() -> None:
             return vae.decode(vae.encode(tensor).mean)
 
         vae_s, image_s, image_ratio = paired(round_trip, lambda _: client.predict(
-            handle_file(str(EXAMPLE)), settings.vae_choices[0], args.size, "crop", image.MEAN, 0,
+            handle_file(str(EXAMPLE)), settings.vae_choices[0], args.size, "crop", encoding.MEAN, 0,
             True, exact, api_name="/encode_image"), args.rounds)
 
         # the comparison's first choices, each VAE's own round trip on the same image

@@ -14,7 +14,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -114,14 +114,31 @@ class PictureFiles:
         self._written.clear()
 
 
-def answer_once(max_age_s: int, views: dict[object, object]) -> Iterator[dict[object, object]]:
-    """A handler's one answer (component -> value), from a generator so that its picture files,
-    written by ``PictureFiles``, are removed once Gradio has sent it."""
+def send(max_age_s: int, answers: Iterable[Mapping[object, object]],
+         components: Mapping[str, object] | None = None) -> Iterator[dict[object, object]]:
+    """A handler's answers as Gradio takes them, each picture written once as a file by
+    ``PictureFiles``, and the files removed once the last answer is out (Gradio asks for the next
+    answer only after sending this one, and closes the generator when the client leaves).
+
+    With ``components`` (output name -> component) the answers are keyed by output name, and
+    names without a component (a value for the tab's own state, say) are left out; without it
+    they are keyed by component already.
+    """
     files = PictureFiles(max_age_s)
     try:
-        yield {component: files(value) for component, value in views.items()}
-    finally:  # Gradio asks for the next answer only after sending this one
+        for views in answers:
+            if components is None:
+                yield {component: files(value) for component, value in views.items()}
+            else:
+                yield {components[name]: files(value) for name, value in views.items()
+                       if name in components}
+    finally:
         files.remove()
+
+
+def answer_once(max_age_s: int, views: Mapping[object, object]) -> Iterator[dict[object, object]]:
+    """A handler's one answer (component -> value), its picture files removed once it is out."""
+    return send(max_age_s, [views])
 
 
 def on_zero_gpu(handler: Callable) -> Callable:

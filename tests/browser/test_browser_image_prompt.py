@@ -3,7 +3,7 @@
 Each step saves a screenshot to ``test-output/screenshots/``. With ``SD_PARTS_SCREENSHOTS=DIR``
 set, the screenshots of each tab that the README shows are also written to DIR:
 
-    SD_PARTS_SCREENSHOTS=docs/screenshots python -m pytest tests/browser/test_browser_image_prompt.py
+    SD_PARTS_SCREENSHOTS=docs/screenshots python -m pytest tests/browser
 
 Chromium comes from the system (``apt-get install chromium``), not from Playwright's download.
 Without it these tests skip on a developer's machine and fail under ``CI=true``.

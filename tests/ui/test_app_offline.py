@@ -48,7 +48,8 @@ def unreachable(empty_cache, monkeypatch) -> None:
 
 def test_demo_builds_without_loading_anything(offline):
     assert isinstance(app.build_demo(HUB), gr.Blocks)
-    assert ui.models.get_vae.cache_info().currsize == ui.models.get_text_encoder.cache_info().currsize == 0
+    loaded = ui.models.get_vae.cache_info(), ui.models.get_text_encoder.cache_info()
+    assert [info.currsize for info in loaded] == [0, 0]
 
 
 def test_prompt_view_shows_tokens_and_the_reason(offline):
@@ -64,8 +65,8 @@ def test_prompt_view_shows_tokens_and_the_reason(offline):
 
 
 def test_image_view_says_what_failed(offline):
-    (views,) = image.encode_image(ui.models.Models(HUB), encoding.EXAMPLE_IMAGES[0], "SD v1.5 VAE", 256,
-                                  "crop", encoding.MEAN, 0, True, True)
+    (views,) = image.encode_image(ui.models.Models(HUB), encoding.EXAMPLE_IMAGES[0],
+                                  "SD v1.5 VAE", 256, "crop", encoding.MEAN, 0, True, True)
     message = views["status"]
     assert "vae/config.json: not in the local cache and the Hub could not be reached" in message
     assert SD_REPO in message and r"HF\_HUB\_OFFLINE=1" in message
@@ -118,8 +119,9 @@ def test_prefetch_starts_only_when_something_is_missing(empty_cache, unreachable
     # the Hub does not answer: said once in the console, nothing fetched, the failure remembered
     loading.start_prefetch(downloads, ui.models.HUB, said.append).join(timeout=30)
     assert len(said) == 1 and "did not answer" in said[0] and "--weights random" in said[0]
-    assert "the VAE (SD v1.5 VAE) and the text encoder" in said[0]
-    assert ui.models.HUB.failure() is not None and ui.models.HUB.probes == 1  # remembered, not asked again
+    assert "the VAE (SD v1.5 VAE), the text encoder, the UNet, " in said[0]  # each once
+    # remembered, not asked again
+    assert ui.models.HUB.failure() is not None and ui.models.HUB.probes == 1
 
 
 def test_prefetch_fetches_in_the_background(empty_cache, tmp_path, monkeypatch):

@@ -22,8 +22,8 @@ import sd_parts
 from tests.helpers.serve import free_port
 from ui import encoding, server
 from ui.models import VAES, Models, Settings, menu
-from ui.shared import LABEL_ROOM
 from ui.sections import latent_lab
+from ui.shared import LABEL_ROOM
 from ui.tabs import image
 from viz import experiments, pixels
 

@@ -1,7 +1,8 @@
 """The pixel side: safe upload reading, sizing for the VAE, the tensor convention, metrics, files.
 
-``load_image`` is tested on the corpus of awkward files in ``tests/helpers/corpus.py``: empty, not an
-image, SVG, truncated, decompression bombs, 16-bit, CMYK, transparency, animation, EXIF rotation.
+``load_image`` is tested on the corpus of awkward files in ``tests/helpers/corpus.py``: empty,
+not an image, SVG, truncated, decompression bombs, 16-bit, CMYK, transparency, animation, EXIF
+rotation.
 """
 
 from __future__ import annotations
