@@ -1,0 +1,626 @@
+"""Inside the UNet, in the generation tab: one probed UNet call at the step the scrubber stands on.
+
+For a finished or stopped run, the UNet is run once more on the latent that step fed it, at its
+timestep, with both guidance branches (negative prompt and prompt) when the run was guided, and a
+``sd_parts.UNetProbe`` records every top-level block's output, the skip connections, each
+residual block's conv1 output, the queries and keys of every self-attention layer and every
+cross-attention map. Every view of the step is drawn from that one call, kept for the last few
+(run, step) pairs: the blocks as the diagram draws them (timed on this machine), a block's
+channels and how much of a decoder block's input comes across the skip, where any position looks
+in every self-attention layer, where a word is looked at, how far the text branch moves from the
+unconditional one at each block, and the timestep's offsets, computed from time_embedding and the
+residual blocks' time_emb_proj alone. The denoising loss of an image under captions is the
+training objective, evaluated at ten timesteps.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import gradio as gr
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import sd_parts
+from sd_parts.unet_probe import UNetBlock, unet_blocks
+from sd_parts.unet_transformer import attention_probabilities
+from ui.encoding import MAX_PIXELS
+from ui.models import Models
+from ui.runs import RunRecord
+from ui.shared import LABEL_ROOM, REFUSED, failure, send
+from viz import diffusion, pixels, unet, upload
+
+NO_RUN = "Generate an image first (or let a run stop); then the UNet of any step can be opened."
+OFFSET_TIMESTEPS = (50, 250, 500, 750, 950)
+LOSS_TIMESTEPS = tuple(50 + 100 * i for i in range(10))  # ten, evenly spread over 0..999
+KEPT = 2  # probed calls kept: (run, step) pairs, each a few tens of MB at 512 px
+
+
+@dataclass
+class Probed:
+    """What one probed UNet call of a run's step recorded (CPU, float32). Batch item -1 is the
+    text branch; with guidance item 0 is the unconditional one."""
+
+    record: RunRecord  # kept, so that id(record) stays this run's while the entry lives
+    step: int
+    timestep: float
+    blocks: list[UNetBlock]
+    outputs: dict[str, torch.Tensor]  # every kept module's output, whole batch
+    skips: list[torch.Tensor]
+    queries: dict[str, torch.Tensor]  # attn1 path -> (N, C) the text branch's queries
+    keys: dict[str, torch.Tensor]  # attn1 path -> (N, C)
+    heads: dict[str, int]
+    cross: dict[str, torch.Tensor]  # attn2 path -> (heads, h*w, T), text branch
+    sizes: dict[str, tuple[int, int]]  # attention path -> its grid
+    seconds: dict[str, float] = field(default_factory=dict)  # top-level block -> its time
+    total: float = 0.0  # the whole call
+
+    @property
+    def guided(self) -> bool:
+        return self.outputs["conv_in"].shape[0] == 2
+
+    def shares(self) -> dict[str, float]:
+        return {path: s / self.total for path, s in self.seconds.items()} if self.total else {}
+
+    def text(self, path: str) -> torch.Tensor:
+        return self.outputs[path][-1]
+
+
+_cache: OrderedDict[tuple[int, int, bool], Probed] = OrderedDict()
+_cache_lock = threading.Lock()
+
+
+def chosen_step(record: RunRecord | None, step: float | None) -> int:
+    """The scrubber's value as a step 1..record.steps (0, the start noise, shows step 1)."""
+    if record is None or not record.steps:
+        raise ValueError(NO_RUN)
+    if step is None or not np.isfinite(step):
+        raise ValueError(f"Choose a step from 1 to {record.steps}.")
+    return min(max(int(step), 1), record.steps)
+
+
+def kept_paths(model: sd_parts.UNet2DConditionModel) -> list[str]:
+    """Every top-level block, each residual block's conv1 (the features its time offset moves),
+    each decoder resnet's input from below, and every self-attention's queries and keys."""
+    paths = [b.path for b in unet_blocks(model.config)]
+    for name, module in model.named_modules():
+        if isinstance(module, sd_parts.unet.ResnetBlock2D):
+            paths.append(f"{name}.conv1")
+        if name.endswith(".attn1"):
+            paths += [f"{name}.to_q", f"{name}.to_k"]
+    for i, block in enumerate(model.up_blocks):
+        inner = "attentions" if len(block.attentions) else "resnets"
+        paths += [f"up_blocks.{i}.{inner}.{j}" for j in range(len(block.resnets) - 1)]
+    return paths
+
+
+def level_of(path: str, blocks: list[UNetBlock]) -> int:
+    """The level a layer runs at: its top-level block's (0 is the latent's grid)."""
+    top = "mid_block" if path.startswith("mid_block") else ".".join(path.split(".")[:2])
+    return {b.path: b.level for b in blocks}[top]
+
+
+def grid_of(path: str, blocks: list[UNetBlock], size: tuple[int, int]) -> tuple[int, int]:
+    """The grid an attention layer runs on: its level's halving of the latent's."""
+    return unet.level_sizes(*size, max(b.level for b in blocks) + 1)[level_of(path, blocks)]
+
+
+def probe_step(models: Models, record: RunRecord, step: int, exact: bool) -> Probed:
+    """The probed UNet call of ``step`` (1-based), or the one kept from before."""
+    key = (id(record), step, bool(exact))
+    with _cache_lock:
+        kept = _cache.get(key)
+        if kept is not None and kept.record is record:
+            _cache.move_to_end(key)
+            return kept
+    pipe = models.pipeline(exact)
+    model, request = pipe.unet, record.request
+    guided = request.guidance_scale > 1
+    sampler, timesteps, _ = pipe.plan(request.num_inference_steps, request.scheduler,
+                                      request.use_karras_sigmas or None,
+                                      request.strength if request.image else 1.0)
+    t = record.trace.timesteps[step - 1]
+    latent = record.trace.latents[step - 1][None].to(pipe.device)
+    x = sampler.scale_model_input(torch.cat([latent] * 2) if guided else latent,
+                                  timesteps[step - 1] if step <= len(timesteps) else t)
+    context = pipe.encode_prompt([request.negative_prompt, request.prompt] if guided
+                                 else [request.prompt])
+    blocks = unet_blocks(model.config)
+    probe = sd_parts.UNetProbe(kept_paths(model), cross_attention=True)
+    seconds, hooks = timed(model, blocks)
+    try:
+        started = time.perf_counter()
+        model(x, t, context, probe=probe)
+        synchronize()
+        total = time.perf_counter() - started
+    finally:
+        for hook in hooks:
+            hook.remove()
+    size = tuple(latent.shape[-2:])
+    modules = dict(model.named_modules())
+    attn1 = [p[:-len(".to_q")] for p in probe.outputs if p.endswith("attn1.to_q")]
+    outputs = {p: v.float().cpu() for p, v in probe.outputs.items()
+               if not p.endswith((".to_q", ".to_k"))}
+    probed = Probed(
+        record, step, t, blocks, outputs, [s.float().cpu() for s in probe.skips],
+        {p: probe.outputs[f"{p}.to_q"][-1].float().cpu() for p in attn1},
+        {p: probe.outputs[f"{p}.to_k"][-1].float().cpu() for p in attn1},
+        {p: modules[p].heads for p in attn1},
+        {p: v[-1].cpu() for p, v in probe.cross_attention.items()},
+        {p: grid_of(p, blocks, size) for p in [*attn1, *probe.cross_attention]},
+        seconds, total)
+    with _cache_lock:
+        _cache[key] = probed
+        while len(_cache) > KEPT:
+            _cache.popitem(last=False)
+    return probed
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(model: torch.nn.Module, blocks: list[UNetBlock]
+          ) -> tuple[dict[str, float], list[torch.utils.hooks.RemovableHandle]]:
+    """Hooks that time each top-level block during the next call, in this thread only (the
+    probe's own recording inside a block counts in its time)."""
+    seconds: dict[str, float] = {}
+    starts: dict[str, float] = {}
+    thread = threading.get_ident()
+    modules = dict(model.named_modules())
+    hooks = []
+    for block in blocks:
+        def before(module, args, path=block.path):
+            if threading.get_ident() == thread:
+                synchronize()
+                starts[path] = time.perf_counter()
+
+        def after(module, args, output, path=block.path):
+            if threading.get_ident() == thread:
+                synchronize()
+                seconds[path] = time.perf_counter() - starts[path]
+
+        hooks += [modules[block.path].register_forward_pre_hook(before),
+                  modules[block.path].register_forward_hook(after)]
+    return seconds, hooks
+
+
+# ---------------------------------------------------------------------------------------------
+# The views, each from the probed call
+
+
+def inside_views(models: Models, probed: Probed, exact: bool) -> dict[str, object]:
+    blocks = probed.blocks
+    texts = {b.path: probed.text(b.path) for b in blocks}
+    diagram = unet.unet_diagram(blocks, texts, probed.shares())
+    views = {
+        "diagram": diagram.picture,
+        "slots": diagram.slots,
+        "table": unet.block_table(blocks, texts, probed.shares()),
+        "block": gr.Dropdown(choices=[b.path for b in blocks], value=None),
+        "image": probed.record.image,
+        "word": gr.Dropdown(choices=[label for label, _ in word_groups(probed)], value=None),
+        "layer": gr.Dropdown(choices=list(probed.cross), value=None),
+        "status": (f"Step {probed.step} of {probed.record.steps}, timestep "
+                   f"{probed.timestep:g}: one UNet call of batch {2 if probed.guided else 1} "
+                   f"took {probed.total:.2f} s here."),
+    }
+    if probed.guided:
+        ratios = unet.guidance_ratios({b.path: probed.outputs[b.path] for b in blocks})
+        views["guidance"] = unet.bar_chart([b.path for b in blocks], list(ratios.values()),
+                                           "||out_text - out_uncond|| / ||out_uncond||")
+        views["guidance_table"] = [[p, r] for p, r in ratios.items()]
+    else:
+        views["guidance"] = views["guidance_table"] = None
+        views["status"] += " Guidance scale 1: no unconditional pass to compare."
+    return views | timestep_views(models, probed, exact)
+
+
+def word_groups(probed: Probed) -> list[tuple[str, list[int]]]:
+    tokens = next(iter(probed.cross.values())).shape[-1]
+    return diffusion.word_groups(probed.record.pieces, tokens)
+
+
+def timestep_views(models: Models, probed: Probed, exact: bool) -> dict[str, object]:
+    """The sinusoids and the MLP at this step's t; each resnet's time offset relative to its
+    conv1 features at this step, for a few t (time_embedding and time_emb_proj alone)."""
+    model = models.unet(exact)
+    resnets = [p[:-len(".conv1")] for p in probed.outputs if p.endswith(".conv1")]
+    modules = dict(model.named_modules())
+    ts = (*OFFSET_TIMESTEPS, probed.timestep)
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    with torch.no_grad():
+        sinusoids = model.time_proj(torch.tensor(ts, device=device))
+        embedding = model.time_embedding(sinusoids.to(dtype))
+        temb = F.silu(embedding)
+        offsets = {p: modules[f"{p}.time_emb_proj"](temb).float().cpu() for p in resnets}
+    ratios = np.array([[unet.time_offsets({p: offsets[p][i]},
+                                          {p: probed.text(f"{p}.conv1")})[p]
+                        for i in range(len(ts))] for p in resnets])
+    return {"timestep": unet.timestep_strips(sinusoids[-1].float().cpu(),
+                                             embedding[-1].float().cpu(), probed.timestep),
+            "offsets": unet.offset_table(resnets, ts, ratios)}
+
+
+def block_views(probed: Probed, block: str) -> dict[str, object]:
+    """A block's channels, their statistics and, for a decoder block, its skip share."""
+    paths = [b.path for b in probed.blocks]
+    if block not in paths:
+        raise ValueError(f"No block {block!r}: choose one of {', '.join(paths)}.")
+    output = probed.text(block)
+    note = f"**{block}** ({unet.short_name(block)}): output {' x '.join(map(str, output.shape))}"
+    if block.startswith("up_blocks."):
+        i = int(block.split(".")[1])
+        n = len([p for p in probed.outputs if p.startswith(f"{block}.resnets.")
+                 and p.endswith(".conv1")])
+        total = len(probed.skips)
+        lines = []
+        for j in range(n):
+            below = (paths[paths.index(block) - 1] if j == 0 else
+                     next(p for p in (f"{block}.attentions.{j - 1}", f"{block}.resnets.{j - 1}")
+                          if p in probed.outputs))
+            skip = probed.skips[total - i * n - 1 - j][-1]
+            hidden_norm, skip_norm, share = unet.skip_split(probed.text(below), skip)
+            lines.append(f"resnet {j}: input = cat(from below ({below}) ||{hidden_norm:.4g}||, "
+                         f"skip ||{skip_norm:.4g}||): {100 * share:.1f}% of its squared norm "
+                         "comes across the skip")
+        note += ". " + "; ".join(lines) + "."
+    else:
+        note += "."
+    return {"channels": unet.channel_grid(output), "stats": unet.channel_statistics(output),
+            "block_note": note}
+
+
+def self_attention_views(probed: Probed, x: float, y: float) -> dict[str, object]:
+    """Where the position at pixel (x, y) of the final image looks, in every attn1 layer."""
+    image = probed.record.image
+    height, width = image.shape[:2]
+    if not (0 <= x < width and 0 <= y < height):
+        raise ValueError(f"Click inside the image: x from 0 to {width - 1}, y from 0 to "
+                         f"{height - 1}; got ({x:g}, {y:g}).")
+    h, w = probed.record.trace.latents[0].shape[-2:]
+    row, col = int(y * h / height), int(x * w / width)
+    rows = {}
+    for path, q in probed.queries.items():
+        # at level l the probe's query (row, col) is the cell (row // 2^l, col // 2^l)
+        scale = 2 ** level_of(path, probed.blocks)
+        index = (row // scale) * probed.sizes[path][1] + col // scale
+        rows[path] = attention_probabilities(q[None, index:index + 1], probed.keys[path][None],
+                                             probed.heads[path])[0, :, 0]
+    maps = unet.self_attention_maps(rows, probed.sizes)
+    if not maps:
+        raise ValueError("This UNet has no self-attention layers.")
+    return {"self_maps": unet.attention_grid(image, maps, ((x + 0.5) / width,
+                                                           (y + 0.5) / height)),
+            "self_note": f"Latent position (row {row}, col {col}) of {h} x {w}: where it looks "
+                         "in each self-attention layer, averaged over heads."}
+
+
+def cross_attention_views(probed: Probed, word: str, layer: str | None) -> dict[str, object]:
+    groups = dict(word_groups(probed))
+    if word not in groups:
+        raise ValueError(f"Choose a word of the prompt: {', '.join(groups)}.")
+    positions = groups[word]
+    image = probed.record.image
+    maps = unet.word_maps(probed.cross, probed.sizes, positions)
+    run_maps = probed.record.trace.word_maps
+    if run_maps is not None:
+        maps = [("the run: all layers and steps", run_maps[positions].double().sum(0).numpy()),
+                *maps]
+    views = {"word_maps": unet.attention_grid(image, maps), "head_maps": None}
+    if layer:
+        if layer not in probed.cross:
+            raise ValueError(f"No cross-attention layer {layer!r}: choose one of "
+                             f"{', '.join(probed.cross)}.")
+        views["head_maps"] = unet.attention_grid(
+            image, unet.head_maps(probed.cross[layer], probed.sizes[layer], positions))
+    return views
+
+
+def denoising_losses(models: Models, image: Image.Image, captions: list[str], exact: bool,
+                     stop: threading.Event) -> Iterator[tuple[int, dict[str, list[float]]]]:
+    """The training loss E||eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t, c)||^2
+    at LOSS_TIMESTEPS for the empty prompt and each caption, one batched UNet call per t, with
+    one noise draw (seed 0) shared by all: yields (calls done, losses so far)."""
+    pipe = models.pipeline(exact)
+    vae = pipe.vae
+    fitted, _ = pixels.fit_for_vae(image.convert("RGB"), models.settings.generate_size,
+                                   vae.downscale)
+    scaling = vae.config.scaling_factor
+    x0 = vae.encode(pixels.image_to_tensor(fitted).to(pipe.device)).mean * scaling
+    prompts = ["", *captions]
+    context = pipe.encode_prompt(prompts)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)).to(x0.device)
+    abar = sd_parts.load_scheduler(models.scheduler_config(), kind="ddpm").alphas_cumprod
+    losses: dict[str, list[float]] = {p: [] for p in prompts}
+    for done, t in enumerate(LOSS_TIMESTEPS, 1):
+        if stop.is_set():
+            return
+        a = float(abar[t])
+        x_t = (a ** 0.5 * x0 + (1 - a) ** 0.5 * noise).expand(len(prompts), -1, -1, -1)
+        eps = pipe.unet(x_t, t, context)
+        for prompt, value in zip(prompts, (eps.float() - noise).pow(2).flatten(1).mean(1),
+                                 strict=True):
+            losses[prompt].append(float(value))
+        yield done, losses
+
+
+
+# ---------------------------------------------------------------------------------------------
+# The layout and its events
+
+INTRO = """One UNet call, re-run at the step the scrubber stands on (1 … the run's steps) from the
+latent that step fed it, with the negative prompt and the prompt (a batch of two) when the run was
+guided. **Blocks**: each block's output as the L2 norm over its channels at every position
+(viridis, 0 to that block's own largest norm), its shape C x h x w and its share of this call's
+time, measured here (the recording included). Orange arrows are the skip connections. Click a
+block (or choose it) for its channels; click the image for where that position looks in every
+self-attention layer; choose a word for where it is looked at."""
+INSIDE = ("status", "diagram", "table", "block", "image", "word", "layer", "guidance",
+          "guidance_table", "timestep", "offsets")
+BLOCK = ("block_note", "channels", "stats")
+SELF = ("self_note", "self_maps")
+CROSS = ("cross_note", "word_maps", "head_maps")
+LOSS = ("loss_status", "loss_plot", "loss_table")
+
+
+def _image(label: str, **options: object) -> gr.Image:
+    return gr.Image(label=label, format="png", interactive=False, **options)
+
+
+def _table(headers: list[str]) -> gr.Dataframe:
+    return gr.Dataframe(headers=headers, interactive=False, wrap=True)
+
+
+class UNetSection:
+    """The accordion under the generation tab's scrubber, and its events."""
+
+    def __init__(self, models: Models, record: gr.State, exact: gr.Checkbox,
+                 scrubber: gr.Slider) -> None:
+        self.models = models
+        max_age = models.settings.output_max_age
+        stops: dict[str, threading.Event] = {}
+        with gr.Accordion("Inside the UNet: one step's call, block by block", open=False,
+                          elem_id="unet-inside") as accordion:
+            gr.Markdown(INTRO)
+            look = gr.Button("Look inside the UNet at this step", elem_id="unet-look")
+            out = {"status": gr.Markdown(elem_id="unet-status")}
+            out["diagram"] = _image("The UNet at this step (click a block)",
+                                    elem_id="unet-diagram")
+            out["table"] = _table(["block", "checkpoint path", "shape", "time %", "L2 norm",
+                                   "rms"])
+            out["block"] = gr.Dropdown([], label="Block (or click it in the diagram)",
+                                       elem_id="unet-block")
+            blk = {"block_note": gr.Markdown(elem_id="unet-block-note"),
+                   "channels": _image("Its first 64 channels, on one signed scale",
+                                      elem_id="unet-channels"),
+                   "stats": _table(["channel", "mean", "std", "min", "max"])}
+            with gr.Row():
+                out["image"] = _image("The run's image: click a position", elem_id="unet-image")
+                with gr.Column():
+                    with gr.Row():
+                        x_box = gr.Number(None, precision=0, label="x (pixels)")
+                        y_box = gr.Number(None, precision=0, label="y (pixels)")
+                    where = gr.Button("Where does this position look?")
+                    sa = {"self_note": gr.Markdown(elem_id="unet-self-note")}
+            sa["self_maps"] = _image("Self-attention of the position, each layer at its own "
+                                     "resolution (mean over heads)", elem_id="unet-self")
+            with gr.Row():
+                out["word"] = gr.Dropdown([], label="Word of the prompt", elem_id="unet-word")
+                out["layer"] = gr.Dropdown([], label="Cross-attention layer, head by head")
+            ca = {"cross_note": gr.Markdown()}
+            ca["word_maps"] = _image("Cross-attention to the word, per layer (mean over heads), "
+                                     "beside the run's map summed over layers and steps")
+            ca["head_maps"] = _image("The chosen layer, head by head")
+            out["guidance"] = _image("Where the text enters: the text branch against the "
+                                     "unconditional one at each block's output")
+            out["guidance_table"] = _table(["block", "||text - uncond|| / ||uncond||"])
+            out["timestep"] = _image("The timestep: its sinusoids and the MLP's output")
+            out["offsets"] = _image("Each residual block's time offset, ||offset|| / ||conv1 "
+                                    "features||, at a few t (this step's features)")
+            with gr.Group():
+                gr.Markdown("**Denoising loss** of an image (the run's when none is uploaded) "
+                            "under captions: E ||ε − ε_θ(x_t, t, caption)||² at ten timesteps, one "
+                            "noise draw for all. A lower loss: the caption explains the image "
+                            "better.")
+                loss_image = gr.Image(type="filepath", label="Image (optional)",
+                                      sources=["upload"])
+                captions = [gr.Textbox(label=f"Caption {i + 1}") for i in range(4)]
+                with gr.Row():
+                    measure = gr.Button("Measure the loss")
+                    stop = gr.Button("Stop")
+                loss = {"loss_status": gr.Markdown(elem_id="unet-loss-status"),
+                        "loss_plot": _image("Denoising loss against t"),
+                        "loss_table": _table(["rank", "caption", "mean loss",
+                                              "minus the empty prompt's"])}
+        slots = gr.State(None)
+        opened = gr.State(False)
+
+        def unet_inside(run_record, step, exact):
+            """The probed UNet call of a step: the blocks, their table, guidance and time.
+
+            Args:
+                step: the step whose UNet evaluation to open, 1 to the run's steps.
+                exact: float32 numerics (else the fast dtype).
+            """
+            yield from send(max_age, [self.inside(run_record, step, exact)],
+                            out | {"slots": slots})
+
+        def unet_block(run_record, block, step, exact):
+            """One block of the step's UNet call: its channels and their statistics.
+
+            Args:
+                block: the block's checkpoint path, e.g. "down_blocks.1" or "up_blocks.2".
+                step: the step, 1 to the run's steps.
+                exact: float32 numerics.
+            """
+            if not block and run_record is not None:
+                return {c: gr.skip() for c in blk.values()}
+            return next(send(max_age, [self.answer(BLOCK, run_record, step, exact,
+                                                   lambda p: block_views(p, block))], blk))
+
+        def self_attention(run_record, x, y, step, exact):
+            """Where a position of the final image looks in every self-attention layer.
+
+            Args:
+                x: the position's column in the image, in pixels from the left.
+                y: the position's row in the image, in pixels from the top.
+                step: the step, 1 to the run's steps.
+                exact: float32 numerics.
+            """
+            if x is None or y is None:
+                return {sa["self_note"]: "Click a position of the image."} | {
+                    sa["self_maps"]: None}
+            return next(send(max_age, [self.answer(SELF, run_record, step, exact,
+                                                   lambda p: self_attention_views(p, x, y))],
+                             sa))
+
+        def cross_attention(run_record, word, layer, step, exact):
+            """Where a word of the prompt is looked at, layer by layer, and one layer's heads.
+
+            Args:
+                word: a word of the prompt, as the menu lists them ("<start>", "cat", ...).
+                layer: an attn2 layer's path for the per-head maps ("" for none).
+                step: the step, 1 to the run's steps.
+                exact: float32 numerics.
+            """
+            if not word and run_record is not None:
+                return {c: gr.skip() for c in ca.values()}
+            return next(send(max_age, [self.answer(
+                CROSS, run_record, step, exact,
+                lambda p: cross_attention_views(p, word, layer))], ca))
+
+        def denoising_loss(run_record, image, caption_1, caption_2, caption_3, caption_4, exact,
+                           request: gr.Request):
+            """The denoising loss of an image against t for the empty prompt and up to four
+            captions, and the captions ranked by mean loss; progress after every UNet call.
+
+            Args:
+                image: the image (None: the run's final image).
+                caption_1: a caption ("" to leave it out).
+                caption_2: a caption.
+                caption_3: a caption.
+                caption_4: a caption.
+                exact: float32 numerics.
+            """
+            session = request.session_hash if request is not None else ""
+            flag = stops[session] = threading.Event()
+            texts = [c.strip() for c in (caption_1, caption_2, caption_3, caption_4)
+                     if c and c.strip()]
+            yield from send(max_age, self.losses(run_record, image, texts, exact, flag), loss)
+
+        def pick_block(diagram_slots, event: gr.SelectData):
+            x, y = event.index[0], event.index[1] - LABEL_ROOM
+            path = next((s.path for s in diagram_slots or () if s.contains(x, y)), None)
+            return gr.skip() if path is None else gr.Dropdown(value=path)
+
+        def pick_position(event: gr.SelectData):
+            return event.index[0], event.index[1]
+
+        def stop_loss(request: gr.Request) -> str:
+            flag = stops.get(request.session_hash if request is not None else "")
+            if flag is None:
+                return "Nothing is being measured."
+            flag.set()
+            return "Stopping after this UNet call..."
+
+        unet = dict(concurrency_id="generate", concurrency_limit=1)
+        inside_outputs = [*out.values(), slots]
+        look.click(unet_inside, [record, scrubber, exact], inside_outputs, api_name="unet_inside",
+                   **unet)
+        def when_opened(run_record, step, exact):
+            if run_record is None:  # nothing to open yet: the button says what to do
+                yield {c: gr.skip() for c in inside_outputs}
+                return
+            yield from unet_inside(run_record, step, exact)
+
+        def when_scrubbed(is_open, run_record, step, exact):
+            if not is_open or run_record is None:  # closed: nothing runs
+                yield {c: gr.skip() for c in inside_outputs}
+                return
+            yield from unet_inside(run_record, step, exact)
+
+        accordion.expand(lambda: True, None, opened, api_visibility="private").then(
+            when_opened, [record, scrubber, exact], inside_outputs, api_visibility="private",
+            **unet)
+        accordion.collapse(lambda: False, None, opened, api_visibility="private")
+        scrubber.release(when_scrubbed, [opened, record, scrubber, exact], inside_outputs,
+                         api_visibility="private", **unet)
+        out["diagram"].select(pick_block, slots, out["block"], api_visibility="private")
+        out["block"].change(unet_block, [record, out["block"], scrubber, exact],
+                            list(blk.values()), api_name="unet_block", **unet)
+        out["image"].select(pick_position, None, [x_box, y_box],
+                            api_visibility="private").then(
+            self_attention, [record, x_box, y_box, scrubber, exact], list(sa.values()),
+            api_visibility="private", **unet)
+        where.click(self_attention, [record, x_box, y_box, scrubber, exact], list(sa.values()),
+                    api_name="self_attention", **unet)
+        gr.on([out["word"].change, out["layer"].change], cross_attention,
+              [record, out["word"], out["layer"], scrubber, exact], list(ca.values()),
+              api_name="cross_attention", **unet)
+        measure.click(denoising_loss, [record, loss_image, *captions, exact],
+                      list(loss.values()), api_name="denoising_loss", **unet)
+        stop.click(stop_loss, None, loss["loss_status"], api_name="stop_denoising_loss",
+                   queue=False)
+
+    def inside(self, record: RunRecord | None, step: float | None, exact: bool
+               ) -> dict[str, object]:
+        try:
+            probed = probe_step(self.models, record, chosen_step(record, step), bool(exact))
+        except REFUSED as exc:
+            return failure((*INSIDE, "slots"), "status", str(exc))
+        return inside_views(self.models, probed, bool(exact))
+
+    def answer(self, names: tuple[str, ...], record: RunRecord | None, step: float | None,
+               exact: bool, views) -> dict[str, object]:
+        """``views(probed)`` for the step's probed call; a REFUSED error fills names[0] only."""
+        try:
+            probed = probe_step(self.models, record, chosen_step(record, step), bool(exact))
+            return views(probed)
+        except REFUSED as exc:
+            return failure(names, names[0], str(exc))
+
+    def losses(self, record: RunRecord | None, path: str | None, captions: list[str],
+               exact: bool, stop: threading.Event) -> Iterator[dict[str, object]]:
+        try:
+            if path:
+                image = upload.load_image(path, MAX_PIXELS)
+            elif record is not None and record.image is not None:
+                image = Image.fromarray(record.image)
+            else:
+                raise ValueError("Upload an image, or generate one first: the loss is measured "
+                                 "on the run's image when none is uploaded.")
+            if not captions:
+                raise ValueError("Write at least one caption to compare with the empty prompt.")
+            losses: dict[str, list[float]] = {}
+            for done, so_far in denoising_losses(self.models, image, captions, bool(exact),
+                                                 stop):
+                losses = so_far
+                yield {"loss_status": f"UNet call {done} of {len(LOSS_TIMESTEPS)} (t = "
+                                      f"{LOSS_TIMESTEPS[done - 1]}); Stop ends after the next."}
+        except REFUSED as exc:
+            yield failure(LOSS, "loss_status", str(exc))
+            return
+        if not losses:
+            yield failure(LOSS, "loss_status", "Stopped before the first UNet call.")
+            return
+        measured = LOSS_TIMESTEPS[:len(next(iter(losses.values())))]
+        ended = "Stopped" if stop.is_set() else "Done"
+        yield {"loss_status": f"{ended}: {len(measured)} timesteps, {len(losses)} prompts "
+                              "in each UNet call.",
+               "loss_plot": unet.loss_figure(measured, losses),
+               "loss_table": unet.rank_captions(losses)}
+
+
+def build(models: Models, record: gr.State, exact: gr.Checkbox, scrubber: gr.Slider
+          ) -> UNetSection:
+    """The section inside the generation tab's Blocks, reading its record, exact and scrubber."""
+    return UNetSection(models, record, exact, scrubber)
