@@ -20,6 +20,7 @@ import gradio as gr
 import sd_parts
 from ui import encoding, loading, server
 from ui.models import HUB, WEIGHTS, Models, Settings, downloads
+from ui.sections import example_runs
 from ui.tabs import compare, generate, how_it_works, image, prompt, prompt_lab
 
 # The page's tabs in order: the VAE's two, CLIP's two, then the whole loop, then the explainer.
@@ -99,4 +100,6 @@ demo = build_demo(SETTINGS)
 
 if __name__ == "__main__":
     loading.start_prefetch(downloads(SETTINGS), HUB)
-    server.launch(demo)
+    server.launch(demo, prevent_thread_lock=True)
+    example_runs.start_waiting(SETTINGS)  # the generation tab's first view, made once
+    demo.block_thread()

@@ -66,15 +66,18 @@ def set_number(page, label: str, value: int) -> None:
 
 def status(page, pattern: str) -> re.Match:
     """The status box's text once it matches ``pattern``; the match."""
-    box = page.locator("#generate-status").filter(has_text=re.compile(pattern))
-    box.wait_for()
-    return re.search(pattern, box.inner_text())
+    text = page.wait_for_function(
+        "pattern => { const box = document.querySelector('#generate-status');"
+        " const text = box ? box.innerText : ''; return new RegExp(pattern).test(text) && text; }",
+        arg=pattern).json_value()
+    return re.search(pattern, text)
 
 
 def image_in(page, label: str) -> dict:
     """The picture of the image box labelled ``label``, once it has loaded."""
     block = page.locator(".block").filter(
-        has=page.locator("[data-testid=block-label]", has_text=re.compile(rf"^\s*{label}\s*$")))
+        has=page.locator("[data-testid=block-label]",
+                         has_text=re.compile(rf"^\s*{re.escape(label)}\s*$")))
     image = block.locator("img").first
     image.wait_for()
     image.scroll_into_view_if_needed()  # the pictures load lazily, once in view
@@ -93,6 +96,19 @@ def scrubber_at_the_end(page, last: int) -> None:
         " && to !== null && to.value === String(last); }", arg=last)
 
 
+def test_the_tab_opens_on_a_finished_example_run(page):
+    """Without pressing Generate: the first example's run, made once when the server started,
+    with its image, x0 strip, word maps and a scrubber over its steps."""
+    status(page, r"An example run, made when the app started: 21 UNet evaluations")
+    assert image_in(page, "The image (VAE decoder)")["width"] == 32  # the tiny app's size
+    image_in(page, "Chosen steps: the clean image predicted at each")
+    image_in(page, "Where each word is looked at (cross-attention, summed over layers and steps)")
+    scrubber_at_the_end(page, 21)  # PNDM: 20 steps, 21 UNet evaluations
+    for output in ("#final-image", "#step-preview", "#word-maps"):  # none asks for an upload
+        assert page.locator(output).get_by_text("Drop Image Here").count() == 0
+    shot(page, "generate-example-run")
+
+
 def test_generate_shows_each_step_then_the_image(page):
     page.evaluate(WATCH_PREVIEWS)
     page.locator("#generate-prompt textarea").fill("a lighthouse on a cliff at dusk")
@@ -100,16 +116,17 @@ def test_generate_shows_each_step_then_the_image(page):
     set_number(page, "Width", SIDE)
     set_number(page, "Height", SIDE)
     page.locator("#generate-button").click()
-    done = status(page, r"Done: (\d+) steps")
-    assert int(done[1]) == STEPS + 1  # PNDM, the default sampler, repeats one timestep
+    done = status(page, r"Done: (\d+) steps, (\d+) UNet evaluations")
+    # PNDM, the default sampler, evaluates its first timestep twice, and the page says so
+    assert (int(done[1]), int(done[2])) == (STEPS, STEPS + 1)
     scrubber_at_the_end(page, STEPS + 1)
     final = loaded_image(page, "#final-image")
     assert (final["width"], final["height"]) == (SIDE, SIDE)
     previews = page.evaluate("window.previews")
-    during = [p for p in previews if re.match(r"\s*Step \d+ of", p["status"])]
+    during = [p for p in previews if re.match(r"\s*UNet evaluation \d+ of", p["status"])]
     # the preview changed while the run went on, one picture per step shown
     assert len({p["src"] for p in during}) >= 2, previews
-    steps_seen = [int(re.search(r"Step (\d+)", p["status"])[1]) for p in during]
+    steps_seen = [int(re.search(r"evaluation (\d+)", p["status"])[1]) for p in during]
     assert steps_seen == sorted(steps_seen)
     word_maps = loaded_image(page, "#word-maps")
     assert word_maps["width"] > 200  # a panel per word, not a placeholder
@@ -118,7 +135,7 @@ def test_generate_shows_each_step_then_the_image(page):
 
 def test_scrub_through_the_steps(page):
     set_number(page, "number input for Step (0: the start noise)", 3)
-    page.get_by_text(re.compile(r"^After step 3 of \d+")).wait_for()
+    page.get_by_text(re.compile(r"^After UNet evaluation 3 of \d+")).wait_for()
     third = image_in(page, "Latent")
     set_number(page, "number input for Step (0: the start noise)", 0)
     page.get_by_text("Step 0: the start latent", exact=False).wait_for()
@@ -135,9 +152,9 @@ def test_stop_ends_a_long_run(page):
     set_number(page, "Width", 32)
     set_number(page, "Height", 32)
     page.locator("#generate-button").click()
-    status(page, r"Step \d+ of 101")
+    status(page, r"UNet evaluation \d+ of 101")
     page.locator("#stop-button").click()
-    stopped = status(page, r"Stopped after (\d+) of 101 steps")  # PNDM visits one more
+    stopped = status(page, r"Stopped after (\d+) of 101 UNet evaluations")  # PNDM: one more
     assert int(stopped[1]) < 100
     scrubber_at_the_end(page, int(stopped[1]))  # the last step made
     loaded_image(page, "#final-image")

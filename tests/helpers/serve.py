@@ -159,6 +159,7 @@ def server_env(folder: Path, proxy_port: int, extra: dict[str, str]) -> dict[str
         "HF_HOME": str(folder / "hf-home"),  # empty: no saved token, no cached weights
         "HF_HUB_OFFLINE": "1",
         "MPLCONFIGDIR": str(folder / "matplotlib"),
+        "SD_PARTS_CACHE_DIR": str(folder / "cache"),  # the example runs this server keeps
         "HTTP_PROXY": proxy, "HTTPS_PROXY": proxy, "ALL_PROXY": proxy,
         "http_proxy": proxy, "https_proxy": proxy, "all_proxy": proxy,
         "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",

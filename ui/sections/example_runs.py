@@ -31,6 +31,7 @@ from ui.shared import literal
 
 Generate = Callable[..., Iterator[dict[str, object]]]  # the tab's generate()
 Show = Callable[[str, GenerationRequest, bool], Callable]  # preview, request, exact -> show
+WAIT_FOR_EXAMPLE_S = 600  # a visitor waits at most this long for the example run to show
 _lock = threading.Lock()
 _step_rates: dict[int, list[float]] = {}  # UNet passes per evaluation -> s / latent pixel
 _overhead_rates: list[float] = []  # s per image pixel outside the steps
@@ -170,6 +171,16 @@ def answers(models: Models, request: GenerationRequest, exact: bool, preview: st
     yield from generate(models, request, exact, stop, preview)
 
 
+_waiting: dict[object, list[Callable[[], None]]] = {}  # settings -> runs to start when served
+
+
+def start_waiting(settings: object) -> None:
+    """Start the example runs of the page built with ``settings``; app.py calls it after
+    launching the server."""
+    for start in _waiting.pop(settings, []):
+        start()
+
+
 class FirstExample:
     """The first example's run, made once in the background and shown to a visitor who opens
     the tab without a run of their own."""
@@ -180,6 +191,11 @@ class FirstExample:
         self.show_for, self.downscale = show_for, downscale
         self.thread: threading.Thread | None = None
         self.failure: str | None = None
+
+    def start_after_launch(self, generate: Generate) -> None:
+        """Make the run once the server is up (``start_waiting``): not while a page is only
+        built, as the tests and benchmarks do without serving it."""
+        _waiting.setdefault(self.models.settings, []).append(lambda: self.start(generate))
 
     def start(self, generate: Generate) -> None:
         """Make the run in a thread unless it is kept already (or no cache folder is set)."""
@@ -199,16 +215,20 @@ class FirstExample:
         self.thread = threading.Thread(target=work, name="first-example", daemon=True)
         self.thread.start()
 
-    def views(self, record: RunRecord | None) -> dict[str, object] | None:
-        """The kept run's views, or a line saying it is being made; None: leave the tab as
-        it is (the visitor has a run of their own, or there is no cache folder)."""
+    def views(self, record: RunRecord | None) -> Iterator[dict[str, object]]:
+        """The kept run's views; while it is being made, a line saying so first, then the run
+        once it is done. Nothing when the visitor has a run of their own or there is no cache
+        folder."""
         if record is not None or _folder(self.models) is None:
-            return None
+            return
         path = kept(self.models, self.request, self.exact, self.preview)
+        if path is None and self.thread is not None and self.thread.is_alive():
+            yield {"status": "An example run is being made in the background (once, for every "
+                             "visitor); it appears here when it is done, or press Generate."}
+            self.thread.join(timeout=WAIT_FOR_EXAMPLE_S)
+            path = kept(self.models, self.request, self.exact, self.preview)
         if path is not None:
-            return kept_views(self.models, path, self.show_for, self.downscale,
-                              "An example run, kept from an earlier visit:")
-        if self.failure:
-            return {"status": f"The example run could not be made. {self.failure}"}
-        return {"status": "An example run is being made in the background; open this tab "
-                          "again in a while to see it, or press Generate."}
+            yield kept_views(self.models, path, self.show_for, self.downscale,
+                             "An example run, made when the app started:")
+        elif self.failure:
+            yield {"status": f"The example run could not be made. {self.failure}"}

@@ -20,7 +20,7 @@ from viz.heatmap import Picture
 def step_word(request) -> str:
     """What the progress counts: steps, or UNet evaluations for a sampler whose differ."""
     steps = request.num_inference_steps
-    return "Step" if unet_evaluations(request.scheduler, steps) == steps else "UNet evaluation"
+    return "step" if unet_evaluations(request.scheduler, steps) == steps else "UNet evaluation"
 
 
 MAX_EVALUATIONS = 100  # the form's most steps; a two-evaluation sampler makes up to twice
@@ -109,7 +109,7 @@ def scrub(record: RunRecord | None, step: float | None) -> dict[str, object]:
         "scrub_latent": latent,
         "scrub_x0": record.show(record.trace.pred_original[step - 1]),
         "scrub_guidance": guidance(record, step - 1),
-        "scrub_note": (f"After {step_word(record.request).lower()} {step} of "
+        "scrub_note": (f"After {step_word(record.request)} {step} of "
                        f"{record.steps} (timestep "
                        f"{record.trace.timesteps[step - 1]:g}, noise level σ = "
                        f"{record.trace.noise_levels[step - 1]:.3g})."),

@@ -37,7 +37,13 @@ from ui.runs import (
     run_in_background,
 )
 from ui.sections import example_runs, forward
-from ui.sections.steps import StepsSection, latent_views, output_image, record_views, step_word
+from ui.sections.steps import (
+    StepsSection,
+    latent_views,
+    output_image,
+    record_views,
+    step_word,
+)
 from ui.shared import REFUSED, failure, mode_note, on_zero_gpu, random_banner, send
 from viz import diffusion, latents, pixels, upload
 
@@ -116,7 +122,7 @@ def evaluations_note(request: GenerationRequest, evaluations: int) -> str:
         steps = min(int(steps * request.strength), steps)
     if evaluations == steps:
         return f"{steps} steps"
-    note = SAMPLERS[request.scheduler].note
+    note = SAMPLERS[request.scheduler].note.rstrip(".")
     return f"{steps} steps, {evaluations} UNet evaluations{f' ({note})' if note else ''}"
 
 
@@ -185,7 +191,8 @@ def generate(models: Models, request: GenerationRequest, exact: bool, stop,
             state = event.state
             record.add_step(state)
             example_runs.measured(request, event.seconds, pipe.latent_downscale)
-            status = (f"{step_word(request)} {state.index + 1} of {state.total} · "
+            counted = step_word(request).replace("step", "Step")
+            status = (f"{counted} {state.index + 1} of {state.total} · "
                       f"timestep "
                       f"{state.timestep:g} · noise level σ = {levels[state.index]:.3g} · "
                       f"{event.seconds:.2f} s. Stop keeps what is made so far.")
@@ -207,7 +214,7 @@ def final_views(models: Models, record: RunRecord, finished: Finished,
                             record.request.use_karras_sigmas or None,
                             record.request.strength if record.request.image else 1.0)[1])
     ended = (f"Stopped after {result.steps_done} of {planned} "
-             f"{step_word(record.request).lower()}s" if result.stopped
+             f"{step_word(record.request)}s" if result.stopped
              else f"Done: {evaluations_note(record.request, result.steps_done)}")
     example_runs.finished(models, record, finished.seconds, pipe.latent_downscale,
                           EXAMPLE_PROMPTS, result.stopped)
@@ -241,8 +248,9 @@ def build(models: Models, tab: gr.Tab) -> None:
                 height = gr.Number(settings.generate_size, precision=0, minimum=multiple,
                                    maximum=MAX_SIDE, step=multiple, label="Height")
             with gr.Accordion("Image to image", open=False):
-                image = gr.Image(type="filepath", label="Start from this image (optional)",
-                                 sources=["upload"])
+                # a File: Gradio's Image would open (and convert) the upload itself first
+                image = gr.File(label="Start from this image (optional)",
+                                file_types=upload.accepted_file_types())
                 strength = gr.Slider(0, 1, value=0.8, step=0.05,
                                      label="Strength (0: the image as it is, 1: ignore it)")
             exact = gr.Checkbox(sd_parts.fast_dtype(models.device) == torch.float32,
@@ -319,11 +327,13 @@ def build(models: Models, tab: gr.Tab) -> None:
 
     def open_example(run_record):
         """The example run kept on disk, for a visitor who has none of their own."""
-        views = first.views(run_record)
-        if views is None:
+        answers = first.views(run_record)
+        sent = False
+        for answer in send(max_age, answers, out | {"record": record}):
+            sent = True
+            yield answer
+        if not sent:  # the visitor's own run stays as it is
             yield {component: gr.skip() for component in outputs}
-            return
-        yield from send(max_age, [views], out | {"record": record})
 
     inputs = [prompt, negative_prompt, steps, guidance_scale, scheduler, karras, seed, width,
               height, image, strength, exact, preview]
@@ -333,7 +343,7 @@ def build(models: Models, tab: gr.Tab) -> None:
           api_name="generate", concurrency_id="generate", concurrency_limit=1).then(
         shown.follow_run, record, follow, api_visibility="private", show_progress="hidden")
     stop.click(request_stop, None, out["status"], api_name="stop", queue=False)
-    tab.select(open_example, record, outputs, api_visibility="private",
+    tab.select(open_example, record, outputs, api_visibility="private", concurrency_limit=None,
                show_progress="hidden").then(shown.follow_run, record, follow,
                                             api_visibility="private", show_progress="hidden")
-    first.start(generate)
+    first.start_after_launch(generate)
