@@ -14,14 +14,12 @@ from .config import (
 )
 from .lora import (
     LoraSummary,
-    WeightChange,
     load_lora_weights,
     lora_changes,
     lora_deltas,
     read_lora,
     set_lora_scale,
     unload_lora_weights,
-    weight_changes,
 )
 from .pipeline import GenerationResult, StableDiffusionPipeline, StepState, Trace, load_pipeline
 from .prompts import (
@@ -57,6 +55,7 @@ from .unet import (
     unet_blocks,
 )
 from .vae import AutoencoderKL, DiagonalGaussian
+from .weight_changes import WeightChange, weight_changes
 from .weights import (
     DEFAULT_REPO,
     TAESD_REPO,

@@ -45,6 +45,10 @@ pile up rounding.
 
 The state of what is loaded lives on the pipeline (``pipe._loras``); several LoRAs add up, each
 with its own scale.
+
+Length: about 530 lines, because reading a file's keys in two layouts, matching them to the
+model's layers and fusing them share one resolver and one record of the original weights; the
+measures of how much a layer changed are in ``weight_changes.py``.
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .single_file import PICKLE_SUFFIXES, UNET_FIXED_NAMES, UNET_RESNET_NAMES, unet_ldm_rules
+from .weight_changes import WeightChange, _relative, layer_kind
 from .weights import TEXT_ENCODER_RENAME_RULES, WeightsError, fetch_files, rename_key
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers saves a LoRA under
@@ -505,66 +510,6 @@ def _adapter(pipe: object, name: str) -> _Adapter:
         raise ValueError(f"no LoRA named {name!r} is loaded (loaded: "
                          f"{', '.join(map(repr, adapters)) or 'none'})")
     return adapters[name]
-
-
-# --- How much a layer changed -----------------------------------------------------------------
-
-class WeightChange(NamedTuple):
-    name: str  # the parameter, e.g. "up_blocks.1.attentions.0.proj_in.weight"
-    relative: float  # ||W_new - W|| / ||W|| (Frobenius norms)
-    kind: str  # what the layer is, see layer_kind
-
-
-# what a parameter is, by its name (the first rule that matches): for colouring layers in a view
-LAYER_KINDS = [
-    (r"attn2\.to_[kv]", "cross-attention k/v"),
-    (r"attn[12]\.to_q|attn1\.to_[kv]|attentions\.\d+\.to_[qkv]", "attention q/k/v"),
-    (r"attn[12]\.to_out|attentions\.\d+\.to_out", "attention out"),
-    (r"ff\.net", "feed-forward"),
-    (r"proj_(in|out)", "transformer projection"),
-    (r"resnets\.\d+\.conv[12]", "resblock conv"),
-    (r"resnets\.\d+\.conv_shortcut", "resblock shortcut"),
-    (r"resnets\.\d+\.time_emb_proj", "resblock time projection"),
-    (r"(down|up)samplers\.\d+\.conv", "resampling conv"),
-    (r"self_attn\.[qkv]_proj", "text attention q/k/v"),
-    (r"self_attn\.out_proj", "text attention out"),
-    (r"mlp\.fc[12]", "text feed-forward"),
-    (r"token_embedding", "token embedding"),
-    (r"position_embedding", "position embedding"),
-    (r"time_embedding", "time embedding"),
-    (r"conv_(in|out)", "in/out conv"),
-    (r"norm\d?|layer_norm\d?|final_layer_norm|group_norm|conv_norm_out", "norm"),
-]
-_LAYER_KINDS = [(re.compile(rf"(^|\.)({pattern})(\.|$)"), kind) for pattern, kind in LAYER_KINDS]
-
-
-def layer_kind(name: str) -> str:
-    """What the layer named ``name`` (module or parameter) is, e.g. "cross-attention k/v"."""
-    return next((kind for pattern, kind in _LAYER_KINDS if pattern.search(name)), "other")
-
-
-def _relative(weight: torch.Tensor, delta: torch.Tensor) -> float:
-    size = torch.linalg.vector_norm(weight.double()).item()
-    change = torch.linalg.vector_norm(delta.double()).item()
-    return change / size if size else (0.0 if change == 0 else math.inf)
-
-
-def weight_changes(base_state: Mapping[str, torch.Tensor], new_state: Mapping[str, torch.Tensor]
-                   ) -> list[WeightChange]:
-    """Per floating-point tensor of two state dicts of one model (a base and a fine-tune),
-    ||new - base|| / ||base|| and what the layer is, in ``base_state``'s order. Both must hold the
-    same names and shapes."""
-    missing = sorted(set(base_state) ^ set(new_state))
-    wrong = sorted(name for name in base_state if name in new_state
-                   and base_state[name].shape != new_state[name].shape)
-    if missing or wrong:
-        raise ValueError("the two state dicts are not of one model: "
-                         + "; ".join(filter(None, [
-                             missing and f"names in only one: {_names(missing)}",
-                             wrong and f"different shapes: {_names(wrong)}"])))
-    return [WeightChange(name, _relative(base, new_state[name].to(base.device).double()
-                                         - base.double()), layer_kind(name))
-            for name, base in base_state.items() if base.is_floating_point()]
 
 
 def lora_deltas(layers: Iterable[LoraLayer], models: Mapping[str, nn.Module], scale: float = 1.0
