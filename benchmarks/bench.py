@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import sd_parts  # noqa: E402
-from tests.conftest import reference_text_encoder, reference_vae  # noqa: E402
+from tests.helpers.references import reference_text_encoder, reference_vae  # noqa: E402
 from viz.metrics import psnr  # noqa: E402
 
 IMPLS = ("reference", "exact", "fast")

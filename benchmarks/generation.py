@@ -30,7 +30,7 @@ from bench import race  # noqa: E402
 
 import sd_parts  # noqa: E402
 from sd_parts.pipeline import load_pipeline  # noqa: E402
-from tests.conftest import reference_text_encoder, reference_unet, reference_vae  # noqa: E402
+from tests.helpers.references import reference_text_encoder, reference_unet, reference_vae  # noqa: E402
 from viz.metrics import psnr  # noqa: E402
 
 PROMPT = "a photograph of an astronaut riding a horse"

@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 import sd_parts  # noqa: E402
 from sd_parts.weights import load_unet  # noqa: E402
-from tests.conftest import reference_unet  # noqa: E402
+from tests.helpers.references import reference_unet  # noqa: E402
 
 # Run in a fresh process: the peak resident memory of loading the fp16 file into one dtype. It
 # reads Linux's VmHWM (this process image's peak resident set) rather than ru_maxrss, which a

@@ -39,7 +39,7 @@ from generation import cpu_name  # noqa: E402
 from memory import current_rss_mb, peak_rss_mb, run_script  # noqa: E402
 
 import sd_parts  # noqa: E402
-from tests.conftest import diffusers_vae  # noqa: E402
+from tests.helpers.references import diffusers_vae  # noqa: E402
 from viz.metrics import psnr  # noqa: E402
 
 IMPLS = ("reference", "exact", "fast")

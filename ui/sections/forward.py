@@ -95,9 +95,9 @@ def build(models: Models, exact: gr.Checkbox) -> None:
                     fwd["forward_x0"] = gr.Image(label="The UNet's x0 from x_t", format="png")
                 fwd["forward_schedule"] = gr.Image(label="The schedule, t marked", format="png")
 
-    def noise_image(path, t, seed_value, ask, is_exact):
+    def noise_image(image, timestep, seed, ask_unet, exact):
         files = PictureFiles(settings.output_max_age)
-        views = forward_noise(models, path, t, seed_value, ask, bool(is_exact))
+        views = forward_noise(models, image, timestep, seed, ask_unet, bool(exact))
         return {fwd[k]: files(v) for k, v in views.items()}
 
     gr.on([forward_button.click, t_slider.release], noise_image,

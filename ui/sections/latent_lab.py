@@ -346,25 +346,25 @@ def build(models: Models, source: Sequence[gr.components.Component], preview: gr
         yield from answer_once(settings.output_max_age, {
             outputs[name]: views.get(name) for name in outputs} | {lab: new_lab})
 
-    def run_receptive_field(lab_value, path, choice, max_side, fit, latent_kind, seed, exact,
+    def run_receptive_field(experiments, image, vae, size, fit, latent_kind, seed, exact,
                             x, y, channel, amount, threshold):
-        request = Source(path, choice, max_side, fit, latent_kind, seed, exact)
-        yield from answer(receptive_field, rf, lab_value,
-                          (request, x, y, channel, amount, threshold))
+        source = Source(image, vae, size, fit, latent_kind, seed, exact)
+        yield from answer(receptive_field, rf, experiments,
+                          (source, x, y, channel, amount, threshold))
 
-    def run_edit_channels(lab_value, path, choice, max_side, fit, latent_kind, seed, exact,
+    def run_edit_channels(experiments, image, vae, size, fit, latent_kind, seed, exact,
                           table):
-        request = Source(path, choice, max_side, fit, latent_kind, seed, exact)
-        yield from answer(edit_channels, edit, lab_value, (request, table))
+        source = Source(image, vae, size, fit, latent_kind, seed, exact)
+        yield from answer(edit_channels, edit, experiments, (source, table))
 
-    def run_interpolate(lab_value, path, choice, max_side, fit, latent_kind, seed, exact,
-                        second_path, points, progress=gr.Progress()):
-        request = Source(path, choice, max_side, fit, latent_kind, seed, exact)
+    def run_interpolate(experiments, image, vae, size, fit, latent_kind, seed, exact,
+                        second_image, points, progress=gr.Progress()):
+        source = Source(image, vae, size, fit, latent_kind, seed, exact)
 
         def frames(done: int, total: int) -> None:
             progress((done, total), desc="Decoding the frames")
 
-        yield from answer(interpolate, mix, lab_value, (request, second_path, points, frames))
+        yield from answer(interpolate, mix, experiments, (source, second_image, points, frames))
 
     def clicked(evt: gr.SelectData) -> tuple[int, int]:
         return evt.index[0], evt.index[1]

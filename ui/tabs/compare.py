@@ -259,10 +259,10 @@ def build(models: Models, tab: gr.Tab) -> None:
     # the last comparison's pictures, for the crop; kept for a while, not for the session
     record = gr.State(None, time_to_live=settings.cache_max_age)
 
-    def run_compare(path, size, names, is_exact, side, progress=gr.Progress(track_tqdm=True)):
+    def run_compare(image, size, vaes, exact, region_side, progress=gr.Progress(track_tqdm=True)):
         files = PictureFiles(settings.output_max_age)
         try:
-            for views in compare_vaes(models, path, size, names, bool(is_exact), side):
+            for views in compare_vaes(models, image, size, vaes, bool(exact), region_side):
                 answer = {out[name]: files(views[name]) for name in OUTPUTS if name in views}
                 if "record" in views:
                     answer[record] = views["record"]
@@ -270,8 +270,8 @@ def build(models: Models, tab: gr.Tab) -> None:
         finally:  # Gradio asks for the next answer only after sending this one
             files.remove()
 
-    def show_crop(kept, x, y, side):
-        status, picture = crop_region(kept, x, y, side)
+    def show_crop(comparison, x, y, region_side):
+        status, picture = crop_region(comparison, x, y, region_side)
         return {crop_status: literal(status),
                 out["crop"]: PictureFiles(settings.output_max_age)(picture)}
 

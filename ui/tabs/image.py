@@ -186,15 +186,15 @@ def build(models: Models, tab: gr.Tab) -> None:
     lab = latent_lab.build(models, [image_file, choice, max_side, fit, latent_kind, seed, exact],
                            out["preview"], out["stats"])
 
-    def encode(path, choice, max_side, fit, latent_kind, seed, shared_scale, exact, lab_value,
+    def encode(image, vae, size, fit, latent_kind, seed, shared_colour_scale, exact, experiments,
                progress=gr.Progress(track_tqdm=True)):  # track_tqdm: Hub downloads show here
         files = PictureFiles(settings.output_max_age)
         try:
-            for views in encode_image(models, path, choice, max_side, fit, latent_kind, seed,
-                                      shared_scale, exact):
+            for views in encode_image(models, image, vae, size, fit, latent_kind, seed,
+                                      shared_colour_scale, exact):
                 answer = {out[name]: files(views.get(name)) for name in OUTPUTS}
                 if "encoded" in views:
-                    answer[lab] = latent_lab.remember(lab_value, views["encoded"])
+                    answer[lab] = latent_lab.remember(experiments, views["encoded"])
                 yield answer
         finally:  # Gradio asks for the next answer only after sending this one
             files.remove()

@@ -165,28 +165,28 @@ def build(models: Models, tab: gr.Tab) -> None:
     out["eos"] = gr.Image(label="What EOS attends to, layer by layer", format="png")
     out["download"] = gr.File(label="Download the embeddings (.safetensors)")
 
-    def inspect_handler(text, layer_value, head_value, padding_value,
+    def inspect_handler(prompt, layer, head, show_padding,
                         progress=gr.Progress(track_tqdm=True)):  # Hub downloads show here
         files = PictureFiles(settings.output_max_age)
         try:
-            for views in inspect_prompt(models, text, layer_value, head_value, padding_value):
+            for views in inspect_prompt(models, prompt, layer, head, show_padding):
                 yield {out[name]: files(views.get(name)) for name in OUTPUTS}
         finally:  # Gradio asks for the next answer only after sending this one
             files.remove()
 
     shown = gr.State(False)  # whether this visitor's page has shown a prompt yet
 
-    def first_view(was_shown, text, layer_value, head_value, padding_value,
+    def first_view(was_shown, prompt, layer, head, show_padding,
                    progress=gr.Progress(track_tqdm=True)):
         """Opening the tab the first time answers the prompt filled in, not empty boxes."""
         if was_shown:
             yield {shown: True}
             return
-        for update in inspect_handler(text, layer_value, head_value, padding_value):
+        for update in inspect_handler(prompt, layer, head, show_padding):
             yield update | {shown: True}
 
-    def attention_handler(text, layer_value, head_value, padding_value):
-        views = update_attention(models, text, layer_value, head_value, padding_value)
+    def attention_handler(prompt, layer, head, show_padding):
+        views = update_attention(models, prompt, layer, head, show_padding)
         yield from answer_once(settings.output_max_age,
                                {out[name]: views.get(name) for name in ATTENTION_OUTPUTS})
 

@@ -325,20 +325,21 @@ def build(models: Models, tab: gr.Tab) -> None:
     def answer(names: tuple[str, ...], views: dict[str, object]) -> Iterator[dict]:
         return answer_once(age, {out[name]: views.get(name) for name in names})
 
-    def compare_handler(a, b, pad):
-        yield from answer(COMPARE_OUTPUTS, compare_prompts(models, a, b, pad))
+    def compare_handler(prompt_a, prompt_b, show_padding):
+        views = compare_prompts(models, prompt_a, prompt_b, show_padding)
+        yield from answer(COMPARE_OUTPUTS, views)
 
-    def skip_handler(text):
-        yield from answer(SKIP_OUTPUTS, clip_skip(models, text))
+    def skip_handler(prompt):
+        yield from answer(SKIP_OUTPUTS, clip_skip(models, prompt))
 
-    def long_handler(text):
-        yield from answer(LONG_OUTPUTS, long_prompt(models, text))
+    def long_handler(prompt):
+        yield from answer(LONG_OUTPUTS, long_prompt(models, prompt))
 
-    def weight_handler(text):
-        yield from answer(WEIGHT_OUTPUTS, weighting(models, text))
+    def weight_handler(prompt):
+        yield from answer(WEIGHT_OUTPUTS, weighting(models, prompt))
 
-    def nearest_handler(text, chosen, count):
-        yield from answer(NEAREST_OUTPUTS, nearest_tokens(models, text, chosen, count))
+    def nearest_handler(prompt, token, count):
+        yield from answer(NEAREST_OUTPUTS, nearest_tokens(models, prompt, token, count))
 
     def choices_handler(text):
         try:
