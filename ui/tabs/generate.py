@@ -303,22 +303,28 @@ def build(models: Models, tab: gr.Tab) -> None:
             preview: how each step's latent is drawn, "linear RGB map" or "TAESD".
         """
         session = request.session_hash if request is not None else ""
+        # made here, in the web server's process: on ZeroGPU the run goes to another process,
+        # and Stop, pressed here, sets this flag, a file both see
         stop = stops.begin(session)
         try:
-            parsed = parse_request(prompt, negative_prompt, num_inference_steps, guidance_scale,
-                                   scheduler, use_karras_sigmas, seed, width, height, image,
-                                   strength, multiple)
+            yield from run_on_gpu(stop, prompt, negative_prompt, num_inference_steps,
+                                  guidance_scale, scheduler, use_karras_sigmas, seed, width,
+                                  height, image, strength, exact, preview)
+        finally:
+            stops.end(session, stop)
+
+    @on_zero_gpu
+    def run_on_gpu(stop, *values):
+        try:
+            parsed = parse_request(*values[:11], multiple)
         except ValueError as exc:
             answers = [failure(OUTPUTS, "status", str(exc))]
         else:
+            exact, preview = values[11:]
             answers = example_runs.answers(models, parsed, bool(exact), preview, stop, generate,
                                            show_for, multiple)
-        try:
-            for answer in send(max_age, answers, out | {"record": record}):
-                yield {component: answer.get(component) for component in (*out.values(),
-                                                                         record)}
-        finally:
-            stops.end(session, stop)
+        for answer in send(max_age, answers, out | {"record": record}):
+            yield {component: answer.get(component) for component in outputs}
 
     def request_stop(request: gr.Request) -> str:
         """Stop this visitor's run after its current step."""
@@ -339,7 +345,7 @@ def build(models: Models, tab: gr.Tab) -> None:
               height, image, strength, exact, preview]
     outputs = [*(out[name] for name in OUTPUTS), record]
     follow = list(shown.follow.values())
-    gr.on([run.click, prompt.submit], on_zero_gpu(start), inputs, outputs,
+    gr.on([run.click, prompt.submit], start, inputs, outputs,
           api_name="generate", concurrency_id="generate", concurrency_limit=1).then(
         shown.follow_run, record, follow, api_visibility="private", show_progress="hidden")
     stop.click(request_stop, None, out["status"], api_name="stop", queue=False)
