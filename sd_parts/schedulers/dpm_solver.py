@@ -1,15 +1,13 @@
-"""DPM-Solver++ 2M: a second-order multistep solver of the diffusion ODE in log-SNR time.
+"""DPM-Solver++ 2M and 3M, as an ODE solver and as an SDE solver: multistep, in log-SNR time.
 
 Lu, Zhou, Bao, Chen, Li and Zhu, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion
-Probabilistic Models" (2022), Algorithm 2 ("2M": second order, multistep, data prediction).
+Probabilistic Models" (2022), Algorithm 2 ("2M": second order, multistep, data prediction); the
+SDE variants are k-diffusion's ``sample_dpmpp_2m_sde`` and ``sample_dpmpp_3m_sde`` (Crowson), the
+"SDE-DPM-Solver++" of Lu et al. (2022) and Gonzalez et al., "SEEDS" (2023).
 
-What it changes from DDPM (see ddpm.py). Write the noisy latent as x_t = alpha_t x_0 + s_t eps with
-alpha_t = sqrt(abar_t) and s_t = sqrt(1 - abar_t) (so sigma = s_t / alpha_t), and measure time by
-
-    lambda_t = log(alpha_t / s_t) = -log sigma_t          (half the log signal-to-noise ratio)
-
-The probability-flow ODE is then linear in x plus a term in the model's clean-latent prediction
-x0_hat = (x_t - s_t eps_theta) / alpha_t, and the linear part integrates exactly (eq. 9):
+What it changes from DDPM (see ddpm.py). With x_t = alpha_t x_0 + s_t eps, lambda = log(alpha /
+s) = -log sigma and x0_hat = (x_t - s_t eps_theta) / alpha_t (see multistep.py), the
+probability-flow ODE integrates exactly in its linear part (eq. 9):
 
     x_t = (s_t / s_s) x_s  +  s_t * integral from lambda_s to lambda_t of e^lambda x0_hat dlambda
 
@@ -18,124 +16,129 @@ which is DDIM (eta = 0) written in lambda:
 
     x_t = (s_t / s_s) x_s  -  alpha_t (e^{-h} - 1) x0_hat_s
 
-The second-order multistep ("2M") step reuses the previous step's prediction instead of a second
-model call: with h_0 the previous step's length and r_0 = h_0 / h, x0_hat is extrapolated
-linearly in lambda, D0 = x0_hat_s, D1 = (x0_hat_s - x0_hat_prev) / r_0, and
+Multistep ("M") steps extrapolate x0_hat in lambda from the previous steps' predictions instead
+of calling the model again. With r_0 = h_0 / h (h_0 the previous step's length), 2M takes the
+slope D1 = (x0_hat_s - x0_hat_prev) / r_0:
 
     x_t = (s_t / s_s) x_s  -  alpha_t (e^{-h} - 1) D0  -  0.5 alpha_t (e^{-h} - 1) D1
 
-The first step has no previous prediction and the last one (to sigma = 0, where lambda is
-infinite) is first order: it lands on x0_hat. These are diffusers' defaults (``solver_order=2``,
-``algorithm_type="dpmsolver++"``, ``solver_type="midpoint"``, ``lower_order_final``,
-``final_sigmas_type="zero"``). With Karras sigmas the n noise levels are Karras' spacing of the
-whole trained range, and the UNet gets each one's timestep rounded to an integer.
+and 3M also a curvature D2 from the step before that (r_1 = h_1 / h):
 
-State: ``model_outputs`` (the previous and current x0_hat), ``lower_order_nums`` (how many steps
-have been taken, up to 2) and ``step_index``; ``set_timesteps`` clears them.
+    D1_0 = (x0_s - x0_prev) / r_0,   D1_1 = (x0_prev - x0_prev2) / r_1
+    D1 = D1_0 + r_0 / (r_0 + r_1) (D1_0 - D1_1),    D2 = (D1_0 - D1_1) / (r_0 + r_1)
+    x_t = (s_t / s_s) x_s - alpha_t (phi_1) D0 + alpha_t (phi_1 / h + 1) D1
+          - alpha_t ((phi_1 + h) / h^2 - 0.5) D2,            phi_1 = e^{-h} - 1
+
+The SDE variant solves the reverse SDE instead: the same terms with h doubled where it weights the
+data prediction, the old sample shrunk by a further e^{-h}, and fresh noise
+s_t sqrt(1 - e^{-2h}) z each step, z ~ N(0, I) from the caller's generator:
+
+    x_t = (s_t / s_s) e^{-h} x_s + alpha_t (1 - e^{-2h}) D0 + 0.5 alpha_t (1 - e^{-2h}) D1
+          + s_t sqrt(1 - e^{-2h}) z                                                 (2M SDE)
+
+The first steps have too few predictions (first order, then second); with fewer than 15 steps
+the second-to-last step of 3M is second order; the last step (to sigma = 0, where lambda is
+infinite) is first order and lands on x0_hat. These are diffusers' defaults (``solver_type=
+"midpoint"``, ``lower_order_final``, ``final_sigmas_type="zero"``).
+
+State: ``model_outputs`` (the last x0_hat predictions), ``lower_order_nums`` and ``step_index``;
+``set_timesteps`` clears them.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .schedule import (
-    Generator,
-    SigmaScheduler,
-    StepOutput,
-    batch_view,
-    interpolate_sigmas,
-    karras_sigmas,
-    sigma_to_timestep,
-    sigmas_from_alphas_cumprod,
-    spaced_timesteps,
-)
+from .multistep import MultistepSolver, alpha_and_std
+from .schedule import Generator, SchedulerConfig, StepOutput, random_normal
+
+ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++")
 
 
-def alpha_and_std(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """From the noise-to-signal ratio sigma back to x_t = alpha_t x_0 + s_t eps:
-    alpha_t = 1 / sqrt(sigma^2 + 1), s_t = sigma alpha_t."""
-    alpha = 1 / (sigma**2 + 1) ** 0.5
-    return alpha, sigma * alpha
+class DPMSolverMultistepScheduler(MultistepSolver):
+    solver_orders = (2, 3)
 
+    def __init__(self, config: SchedulerConfig = SchedulerConfig(), solver_order: int = 2,
+                 algorithm_type: str = "dpmsolver++"):
+        if algorithm_type not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm_type {algorithm_type!r}: use one of "
+                             f"{', '.join(ALGORITHMS)}")
+        self.algorithm_type = algorithm_type
+        super().__init__(config, solver_order)
 
-class DPMSolverMultistepScheduler(SigmaScheduler):
-    default_spacing = "linspace"
-    timestep_dtype = torch.int64
-
-    def _reset(self) -> None:
-        super()._reset()
-        self.model_outputs: list[torch.Tensor | None] = [None, None]  # x0_hat: previous, current
-        self.lower_order_nums = 0
-
-    def _make_timesteps(self, n: int) -> torch.Tensor:
-        c = self.config
-        T = c.num_train_timesteps
-        if c.timestep_spacing == "trailing":
-            return spaced_timesteps("trailing", n, T, c.steps_offset)
-        # n + 1 points from T-1 (or the leading start) down to 0, without the final 0
-        return spaced_timesteps(c.timestep_spacing, n + 1, T, c.steps_offset)[:-1]
-
-    def _set_schedule(self, timesteps: torch.Tensor) -> None:
-        train_sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod)  # float32, increasing
-        if self.config.use_karras_sigmas:
-            sigmas = karras_sigmas(train_sigmas[0].item(), train_sigmas[-1].item(),
-                                   len(timesteps))
-            timesteps = sigma_to_timestep(sigmas, train_sigmas.log()).round()
-        else:
-            if (timesteps[1:] >= timesteps[:-1]).any():
-                raise ValueError(
-                    f"{len(timesteps)} steps with {self.config.timestep_spacing!r} spacing repeat "
-                    "a timestep, which gives a DPM-Solver++ step of length 0: use fewer steps")
-            sigmas = interpolate_sigmas(train_sigmas, timesteps)
-        self.timesteps = timesteps.long()
-        self.sigmas = torch.cat([sigmas, torch.zeros(1, dtype=sigmas.dtype)]).float()
+    @property
+    def stochastic(self) -> bool:
+        return self.algorithm_type == "sde-dpmsolver++"
 
     def step(self, model_output: torch.Tensor, timestep: torch.Tensor | int,
              sample: torch.Tensor, generator: Generator = None) -> StepOutput:
-        """One DPM-Solver++ 2M step. Deterministic: ``generator`` is unused."""
+        """One DPM-Solver++ step of the order the history allows; the SDE variant draws its
+        noise from ``generator`` at every step (float32, before the update, as diffusers)."""
         i = self._step_position(model_output, timestep, sample)
         alpha_s, std_s = alpha_and_std(self.sigmas[i])
         x0 = (sample - std_s * model_output) / alpha_s  # the data prediction at this step
-        self.model_outputs = [self.model_outputs[1], x0]
+        self._remember(x0)
 
-        first_order = self.lower_order_nums < 1 or i == len(self.timesteps) - 1
+        steps = len(self.timesteps)
         x = sample.float()  # the update is done in float32 whatever the model's dtype
-        if first_order:
-            prev_sample = self._first_order(x, i, x0)
+        noise = (random_normal(model_output.shape, generator, model_output.device, torch.float32)
+                 if self.stochastic else None)
+        if self.lower_order_nums < 1 or i == steps - 1:
+            prev_sample = self._first_order(x, i, noise)
+        elif (self.solver_order == 2 or self.lower_order_nums < 2
+              or (i == steps - 2 and steps < 15)):
+            prev_sample = self._second_order(x, i, noise)
         else:
-            prev_sample = self._second_order(x, i, self.model_outputs)
-        self.lower_order_nums = min(self.lower_order_nums + 1, 2)
+            prev_sample = self._third_order(x, i, noise)
+        self.lower_order_nums = min(self.lower_order_nums + 1, self.solver_order)
         self.step_index = i + 1
         return StepOutput(prev_sample.to(model_output.dtype), x0)
 
-    def _lambda(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """alpha, s and lambda = log(alpha / s) of ``sigmas[i]``."""
-        alpha, std = alpha_and_std(self.sigmas[i])
-        return alpha, std, torch.log(alpha) - torch.log(std)
-
-    def _first_order(self, x: torch.Tensor, i: int, x0: torch.Tensor) -> torch.Tensor:
+    def _first_order(self, x: torch.Tensor, i: int, noise: torch.Tensor | None) -> torch.Tensor:
         alpha_t, std_t, lambda_t = self._lambda(i + 1)
         _, std_s, lambda_s = self._lambda(i)
         h = lambda_t - lambda_s
-        return (std_t / std_s) * x - (alpha_t * (torch.exp(-h) - 1.0)) * x0
+        x0 = self.model_outputs[-1]
+        if noise is None:
+            return (std_t / std_s) * x - (alpha_t * (torch.exp(-h) - 1.0)) * x0
+        return ((std_t / std_s * torch.exp(-h)) * x + (alpha_t * (1 - torch.exp(-2.0 * h))) * x0
+                + std_t * torch.sqrt(1.0 - torch.exp(-2 * h)) * noise)
 
-    def _second_order(self, x: torch.Tensor, i: int,
-                      x0s: list[torch.Tensor | None]) -> torch.Tensor:
+    def _second_order(self, x: torch.Tensor, i: int, noise: torch.Tensor | None) -> torch.Tensor:
         alpha_t, std_t, lambda_t = self._lambda(i + 1)
         _, std_s0, lambda_s0 = self._lambda(i)
         _, _, lambda_s1 = self._lambda(i - 1)
-        m0, m1 = x0s[1], x0s[0]
+        m0, m1 = self.model_outputs[-1], self.model_outputs[-2]
         h, h_0 = lambda_t - lambda_s0, lambda_s0 - lambda_s1
         r0 = h_0 / h
         D0, D1 = m0, (1.0 / r0) * (m0 - m1)  # x0_hat and its slope in lambda (times h)
-        return ((std_t / std_s0) * x
-                - (alpha_t * (torch.exp(-h) - 1.0)) * D0
-                - 0.5 * (alpha_t * (torch.exp(-h) - 1.0)) * D1)
+        if noise is None:
+            return ((std_t / std_s0) * x
+                    - (alpha_t * (torch.exp(-h) - 1.0)) * D0
+                    - 0.5 * (alpha_t * (torch.exp(-h) - 1.0)) * D1)
+        return ((std_t / std_s0 * torch.exp(-h)) * x
+                + (alpha_t * (1 - torch.exp(-2.0 * h))) * D0
+                + 0.5 * (alpha_t * (1 - torch.exp(-2.0 * h))) * D1
+                + std_t * torch.sqrt(1.0 - torch.exp(-2 * h)) * noise)
 
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor,
-                  timesteps: torch.Tensor | int) -> torch.Tensor:
-        """alpha x_0 + s noise at the noise level of each timestep's position in the run."""
-        t = torch.as_tensor(timesteps)
-        sigmas = self.sigmas.to(original_samples.device, original_samples.dtype)
-        alpha, std = alpha_and_std(batch_view(sigmas[self._sigma_indices(t)], original_samples))
-        return alpha * original_samples + std * noise
+    def _third_order(self, x: torch.Tensor, i: int, noise: torch.Tensor | None) -> torch.Tensor:
+        alpha_t, std_t, lambda_t = self._lambda(i + 1)
+        _, std_s0, lambda_s0 = self._lambda(i)
+        _, _, lambda_s1 = self._lambda(i - 1)
+        _, _, lambda_s2 = self._lambda(i - 2)
+        m0, m1, m2 = self.model_outputs[-1], self.model_outputs[-2], self.model_outputs[-3]
+        h, h_0, h_1 = lambda_t - lambda_s0, lambda_s0 - lambda_s1, lambda_s1 - lambda_s2
+        r0, r1 = h_0 / h, h_1 / h
+        D1_0, D1_1 = (1.0 / r0) * (m0 - m1), (1.0 / r1) * (m1 - m2)
+        D1 = D1_0 + (r0 / (r0 + r1)) * (D1_0 - D1_1)  # slope at s0, corrected for curvature
+        D2 = (1.0 / (r0 + r1)) * (D1_0 - D1_1)  # curvature
+        if noise is None:
+            phi = torch.exp(-h) - 1.0
+            return ((std_t / std_s0) * x - (alpha_t * phi) * m0
+                    + (alpha_t * (phi / h + 1.0)) * D1
+                    - (alpha_t * ((phi + h) / h**2 - 0.5)) * D2)
+        phi = 1.0 - torch.exp(-2.0 * h)
+        return ((std_t / std_s0 * torch.exp(-h)) * x + (alpha_t * phi) * m0
+                + (alpha_t * (phi / (-2.0 * h) + 1.0)) * D1
+                + (alpha_t * ((phi - 2.0 * h) / (2.0 * h) ** 2 - 0.5)) * D2
+                + std_t * torch.sqrt(1.0 - torch.exp(-2 * h)) * noise)

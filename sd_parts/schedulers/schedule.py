@@ -23,11 +23,14 @@ are equal to diffusers' bit for bit or to the last float32 digit.
 from __future__ import annotations
 
 import dataclasses
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from .sigmas import SIGMA_SCHEDULES, interpolate_sigmas, np_linspace
 
 SPACINGS = ("leading", "trailing", "linspace")
 BETA_SCHEDULES = ("linear", "scaled_linear")
@@ -41,8 +44,6 @@ SUPPORTED_VALUES = {
     "variance_type": ("fixed_small", None),  # DDPM's variance; learned ones need a 2x UNet output
     "timestep_type": ("discrete",),
     "interpolation_type": ("linear",),
-    "use_exponential_sigmas": (False,),
-    "use_beta_sigmas": (False,),
     "use_lu_lambdas": (False,),
     "use_flow_sigmas": (False,),
     "sigma_min": (None,),
@@ -76,9 +77,16 @@ class SchedulerConfig:
     # DDIM/PNDM: abar "after" the final step; True: 1 (fully clean), False: abar_0 (SD's choice)
     set_alpha_to_one: bool = False
     skip_prk_steps: bool = True  # PNDM: start with linear multistep (PLMS), not Runge-Kutta steps
-    # Euler / DPM-Solver++: space the n noise levels as Karras et al. (2022) eq. 5 with rho = 7,
-    # denser near sigma_min, instead of at the spaced timesteps.
+    # Samplers that walk sigma: re-space the n noise levels (sigmas.py) instead of taking them at
+    # the spaced timesteps. At most one: Karras et al. (2022) eq. 5, dense near sigma_min; even in
+    # log sigma; Beta(0.6, 0.6) quantiles, dense at both ends.
     use_karras_sigmas: bool = False
+    use_exponential_sigmas: bool = False
+    use_beta_sigmas: bool = False
+    # LCM / TCD: the timesteps of the distillation's schedule (T // 50 apart), of which a run takes
+    # a few; and how sharply its boundary condition switches from "keep x_t" to "take x0_hat"
+    original_inference_steps: int = 50
+    timestep_scaling: float = 10.0
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -104,6 +112,24 @@ class SchedulerConfig:
                              f"{', '.join(SPACINGS)}")
         if self.steps_offset < 0:
             raise ValueError(f"steps_offset must be >= 0, got {self.steps_offset}")
+        chosen = [name for name in SIGMA_SCHEDULES if getattr(self, f"use_{name}_sigmas")]
+        if len(chosen) > 1:
+            raise ValueError(f"at most one sigma schedule can be used, got "
+                             f"{', '.join(f'use_{name}_sigmas' for name in chosen)}")
+        if not 1 <= self.original_inference_steps <= self.num_train_timesteps:
+            raise ValueError(f"original_inference_steps must be from 1 to num_train_timesteps "
+                             f"({self.num_train_timesteps}), got {self.original_inference_steps}")
+        if not (math.isfinite(self.timestep_scaling) and self.timestep_scaling > 0):
+            raise ValueError(f"timestep_scaling must be a positive number, got "
+                             f"{self.timestep_scaling!r}")
+
+    @property
+    def sigma_schedule(self) -> str | None:
+        """The re-spacing of the noise levels in use: "karras", "exponential", "beta" or None."""
+        for name in SIGMA_SCHEDULES:
+            if getattr(self, f"use_{name}_sigmas"):
+                return name
+        return None
 
     @classmethod
     def from_dict(cls, config: dict) -> SchedulerConfig:
@@ -137,21 +163,6 @@ def sigmas_from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     return ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
 
 
-def np_linspace(start: float, stop: float, num: int) -> torch.Tensor:
-    """numpy.linspace in float64, with numpy's arithmetic (i * step + start, exact endpoint).
-
-    The spaced timesteps are rounded, and a value such as 499.5 rounds differently if computed
-    another way (torch.linspace counts from both ends), so the arithmetic must be numpy's to give
-    diffusers' timesteps.
-    """
-    if num == 1:
-        return torch.tensor([float(start)], dtype=torch.float64)
-    step = (stop - start) / (num - 1)
-    y = torch.arange(num, dtype=torch.float64) * step + start
-    y[-1] = stop
-    return y
-
-
 def np_arange_down(start: float, step: float, num: int) -> torch.Tensor:
     """The first ``num`` values of numpy.arange(start, 0, -step) in float64: start + i * delta with
     delta = (start - step) - start, the way numpy fills a float range.
@@ -177,39 +188,6 @@ def spaced_timesteps(spacing: str, n: int, T: int, steps_offset: int) -> torch.T
     if spacing == "trailing":
         return np_arange_down(T, T / n, n).round() - 1
     raise ValueError(f"unknown timestep_spacing {spacing!r}: use one of {', '.join(SPACINGS)}")
-
-
-def interpolate_sigmas(sigmas: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """sigma at (possibly fractional) timesteps, linear between integers (numpy.interp), float64."""
-    table = sigmas.to(torch.float64)
-    low = timesteps.floor().long().clamp(0, len(table) - 1)
-    high = (low + 1).clamp(max=len(table) - 1)
-    frac = timesteps - low
-    between = (table[high] - table[low]) * frac + table[low]
-    return torch.where(frac == 0, table[low], between)
-
-
-def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> torch.Tensor:
-    """Karras et al. (2022) eq. 5: n noise levels from sigma_max to sigma_min, uniform in
-    sigma^(1/rho); rho = 7 spends more steps at low noise, where detail is formed. float64."""
-    ramp = np_linspace(0, 1, n)
-    max_inv_rho = sigma_max ** (1 / rho)
-    min_inv_rho = sigma_min ** (1 / rho)
-    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
-
-
-def sigma_to_timestep(sigma: torch.Tensor, log_sigmas: torch.Tensor) -> torch.Tensor:
-    """The fractional timestep of each noise level: linear interpolation in log sigma between the
-    two neighbouring training timesteps. ``log_sigmas`` is float32, as in diffusers."""
-    log_sigma = sigma.to(torch.float64).clamp(min=1e-10).log()  # (n,)
-    below = log_sigmas.to(torch.float64)[:, None] <= log_sigma  # (T, n): log sigma_t <= target
-    # the last training timestep whose sigma is not above the target (0 if none is)
-    low = (below.cumsum(0).argmax(0)).clamp(max=len(log_sigmas) - 2)
-    low_value, high_value = log_sigmas[low], log_sigmas[low + 1]
-    # the denominator is a float32 difference in diffusers, the numerator float64
-    w = ((low_value.to(torch.float64) - log_sigma) / (low_value - high_value).to(torch.float64))
-    w = w.clamp(0, 1)
-    return (1 - w) * low + w * (low + 1)
 
 
 Generator = torch.Generator | Sequence[torch.Generator] | None
@@ -264,10 +242,24 @@ class Scheduler(ABC):
 
     default_spacing = "leading"
     timestep_dtype = torch.int64
+    # timesteps per step, diffusers' ``order``: 2 for samplers that call the UNet twice per step
+    # (Heun, DPM2), whose timesteps list each intermediate point
+    order = 1
+    spacings: tuple[str, ...] = SPACINGS  # the timestep spacings the sampler offers
+    sigma_schedules: tuple[str, ...] = ()  # the re-spacings of sigma it offers (sigmas.py)
 
     def __init__(self, config: SchedulerConfig = SchedulerConfig()):
         if config.timestep_spacing is None:
             config = dataclasses.replace(config, timestep_spacing=self.default_spacing)
+        name = type(self).__name__
+        if self.spacings and config.timestep_spacing not in self.spacings:
+            raise ValueError(f"{name} spaces its timesteps by {' or '.join(self.spacings)}, not "
+                             f"{config.timestep_spacing!r}")
+        schedule = config.sigma_schedule
+        if schedule is not None and schedule not in self.sigma_schedules:
+            offered = ", ".join(self.sigma_schedules) or "none"
+            raise ValueError(f"{name} does not offer {schedule} sigmas (use_{schedule}_sigmas); "
+                             f"it offers: {offered}")
         self.config = config
         self.alphas_cumprod = make_alphas_cumprod(config)  # (T,) float32
         T = config.num_train_timesteps
@@ -321,10 +313,10 @@ class Scheduler(ABC):
         """Start the run at ``timesteps[index]`` rather than at the first timestep (image to image).
 
         Image to image as diffusers' StableDiffusionImg2ImgPipeline does it, for n steps and a
-        strength in [0, 1] (every sampler here makes one model call per step, diffusers' order 1)::
+        strength in [0, 1] (``order`` is 2 for Heun and DPM2, whose steps take two timesteps)::
 
             scheduler.set_timesteps(n)
-            start = max(n - min(int(n * strength), n), 0)
+            start = max(n - min(int(n * strength), n), 0) * scheduler.order
             timesteps = scheduler.timesteps[start:]
             scheduler.begin_at(start)
             x = scheduler.add_noise(image_latent, noise, timesteps[:1])   # then step through
@@ -348,7 +340,8 @@ class Scheduler(ABC):
     def step(self, model_output: torch.Tensor, timestep: torch.Tensor | float,
              sample: torch.Tensor, generator: Generator = None) -> StepOutput:
         """From x_t and the UNet's noise prediction at ``timestep`` to the next, less noisy x;
-        ``generator`` drives the random draws of stochastic samplers (DDPM, DDIM with eta > 0)."""
+        ``generator`` drives the random draws of stochastic samplers (DDPM, DDIM with eta > 0,
+        the ancestral and SDE samplers, LCM, TCD), drawn as diffusers draws them."""
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor,
                   timesteps: torch.Tensor | int) -> torch.Tensor:
@@ -365,12 +358,12 @@ class Scheduler(ABC):
         """sigma_t = sqrt((1 - abar_t) / abar_t) at a timestep, for plots and the UI.
 
         A fractional timestep (Euler) interpolates between the two neighbouring training
-        timesteps as it was made: linearly in sigma, or in log sigma with Karras sigmas.
+        timesteps as it was made: linearly in sigma, or in log sigma with re-spaced sigmas.
         """
         t = torch.tensor([_as_float(timestep)], dtype=torch.float64)
         self._check_timestep_range(t)
         sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod)
-        if self.config.use_karras_sigmas:
+        if self.config.sigma_schedule is not None:
             return float(interpolate_sigmas(sigmas.log(), t).exp())
         return float(interpolate_sigmas(sigmas, t))
 
@@ -386,7 +379,7 @@ class Scheduler(ABC):
 
 
 class SigmaScheduler(Scheduler):
-    """Samplers that walk a list of noise levels ``sigmas`` by position (Euler, DPM-Solver++).
+    """Samplers that walk a list of noise levels ``sigmas`` by position (Euler, DPM-Solver++, ...).
 
     ``sigmas[i]`` is the noise level of ``timesteps[i]``; one extra final entry, 0, is the clean
     end. State: ``step_index``, the position of the next step, found from the first timestep seen
@@ -426,7 +419,7 @@ class SigmaScheduler(Scheduler):
         self._require_timesteps()
         self._check_step_inputs(model_output, sample)
         i = self._init_step_index(timestep)
-        if i >= len(self.sigmas) - 1:
+        if i >= len(self.timesteps):
             raise ValueError("the run is finished: every timestep has been stepped; call "
                              "set_timesteps(n) to start another")
         return i
