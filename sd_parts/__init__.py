@@ -35,7 +35,14 @@ from .prompts import (
     webui_runs,
 )
 from .runtime import fast_dtype
-from .schedulers import Scheduler, SchedulerConfig, load_scheduler
+from .schedulers import (
+    SAMPLERS,
+    SamplerInfo,
+    Scheduler,
+    SchedulerConfig,
+    load_scheduler,
+    unet_evaluations,
+)
 from .single_file import load_single_file
 from .textual_inversion import (
     Embedding,
@@ -67,6 +74,7 @@ from .weights import (
 )
 
 __all__ = [
+    "SAMPLERS", "SamplerInfo", "unet_evaluations",
     "DEFAULT_REPO", "FLUX_VAE", "SD3_VAE", "SDXL_VAE", "TINY_CLIP", "TINY_UNET", "TINY_VAE",
     "TINY_VAE_16", "AutoencoderKL", "CLIPTextConfig",
     "CLIPTextEncoder", "CLIPTextOutput", "CLIPTokenizer", "DiagonalGaussian", "GenerationResult",

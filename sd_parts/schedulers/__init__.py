@@ -18,8 +18,13 @@ from __future__ import annotations
 
 from .ddim import DDIMScheduler
 from .ddpm import DDPMScheduler
+from .deis import DEISMultistepScheduler
+from .dpm_singlestep import DPMSolverSinglestepScheduler
 from .dpm_solver import DPMSolverMultistepScheduler
-from .euler import EulerDiscreteScheduler
+from .euler import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+from .heun import HeunDiscreteScheduler, KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler
+from .lcm import LCMScheduler, TCDScheduler
+from .lms import LMSDiscreteScheduler
 from .pndm import PNDMScheduler
 from .registry import (
     FAMILIES,
@@ -32,10 +37,14 @@ from .registry import (
 )
 from .schedule import Scheduler, SchedulerConfig, StepOutput
 from .sigmas import SIGMA_SCHEDULES
+from .unipc import UniPCMultistepScheduler
 
 __all__ = [
-    "DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
-    "PNDMScheduler",
+    "DDIMScheduler", "DDPMScheduler", "DEISMultistepScheduler", "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler", "EulerAncestralDiscreteScheduler", "EulerDiscreteScheduler",
+    "HeunDiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "KDPM2DiscreteScheduler",
+    "LCMScheduler", "LMSDiscreteScheduler", "PNDMScheduler", "TCDScheduler",
+    "UniPCMultistepScheduler",
     "FAMILIES", "SAMPLERS", "SIGMA_SCHEDULES", "SamplerInfo", "Scheduler", "SchedulerConfig",
     "StepOutput", "load_scheduler", "read_scheduler_config", "sampler_info", "unet_evaluations",
 ]

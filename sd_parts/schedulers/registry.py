@@ -15,11 +15,17 @@ from dataclasses import dataclass, field
 from ..weights import WeightsError, fetch_files, read_config
 from .ddim import DDIMScheduler
 from .ddpm import DDPMScheduler
+from .deis import DEISMultistepScheduler
+from .dpm_singlestep import DPMSolverSinglestepScheduler
 from .dpm_solver import DPMSolverMultistepScheduler
-from .euler import EulerDiscreteScheduler
+from .euler import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+from .heun import HeunDiscreteScheduler, KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler
+from .lcm import LCMScheduler, TCDScheduler
+from .lms import LMSDiscreteScheduler
 from .pndm import PNDMScheduler
 from .schedule import Scheduler, SchedulerConfig
 from .sigmas import SIGMA_SCHEDULES
+from .unipc import UniPCMultistepScheduler
 
 # one paragraph of the app's explainer each
 FAMILIES = ("first order", "ancestral", "multistep", "second order", "consistency")
@@ -62,6 +68,8 @@ class SamplerInfo:
         return self.scheduler.order
 
 
+SECOND_ORDER_NOTE = ("Two UNet evaluations per step, one for the last: {example} steps cost "
+                     "{cost} evaluations, about twice an Euler run of as many steps.")
 SAMPLERS: dict[str, SamplerInfo] = {info.kind: info for info in [
     SamplerInfo("ddpm", "DDPM", DDPMScheduler, "ancestral", stochastic=True,
                 note="Made for hundreds of steps: with 20-50 the image stays noisy."),
@@ -71,7 +79,32 @@ SAMPLERS: dict[str, SamplerInfo] = {info.kind: info for info in [
                 note="SD v1's default: n steps make n + 1 UNet evaluations, because its second "
                      "timestep is evaluated twice to start the multistep blend."),
     SamplerInfo("euler", "Euler", EulerDiscreteScheduler, "first order"),
+    SamplerInfo("euler_a", "Euler a", EulerAncestralDiscreteScheduler, "ancestral",
+                stochastic=True, note="Fresh noise every step: the picture changes with the "
+                                      "number of steps instead of settling."),
+    SamplerInfo("lms", "LMS", LMSDiscreteScheduler, "multistep"),
+    SamplerInfo("heun", "Heun", HeunDiscreteScheduler, "second order",
+                note=SECOND_ORDER_NOTE.format(example=20, cost=39)),
+    SamplerInfo("dpm2", "DPM2", KDPM2DiscreteScheduler, "second order",
+                note=SECOND_ORDER_NOTE.format(example=20, cost=39)),
+    SamplerInfo("dpm2_a", "DPM2 a", KDPM2AncestralDiscreteScheduler, "second order",
+                stochastic=True, note=SECOND_ORDER_NOTE.format(example=20, cost=39)),
     SamplerInfo("dpm++2m", "DPM++ 2M", DPMSolverMultistepScheduler, "multistep"),
+    SamplerInfo("dpm++2m_sde", "DPM++ 2M SDE", DPMSolverMultistepScheduler, "multistep",
+                fixed={"algorithm_type": "sde-dpmsolver++"}, stochastic=True),
+    SamplerInfo("dpm++3m_sde", "DPM++ 3M SDE", DPMSolverMultistepScheduler, "multistep",
+                fixed={"algorithm_type": "sde-dpmsolver++", "solver_order": 3},
+                stochastic=True),
+    SamplerInfo("dpm++2s", "DPM++ 2S", DPMSolverSinglestepScheduler, "second order",
+                note="Steps come in pairs, the first a stepping stone for the second; one UNet "
+                     "evaluation per step, linspace timesteps only."),
+    SamplerInfo("unipc", "UniPC", UniPCMultistepScheduler, "multistep"),
+    SamplerInfo("deis", "DEIS", DEISMultistepScheduler, "multistep"),
+    SamplerInfo("lcm", "LCM", LCMScheduler, "consistency", stochastic=True, distilled=True,
+                note="For an LCM-distilled UNet: 2-8 steps (at most 50), guidance built in."),
+    SamplerInfo("tcd", "TCD", TCDScheduler, "consistency", options=("eta",), stochastic=True,
+                distilled=True, note="For a TCD- or LCM-distilled UNet: 2-8 steps (at most 50); "
+                                     "eta (gamma, 0.3) sets how much fresh noise each step adds."),
 ]}
 
 
