@@ -200,3 +200,16 @@ def test_image_tab_shows_any_channel_count_and_downscale():
     assert views["preview"].shape == views["fitted_preview"].shape == (height, width, 3)
     assert (views["channels"].maps[0].rows, views["channels"].maps[0].columns) == (
         height // 2, width // 2)
+
+
+def test_uploads_from_the_wild_reach_the_tab_with_what_was_done(client, tmp_path):
+    """A TGA (an extension Gradio's "image" filter does not list) is read by its content, and a
+    12-bit grey image in a 16-bit PNG is stretched with a note on the page, not shown black."""
+    targa = tmp_path / "photo.tga"
+    Image.new("RGB", (64, 48), (200, 40, 30)).save(targa)
+    assert encode(client, targa)["status"] is None
+    grey = np.linspace(291, 694, 64 * 64).reshape(64, 64).astype(np.uint16)
+    deep = tmp_path / "scan.png"
+    Image.fromarray(grey).save(deep)
+    out = encode(client, deep)
+    assert out["status"] is None and "291" in out["size"] and "694" in out["size"]

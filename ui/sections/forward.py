@@ -82,7 +82,7 @@ def build(models: Models, exact: gr.Checkbox) -> None:
         with gr.Row():
             with gr.Column(scale=1):
                 # a File, as in the image tab: its examples are served without naming a path
-                forward_image = gr.File(label="Image", file_types=["image"])
+                forward_image = gr.File(label="Image", file_types=upload.accepted_file_types())
                 gr.Examples(EXAMPLE_IMAGES, inputs=forward_image, label="Examples")
                 t_slider = gr.Slider(0, 1000, value=500, step=1, label="Timestep t")
                 forward_seed = gr.Number(0, precision=0, label="Noise seed")

@@ -31,7 +31,7 @@ from ui.encoding import (
 )
 from ui.models import Models
 from ui.shared import REFUSED, answer_once, failure
-from viz import experiments, metrics, pixels
+from viz import experiments, metrics, pixels, upload
 
 ALL_CHANNELS = "all channels"
 # what counts as a changed pixel: an absolute change, or one relative to the largest
@@ -325,7 +325,7 @@ def build(models: Models, source: Sequence[gr.components.Component], preview: gr
         with gr.Tab("Interpolation"):
             with gr.Row():
                 with gr.Column(scale=1):
-                    second = gr.File(label="Second image", file_types=["image"],
+                    second = gr.File(label="Second image", file_types=upload.accepted_file_types(),
                                      elem_id="lab-second")
                     gr.Examples(EXAMPLE_IMAGES, inputs=second, label="Examples")
                     points = gr.Slider(2, MAX_POINTS, value=5, step=1,

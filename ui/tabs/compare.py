@@ -215,7 +215,7 @@ def build(models: Models, tab: gr.Tab) -> None:
     with gr.Row():
         with gr.Column(scale=1):
             image_file = gr.File(label="Image (PNG, JPEG, WebP, GIF, BMP, TIFF)",
-                                 file_types=["image"], elem_id="compare-input")
+                                 file_types=upload.accepted_file_types(), elem_id="compare-input")
             examples = gr.Examples(EXAMPLE_IMAGES, inputs=image_file, label="Examples")
             max_side = gr.Dropdown(SIZES, value=max(s for s in SIZES
                                                     if s <= max(settings.default_size, SIZES[0])),

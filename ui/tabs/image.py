@@ -52,13 +52,15 @@ def encode_image(models: Models, path: str | None, choice: str, max_side: int, f
         yield failure(OUTPUTS, "status", "Upload an image or click one of the examples first.")
         return
     try:
-        image = upload.load_image(path, MAX_PIXELS)
+        loaded = upload.load_image_with_notes(path, MAX_PIXELS)  # notes: what was done to it
+        image = loaded.image
         vae = models.vae(choice, bool(exact))
     except REFUSED as exc:
         yield failure(OUTPUTS, "status", str(exc))
         return
     space = latent_space(vae.config)
     fitted, size_note = pixels.fit_for_vae(image, int(max_side), vae.downscale, mode=fit)
+    size_note = " ".join(filter(None, [loaded.note, size_note]))
     tiled = uses_tiles(fitted)
     start = time.perf_counter()
     posterior = vae.encode(pixels.image_to_tensor(fitted), tiled=tiled)
@@ -140,7 +142,7 @@ def build(models: Models, tab: gr.Tab) -> None:
     with gr.Row():
         with gr.Column(scale=1):
             image_file = gr.File(label="Image (PNG, JPEG, WebP, GIF, BMP, TIFF)",
-                                 file_types=["image"], elem_id="image-input")
+                                 file_types=upload.accepted_file_types(), elem_id="image-input")
             examples = gr.Examples(EXAMPLE_IMAGES, inputs=image_file, label="Examples")
             choice = gr.Dropdown(settings.vae_choices, value=settings.vae_choices[0],
                                  label="VAE weights")
