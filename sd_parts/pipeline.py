@@ -34,7 +34,7 @@ from .prompts import encode_prompts
 from .schedulers import Scheduler, SchedulerConfig, load_scheduler, read_scheduler_config
 from .schedulers.schedule import random_normal
 from .tokenizer import CLIPTokenizer, load_tokenizer
-from .unet import UNet2DConditionModel
+from .unet import UNet2DConditionModel, guidance_embedding
 from .vae import AutoencoderKL
 from .weights import DEFAULT_REPO, load_text_encoder, load_unet, load_vae
 
@@ -133,22 +133,36 @@ class StableDiffusionPipeline:
     def latent_downscale(self) -> int:
         return self.vae.downscale
 
-    def make_scheduler(self, kind: str, karras: bool | None = None) -> Scheduler:
-        return load_scheduler(self.scheduler_config, kind=kind, karras=karras)
+    def make_scheduler(self, kind: str, use_karras_sigmas: bool | None = None, *,
+                       use_exponential_sigmas: bool | None = None,
+                       use_beta_sigmas: bool | None = None, **options: object) -> Scheduler:
+        """A fresh sampler of ``kind`` (a key of ``sd_parts.SAMPLERS``) for this model's noise
+        schedule; the sigma schedule in diffusers' words (None: as the model's file says, where
+        the kind offers it), ``options`` the kind's own (``eta`` for ddim and tcd)."""
+        return load_scheduler(self.scheduler_config, kind=kind,
+                              use_karras_sigmas=use_karras_sigmas,
+                              use_exponential_sigmas=use_exponential_sigmas,
+                              use_beta_sigmas=use_beta_sigmas, **options)
 
-    def plan(self, num_inference_steps: int, scheduler: str, karras: bool | None = None,
-             strength: float = 1.0) -> tuple[Scheduler, torch.Tensor, int]:
+    def plan(self, num_inference_steps: int, scheduler: str,
+             use_karras_sigmas: bool | None = None, strength: float = 1.0, *,
+             use_exponential_sigmas: bool | None = None, use_beta_sigmas: bool | None = None,
+             **options: object) -> tuple[Scheduler, torch.Tensor, int]:
         """The sampler, the timesteps a run will visit and the index of the first one.
 
         With ``strength`` < 1 (image to image) the run skips the noisiest part of the schedule,
-        as diffusers' StableDiffusionImg2ImgPipeline does: it denoises int(n x strength) steps.
+        as diffusers' StableDiffusionImg2ImgPipeline does: it denoises int(n x strength) steps,
+        which are twice as many timesteps for Heun and DPM2 (``order`` 2).
         """
-        sampler = self.make_scheduler(scheduler, karras)
+        sampler = self.make_scheduler(scheduler, use_karras_sigmas,
+                                      use_exponential_sigmas=use_exponential_sigmas,
+                                      use_beta_sigmas=use_beta_sigmas, **options)
         sampler.set_timesteps(num_inference_steps)
         denoised = min(int(num_inference_steps * strength), num_inference_steps)
-        start = num_inference_steps - denoised
+        start = (num_inference_steps - denoised) * sampler.order
         sampler.begin_at(start)
-        # PNDM repeats one timestep, so its list can be longer than num_inference_steps
+        # PNDM repeats one timestep and Heun/DPM2 list two per step, so the list can be longer
+        # than num_inference_steps
         timesteps = sampler.timesteps[start:] if denoised else sampler.timesteps[:0]
         return sampler, timesteps, start
 
@@ -184,7 +198,7 @@ class StableDiffusionPipeline:
         width: int = 512,
         generator: torch.Generator | None = None,
         scheduler: str = "pndm",
-        karras: bool | None = None,  # Karras sigmas (euler, dpm++2m); None: as the file says
+        use_karras_sigmas: bool | None = None,  # None: as the model's file says
         image: torch.Tensor | None = None,
         strength: float = 0.8,
         callback: Callable[[int, float, StepState], bool | None] | None = None,
@@ -193,8 +207,23 @@ class StableDiffusionPipeline:
         weighting: bool = False,
         clip_skip: int | None = None,
         on_start: Callable[[torch.Tensor], None] | None = None,
+        use_exponential_sigmas: bool | None = None,
+        use_beta_sigmas: bool | None = None,
+        eta: float | None = None,
     ) -> GenerationResult:
         """Generate images (B, 3, H, W) in [0, 1].
+
+        ``scheduler`` is a key of ``sd_parts.SAMPLERS``; ``use_karras_sigmas``,
+        ``use_exponential_sigmas`` and ``use_beta_sigmas`` re-space its noise levels where it
+        offers that (at most one True; None takes the model's file); ``eta`` is the noise of
+        ddim (default 0) and tcd (default 0.3). Stochastic samplers draw from ``generator``.
+
+        A guidance-distilled UNet (``time_cond_proj_dim``, an LCM) is run as diffusers'
+        LatentConsistencyModelPipeline runs it: the guidance scale goes into the UNet as
+        ``timestep_cond`` and each step is one pass on the prompt alone, with no negative
+        prompt. The lcm and tcd samplers also run on a plain UNet, with ordinary guidance: their
+        steps are then DDIM-like jumps through a model that was not trained to predict x_0 from
+        so few steps, and 4-8 of them give blurred images.
 
         ``image`` (B, 3, H, W) in [0, 1] turns on image to image: the image's latent is noised to
         the level ``strength`` picks and denoised from there (0: the VAE's reconstruction of the
@@ -215,16 +244,28 @@ class StableDiffusionPipeline:
             height, width = image.shape[-2:]
         check_arguments(len(prompts), len(negatives), num_inference_steps, guidance_scale,
                         height, width, self.latent_downscale, image, strength)
-        guided = guidance_scale > 1  # at 1, uncond + 1 (text - uncond) is just the text branch
+        distilled = self.unet.config.time_cond_proj_dim is not None
+        if distilled and any(negatives):
+            raise ValueError("this UNet has guidance distilled into it (time_cond_proj_dim): it "
+                             "makes no unconditional prediction, so a negative prompt has no "
+                             "effect; leave negative_prompt empty")
+        # at 1, uncond + 1 (text - uncond) is just the text branch; a distilled UNet has none
+        guided = guidance_scale > 1 and not distilled
         context, notes = self._encode(negatives + prompts if guided else prompts, long_prompts,
                                       weighting, clip_skip)
         img2img = image is not None and strength < 1
-        sampler, timesteps, start = self.plan(num_inference_steps, scheduler, karras,
-                                              strength if img2img else 1.0)
+        options = {} if eta is None else {"eta": eta}
+        sampler, timesteps, start = self.plan(num_inference_steps, scheduler, use_karras_sigmas,
+                                              strength if img2img else 1.0,
+                                              use_exponential_sigmas=use_exponential_sigmas,
+                                              use_beta_sigmas=use_beta_sigmas, **options)
         batch, device = len(prompts), self.device
         grid = (height // self.latent_downscale, width // self.latent_downscale)
         shape = (batch, self.unet.config.in_channels, *grid)
         scaling = self.vae.config.scaling_factor
+        # the guidance scale as the distilled UNet's extra time condition, one row per image
+        guidance_cond = (guidance_embedding(guidance_scale, self.unet.config.time_cond_proj_dim)
+                         .to(device).expand(batch, -1) if distilled else None)
 
         if img2img:
             # image to image: start part way down the schedule, from the image's noised latent
@@ -249,7 +290,8 @@ class StableDiffusionPipeline:
             model_input = sampler.scale_model_input(model_input, t)
             collector = CrossAttentionCollector(batch, grid, self.unet.cross_attention_layers) \
                 if trace else None
-            noise = self.unet(model_input, t, context, on_cross_attention=collector)
+            noise = self.unet(model_input, t, context, on_cross_attention=collector,
+                              timestep_cond=guidance_cond)
             noise_uncond, noise_text = noise.chunk(2) if guided else (None, noise)
             if guided:
                 noise = noise_uncond + guidance_scale * (noise_text - noise_uncond)
