@@ -115,7 +115,7 @@ def schedule_figure(alphas_cumprod: torch.Tensor, t: int) -> Figure:
     steps = np.arange(1, len(abar) + 1)
     figure = new_figure(6.4, 2.6)
     left = add_axes(figure, 0.6, 0.5, 2.4, 1.8)
-    left.plot(steps, abar.numpy(), label="ᾱ_t (signal kept)")
+    left.plot(steps, abar.numpy(), label="ᾱ_t (x_t keeps √ᾱ_t of the image)")
     left.plot(steps, beta.numpy() * 50, label="β_t x 50 (noise added per step)")
     left.set_xlabel("t")
     left.legend(fontsize=7, loc="center right")

@@ -230,8 +230,9 @@ def build(models: Models, tab: gr.Tab) -> None:
         gr.Markdown(random_banner(settings.weights), elem_classes="banner")
     with gr.Row():
         with gr.Column(scale=1):
-            prompt = gr.Textbox(label="Prompt", elem_id="generate-prompt", lines=2,
-                                placeholder="a photograph of an astronaut riding a horse")
+            # the first example, whose run the tab opens on: Generate then shows it at once
+            prompt = gr.Textbox(EXAMPLE_PROMPTS[0][0], label="Prompt", elem_id="generate-prompt",
+                                lines=2)
             negative_prompt = gr.Textbox(label="Negative prompt (what guidance pushes away from)")
             with gr.Row():
                 run = gr.Button("Generate", variant="primary", elem_id="generate-button")
