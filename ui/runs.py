@@ -34,6 +34,7 @@ import torch
 
 import sd_parts
 from sd_parts.pipeline import GenerationResult, StepState, Trace
+from ui.shared import OUTPUT_DIR
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,8 @@ class Stops:
     """The Stop flags of the sessions' current runs: one run per session at a time."""
 
     def __init__(self, folder: Path | None = None) -> None:
-        self.folder = folder or Path(tempfile.mkdtemp(prefix="sd-parts-stops-"))
+        # in the app's one folder for its files, removed with it when the app ends
+        self.folder = folder or Path(tempfile.mkdtemp(prefix="stops-", dir=OUTPUT_DIR))
         self._flags: dict[str, StopFlag] = {}
         self._lock = threading.Lock()
 

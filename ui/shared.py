@@ -37,8 +37,8 @@ def output_path(name: str, max_age_s: int) -> Path:
     now = time.time()
     for old in OUTPUT_DIR.iterdir():
         try:
-            if now - old.stat().st_mtime > max_age_s:
-                old.unlink()
+            if old.is_file() and now - old.stat().st_mtime > max_age_s:
+                old.unlink()  # (folders here, as the runs' Stop flags, keep their own)
         except FileNotFoundError:  # removed meanwhile by a request in another session
             pass
     return OUTPUT_DIR / f"{uuid.uuid4().hex[:12]}-{name}"
