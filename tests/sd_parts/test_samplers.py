@@ -106,8 +106,8 @@ def assert_timesteps_equal(ours: torch.Tensor, reference: torch.Tensor, exact: b
 def test_matches_diffusers(kind, spacing, schedule, eta):
     import diffusers  # noqa: F401 - imported here so collection stays fast
 
+    reference, ours = make_pair(kind, spacing, schedule, eta)  # reused: set_timesteps resets
     for n in STEPS:
-        reference, ours = make_pair(kind, spacing, schedule, eta)
         reference.set_timesteps(n)
         ours.set_timesteps(n)
         exact = schedule is None and kind not in ("dpm2", "dpm2_a")
