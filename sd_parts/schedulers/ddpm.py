@@ -33,6 +33,11 @@ What the other samplers change:
            four noise predictions (PLMS): fourth order for the price of one model call.
   DPM++2M  solves the same ODE exactly in its linear part, in log-SNR time lambda, and
            extrapolates x0_hat from the previous step: second order, good in 15-25 steps.
+And the rest, each in its file: Euler a (euler.py) and DPM2 a (heun.py) add fresh noise to
+Euler's and DPM2's steps, as DDPM does; LMS (lms.py) is PNDM's idea in sigma; Heun and DPM2
+(heun.py) call the UNet twice per step; DPM++ 2M/3M SDE (dpm_solver.py), 2S (dpm_singlestep.py),
+UniPC (unipc.py) and DEIS (deis.py) are further solvers in lambda or sigma; LCM and TCD (lcm.py)
+sample consistency-distilled UNets in 2-8 steps.
 
 State: none besides the timesteps; ``step`` finds the next timestep t' by looking t up in them.
 """
