@@ -36,7 +36,7 @@ from ui.runs import (
     Stops,
     run_in_background,
 )
-from ui.sections import example_runs, forward
+from ui.sections import example_runs, forward, unet_inside
 from ui.sections.steps import (
     StepsSection,
     latent_views,
@@ -273,6 +273,7 @@ def build(models: Models, tab: gr.Tab) -> None:
             shown = StepsSection(models, record, exact)
             out |= shown.outputs
     forward.build(models, exact)
+    unet_inside.build(models, record, exact, shown.follow["scrubber"])
     stops = Stops()
     max_age = settings.output_max_age
 
