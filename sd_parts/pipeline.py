@@ -321,6 +321,85 @@ class StableDiffusionPipeline:
                                 steps_done=steps_done, stopped=stopped, trace=record,
                                 notes=notes)
 
+    @torch.no_grad()
+    def denoising_loss(
+        self,
+        image: torch.Tensor,
+        prompts: str | list[str],
+        timesteps: list[int] | torch.Tensor,
+        generator: torch.Generator | None = None,
+        callback: Callable[[int, int], bool | None] | None = None,
+    ) -> torch.Tensor:
+        """The UNet as a denoiser of the user's own image: how well, told each prompt, it finds
+        the noise put on the image at each timestep. (len(prompts), len(timesteps)) float32.
+
+        This is the training loss of Ho et al. (2020), ||eps - eps_theta(x_t, t, c)||^2, averaged
+        over the latent: x_0 is the image's latent (the posterior mean, scaled as the UNet sees
+        it), x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps with the noise schedule's abar_t, and
+        eps is drawn once (``torch.randn`` with ``generator``) and reused for every timestep and
+        prompt, so the prompts are compared on the same noisy latents. A lower loss means the
+        prompt explains the image better at that noise level (as in Li et al., "Your Diffusion
+        Model is Secretly a Zero-Shot Classifier", 2023). Prompts are plainly encoded and there
+        is no guidance.
+
+        ``image`` (1, 3, H, W) in [0, 1], H and W multiples of the VAE's downscale;
+        ``timesteps``: whole numbers in [0, num_train_timesteps). One UNet call per timestep
+        takes all the prompts; ``callback(done, total)`` runs after each. If it returns False
+        the computation stops: the timesteps not reached are NaN in the result.
+        """
+        from .schedulers.schedule import make_alphas_cumprod  # the trained abar_t, t = 0..T-1
+
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        steps = check_loss_arguments(image, prompts, timesteps, self.latent_downscale,
+                                     self.scheduler_config.num_train_timesteps)
+        device = self.device
+        config = self.vae.config
+        posterior = self.vae.encode(image.to(device, torch.float32) * 2 - 1)
+        latents = (posterior.mean - config.shift_factor) * config.scaling_factor  # (1, C, h, w)
+        noise = random_normal(latents.shape, generator, device, torch.float32)
+        context = self.encode_prompt(prompts)  # (P, 77, hidden)
+        abar = make_alphas_cumprod(self.scheduler_config).to(device)
+        losses = torch.full((len(prompts), len(steps)), float("nan"))
+        for j, t in enumerate(steps):
+            noisy = abar[t] ** 0.5 * latents + (1 - abar[t]) ** 0.5 * noise
+            eps = self.unet(noisy.expand(len(prompts), -1, -1, -1), t, context)
+            losses[:, j] = (eps - noise).square().mean(dim=(1, 2, 3)).cpu()
+            if callback is not None and callback(j + 1, len(steps)) is False:
+                break
+        return losses
+
+
+def check_loss_arguments(image: torch.Tensor, prompts: list[str],
+                         timesteps: list[int] | torch.Tensor, multiple: int,
+                         train_timesteps: int) -> list[int]:
+    """Refuse what ``denoising_loss`` cannot use, saying why; the timesteps as a list of ints."""
+    if not prompts or any(not isinstance(p, str) for p in prompts):
+        raise ValueError(f"give at least one prompt (a list of strings); got {prompts!r}")
+    if (not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[:2] != (1, 3)
+            or not image.is_floating_point()):
+        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise ValueError(f"image must be one float image (1, 3, H, W) in [0, 1]; got {shape}")
+    height, width = image.shape[-2:]
+    if height % multiple or width % multiple:
+        raise ValueError(f"the image's height and width must be multiples of {multiple}; got "
+                         f"{height}x{width}")
+    if not torch.isfinite(image).all() or image.min() < 0 or image.max() > 1:
+        raise ValueError("image values must be finite and in [0, 1]")
+    values = timesteps.tolist() if isinstance(timesteps, torch.Tensor) else list(timesteps)
+    if isinstance(timesteps, torch.Tensor) and timesteps.ndim != 1:
+        raise ValueError(f"timesteps must be a list of numbers; got a tensor of shape "
+                         f"{tuple(timesteps.shape)}")
+    if not values:
+        raise ValueError("give at least one timestep")
+    steps = []
+    for t in values:
+        whole = isinstance(t, int) or (isinstance(t, float) and t.is_integer())
+        if isinstance(t, bool) or not whole or not 0 <= t < train_timesteps:
+            raise ValueError(f"timesteps must be whole numbers in [0, {train_timesteps}); "
+                             f"got {t!r}")
+        steps.append(int(t))
+    return steps
+
 
 def check_arguments(
     batch: int, negatives: int, steps: int, guidance: float, height: int, width: int,
