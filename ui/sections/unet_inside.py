@@ -400,8 +400,9 @@ class UNetSection:
                                     elem_id="unet-diagram")
             out["table"] = _table(["block", "checkpoint path", "shape", "time %", "L2 norm",
                                    "rms"])
+            # the handlers check every value themselves and say what the choices are
             out["block"] = gr.Dropdown([], label="Block (or click it in the diagram)",
-                                       elem_id="unet-block")
+                                       elem_id="unet-block", allow_custom_value=True)
             blk = {"block_note": gr.Markdown(elem_id="unet-block-note"),
                    "channels": _image("Its first 64 channels, on one signed scale",
                                       elem_id="unet-channels"),
@@ -417,8 +418,10 @@ class UNetSection:
             sa["self_maps"] = _image("Self-attention of the position, each layer at its own "
                                      "resolution (mean over heads)", elem_id="unet-self")
             with gr.Row():
-                out["word"] = gr.Dropdown([], label="Word of the prompt", elem_id="unet-word")
-                out["layer"] = gr.Dropdown([], label="Cross-attention layer, head by head")
+                out["word"] = gr.Dropdown([], label="Word of the prompt", elem_id="unet-word",
+                                          allow_custom_value=True)
+                out["layer"] = gr.Dropdown([], label="Cross-attention layer, head by head",
+                                           allow_custom_value=True)
             ca = {"cross_note": gr.Markdown()}
             ca["word_maps"] = _image("Cross-attention to the word, per layer (mean over heads), "
                                      "beside the run's map summed over layers and steps")
@@ -466,9 +469,11 @@ class UNetSection:
                 exact: float32 numerics.
             """
             if not block and run_record is not None:
-                return {c: gr.skip() for c in blk.values()}
-            return next(send(max_age, [self.answer(BLOCK, run_record, step, exact,
-                                                   lambda p: block_views(p, block))], blk))
+                yield {c: gr.skip() for c in blk.values()}
+                return
+            # a generator: the picture files are removed once Gradio has sent them
+            yield from send(max_age, [self.answer(BLOCK, run_record, step, exact,
+                                                  lambda p: block_views(p, block))], blk)
 
         def self_attention(run_record, x, y, step, exact):
             """Where a position of the final image looks in every self-attention layer.
@@ -480,11 +485,10 @@ class UNetSection:
                 exact: float32 numerics.
             """
             if x is None or y is None:
-                return {sa["self_note"]: "Click a position of the image."} | {
-                    sa["self_maps"]: None}
-            return next(send(max_age, [self.answer(SELF, run_record, step, exact,
-                                                   lambda p: self_attention_views(p, x, y))],
-                             sa))
+                yield {sa["self_note"]: "Click a position of the image.", sa["self_maps"]: None}
+                return
+            yield from send(max_age, [self.answer(SELF, run_record, step, exact,
+                                                  lambda p: self_attention_views(p, x, y))], sa)
 
         def cross_attention(run_record, word, layer, step, exact):
             """Where a word of the prompt is looked at, layer by layer, and one layer's heads.
@@ -496,10 +500,11 @@ class UNetSection:
                 exact: float32 numerics.
             """
             if not word and run_record is not None:
-                return {c: gr.skip() for c in ca.values()}
-            return next(send(max_age, [self.answer(
+                yield {c: gr.skip() for c in ca.values()}
+                return
+            yield from send(max_age, [self.answer(
                 CROSS, run_record, step, exact,
-                lambda p: cross_attention_views(p, word, layer))], ca))
+                lambda p: cross_attention_views(p, word, layer))], ca)
 
         def denoising_loss(run_record, image, caption_1, caption_2, caption_3, caption_4, exact,
                            request: gr.Request):
@@ -560,12 +565,12 @@ class UNetSection:
         out["diagram"].select(pick_block, slots, out["block"], api_visibility="private")
         out["block"].change(unet_block, [record, out["block"], scrubber, exact],
                             list(blk.values()), api_name="unet_block", **unet)
+        where.click(self_attention, [record, x_box, y_box, scrubber, exact], list(sa.values()),
+                    api_name="self_attention", **unet)
         out["image"].select(pick_position, None, [x_box, y_box],
                             api_visibility="private").then(
             self_attention, [record, x_box, y_box, scrubber, exact], list(sa.values()),
-            api_visibility="private", **unet)
-        where.click(self_attention, [record, x_box, y_box, scrubber, exact], list(sa.values()),
-                    api_name="self_attention", **unet)
+            api_name="self_attention_clicked", api_visibility="private", **unet)
         gr.on([out["word"].change, out["layer"].change], cross_attention,
               [record, out["word"], out["layer"], scrubber, exact], list(ca.values()),
               api_name="cross_attention", **unet)
