@@ -197,7 +197,7 @@ def block_table(blocks: Sequence[UNetBlock], outputs: Mapping[str, torch.Tensor]
         rows.append([short_name(block.path), block.path,
                      " x ".join(str(s) for s in output.shape),
                      round(100 * time_shares.get(block.path, 0.0), 2),
-                     float(output.norm()), float(output.pow(2).mean().sqrt())])
+                     significant(output.norm()), significant(output.pow(2).mean().sqrt())])
     return rows
 
 
@@ -224,7 +224,12 @@ def channel_statistics(output: torch.Tensor) -> list[list[float]]:
     flat = output.double().flatten(1)
     stats = torch.stack([flat.mean(1), flat.std(1, unbiased=False), flat.min(1).values,
                          flat.max(1).values], dim=1)
-    return [[i, *map(float, row)] for i, row in enumerate(stats)]
+    return [[i, *map(significant, row)] for i, row in enumerate(stats)]
+
+
+def significant(value: float | torch.Tensor, digits: int = 5) -> float:
+    """A number rounded to ``digits`` significant digits, for tables a person reads."""
+    return float(f"{float(value):.{digits}g}")
 
 
 def skip_split(hidden: torch.Tensor, skip: torch.Tensor) -> tuple[float, float, float]:

@@ -38,7 +38,7 @@ def run_record(steps: int = STEPS, size: int = SIZE):
     return last["record"]
 
 
-def section_page(models: Models = MODELS) -> gr.Blocks:
+def section_page(models: Models = MODELS, size: int = SIZE) -> gr.Blocks:
     """The section around a record State, an exact box and a scrubber, as the generation tab
     holds it; "make_run" fills the record with a tiny run."""
     with gr.Blocks(delete_cache=models.settings.delete_cache) as demo:
@@ -53,7 +53,7 @@ def section_page(models: Models = MODELS) -> gr.Blocks:
             return made[-1], f"A run of {made[-1].steps} steps."
 
         steps_box = gr.Number(STEPS, visible=False)
-        size_box = gr.Number(SIZE, visible=False)
+        size_box = gr.Number(size, visible=False)
         make.click(make_run, [steps_box, size_box], [record, status], api_name="make_run")
         unet_inside.build(models, record, exact, scrubber)
     return demo

@@ -219,7 +219,7 @@ def inside_views(models: Models, probed: Probed, exact: bool) -> dict[str, objec
         ratios = unet.guidance_ratios({b.path: probed.outputs[b.path] for b in blocks})
         views["guidance"] = unet.bar_chart([b.path for b in blocks], list(ratios.values()),
                                            "||out_text - out_uncond|| / ||out_uncond||")
-        views["guidance_table"] = [[p, r] for p, r in ratios.items()]
+        views["guidance_table"] = [[p, unet.significant(r)] for p, r in ratios.items()]
     else:
         views["guidance"] = views["guidance_table"] = None
         views["status"] += " Guidance scale 1: no unconditional pass to compare."
@@ -408,7 +408,8 @@ class UNetSection:
                                       elem_id="unet-channels"),
                    "stats": _table(["channel", "mean", "std", "min", "max"])}
             with gr.Row():
-                out["image"] = _image("The run's image: click a position", elem_id="unet-image")
+                out["image"] = _image("The run's image: click a position", elem_id="unet-image",
+                                      height=256)
                 with gr.Column():
                     with gr.Row():
                         x_box = gr.Number(None, precision=0, label="x (pixels)")
