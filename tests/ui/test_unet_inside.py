@@ -215,3 +215,17 @@ def test_the_probed_call_is_made_once_per_step(after_run, monkeypatch):
     client.predict("mid_block", 3, True, api_name="/unet_block")
     client.predict(5, 5, 3, True, api_name="/self_attention")
     assert len(calls) == 1 and model is MODELS.unet(True)
+
+
+def test_stop_ends_the_denoising_loss_after_the_current_call(after_run):
+    _, record = after_run
+    from PIL import Image
+
+    stop = threading.Event()
+    answers = []
+    for done, losses in unet_inside.denoising_losses(MODELS, Image.fromarray(record.image),
+                                                     ["a cat"], True, stop):
+        answers.append((done, losses))
+        stop.set()  # pressed during the first call
+    assert answers[0] == (1, {}) and answers[-1][0] == 1
+    assert [len(v) for v in answers[-1][1].values()] == [1, 1]  # the call it was making

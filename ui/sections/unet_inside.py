@@ -18,6 +18,7 @@ same layout of components; the drawing itself is in ``viz/unet.py``.
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections import OrderedDict
@@ -330,31 +331,45 @@ def cross_attention_views(probed: Probed, word: str, layer: str | None) -> dict[
 
 def denoising_losses(models: Models, image: Image.Image, captions: list[str], exact: bool,
                      stop: threading.Event) -> Iterator[tuple[int, dict[str, list[float]]]]:
-    """The training loss E||eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t, c)||^2
-    at LOSS_TIMESTEPS for the empty prompt and each caption, one batched UNet call per t, with
-    one noise draw (seed 0) shared by all: yields (calls done, losses so far)."""
+    """``pipe.denoising_loss`` of the image at LOSS_TIMESTEPS for the empty prompt and each
+    caption (one batched UNet call per t, one noise draw, seed 0, shared by all), run in a worker
+    thread: yields (calls done, {}) after each call, then (calls done, the losses measured);
+    a set ``stop`` ends it after the current call."""
     pipe = models.pipeline(exact)
-    vae = pipe.vae
     fitted, _ = pixels.fit_for_vae(image.convert("RGB"), models.settings.generate_size,
-                                   vae.downscale)
-    scaling = vae.config.scaling_factor
-    x0 = vae.encode(pixels.image_to_tensor(fitted).to(pipe.device)).mean * scaling
+                                   pipe.vae.downscale)
+    picture = (pixels.image_to_tensor(fitted) + 1) / 2  # [0, 1], as the pipeline takes it
     prompts = ["", *captions]
-    context = pipe.encode_prompt(prompts)
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)).to(x0.device)
-    abar = sd_parts.load_scheduler(models.scheduler_config(), kind="ddpm").alphas_cumprod
-    losses: dict[str, list[float]] = {p: [] for p in prompts}
-    for done, t in enumerate(LOSS_TIMESTEPS, 1):
-        if stop.is_set():
-            return
-        a = float(abar[t])
-        x_t = (a ** 0.5 * x0 + (1 - a) ** 0.5 * noise).expand(len(prompts), -1, -1, -1)
-        eps = pipe.unet(x_t, t, context)
-        for prompt, value in zip(prompts, (eps.float() - noise).pow(2).flatten(1).mean(1),
-                                 strict=True):
-            losses[prompt].append(float(value))
-        yield done, losses
+    progress: queue.Queue[int] = queue.Queue()
+    result: list[torch.Tensor | BaseException] = []
 
+    def on_call(done: int, total: int) -> bool:
+        progress.put(done)
+        return not stop.is_set()
+
+    def work() -> None:
+        try:
+            result.append(pipe.denoising_loss(picture, prompts, list(LOSS_TIMESTEPS),
+                                              generator=torch.Generator().manual_seed(0),
+                                              callback=on_call))
+        except BaseException as exc:  # noqa: BLE001 - raised again in the handler's thread
+            result.append(exc)
+        progress.put(-1)
+
+    worker = threading.Thread(target=work, name="denoising-loss", daemon=True)
+    worker.start()
+    done = 0
+    try:
+        while (event := progress.get()) != -1:
+            done = event
+            yield done, {}
+    finally:
+        stop.set()  # a client that left: the worker ends after its current call
+        worker.join()
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    losses = result[0][:, :done]  # the timesteps not reached are NaN
+    yield done, {p: [float(v) for v in row] for p, row in zip(prompts, losses, strict=True)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -612,17 +627,19 @@ class UNetSection:
             losses: dict[str, list[float]] = {}
             for done, so_far in denoising_losses(self.models, image, captions, bool(exact),
                                                  stop):
-                losses = so_far
+                if so_far:
+                    losses = so_far
+                    break
                 yield {"loss_status": f"UNet call {done} of {len(LOSS_TIMESTEPS)} (t = "
                                       f"{LOSS_TIMESTEPS[done - 1]}); Stop ends after the next."}
         except REFUSED as exc:
             yield failure(LOSS, "loss_status", str(exc))
             return
-        if not losses:
-            yield failure(LOSS, "loss_status", "Stopped before the first UNet call.")
+        if not losses or not next(iter(losses.values())):
+            yield failure(LOSS, "loss_status", "Stopped before the first UNet call ended.")
             return
         measured = LOSS_TIMESTEPS[:len(next(iter(losses.values())))]
-        ended = "Stopped" if stop.is_set() else "Done"
+        ended = "Stopped" if len(measured) < len(LOSS_TIMESTEPS) else "Done"
         yield {"loss_status": f"{ended}: {len(measured)} timesteps, {len(losses)} prompts "
                               "in each UNet call.",
                "loss_plot": unet.loss_figure(measured, losses),
