@@ -222,10 +222,8 @@ def test_stop_ends_the_denoising_loss_after_the_current_call(after_run):
     from PIL import Image
 
     stop = threading.Event()
-    answers = []
-    for done, losses in unet_inside.denoising_losses(MODELS, Image.fromarray(record.image),
-                                                     ["a cat"], True, stop):
-        answers.append((done, losses))
-        stop.set()  # pressed during the first call
+    stop.set()  # pressed while the first call runs
+    answers = list(unet_inside.denoising_losses(MODELS, Image.fromarray(record.image),
+                                                ["a cat"], True, stop))
     assert answers[0] == (1, {}) and answers[-1][0] == 1
     assert [len(v) for v in answers[-1][1].values()] == [1, 1]  # the call it was making
