@@ -423,8 +423,7 @@ class UNetSection:
                                       elem_id="unet-channels"),
                    "stats": _table(["channel", "mean", "std", "min", "max"])}
             with gr.Row():
-                out["image"] = _image("The run's image: click a position", elem_id="unet-image",
-                                      height=256)
+                out["image"] = _image("The run's image: click a position", elem_id="unet-image")
                 with gr.Column():
                     with gr.Row():
                         x_box = gr.Number(None, precision=0, label="x (pixels)")
