@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import sd_parts
+from sd_parts import load_tokenizer
 
 
 def reference_vae(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32):
@@ -119,3 +120,38 @@ def saved(factory: pytest.TempPathFactory, name: str, model: object) -> tuple[ob
     return model, folder
 
 
+# SD v1.5's scheduler_config.json, as diffusers' schedulers take it
+SD15_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                      num_train_timesteps=1000, steps_offset=1, skip_prk_steps=True,
+                      set_alpha_to_one=False, clip_sample=False)
+
+
+def save_tiny_pipeline(folder: Path, scheduler: str | None = None, distilled: bool = False
+                       ) -> object:
+    """A whole tiny SD v1 pipeline in the Hub layout, written by diffusers' save_pretrained, and
+    returned; ``scheduler`` names diffusers' class (default PNDMScheduler, SD v1.5's). With
+    ``distilled``, an LCM: a UNet with time_cond_proj_dim, driven by
+    LatentConsistencyModelPipeline with LCMScheduler."""
+    scheduler = scheduler or ("LCMScheduler" if distilled else "PNDMScheduler")
+    import diffusers
+    import transformers
+
+    load_tokenizer().save(folder / "vocabulary")
+    parts = dict(
+        vae=reference_vae(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8),
+        text_encoder=reference_text_encoder(hidden_size=32, intermediate_size=64, layers=2,
+                                            heads=4),
+        tokenizer=transformers.CLIPTokenizer.from_pretrained(folder / "vocabulary",
+                                                          model_max_length=77),
+        scheduler=getattr(diffusers, scheduler).from_config(SD15_SCHEDULER),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    if distilled:
+        pipe = diffusers.LatentConsistencyModelPipeline(
+            unet=reference_unet(**TINY_UNET_OVERRIDES | {"time_cond_proj_dim": 16}), **parts)
+    else:
+        pipe = diffusers.StableDiffusionPipeline(unet=reference_unet(**TINY_UNET_OVERRIDES),
+                                                 **parts)
+    pipe.save_pretrained(folder)
+    load_tokenizer().save(folder / "tokenizer")  # transformers 5 writes only tokenizer.json
+    return pipe

@@ -11,42 +11,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from sd_parts import load_tokenizer
 from sd_parts.pipeline import StableDiffusionPipeline, load_pipeline
-from tests.helpers.references import (
-    TINY_UNET_OVERRIDES,
-    reference_text_encoder,
-    reference_unet,
-    reference_vae,
-)
+from tests.helpers.references import save_tiny_pipeline
 
 SIZE = 32  # pixels; the tiny VAE halves it once, so the latent is 16 x 16
 PROMPTS = ["a photograph of an astronaut riding a horse", "a bowl of fruit", ""]
 TIMESTEPS = [0, 250, 999]
-SD15_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                      num_train_timesteps=1000)
-
-
 @pytest.fixture(scope="module")
 def pipes(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, StableDiffusionPipeline]:
     """diffusers' tiny SD v1 pipeline, and ours loaded from the files it writes."""
-    import diffusers
-    import transformers
-
     folder: Path = tmp_path_factory.mktemp("tiny_sd_loss")
-    load_tokenizer().save(folder / "vocabulary")
-    reference = diffusers.StableDiffusionPipeline(
-        vae=reference_vae(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8),
-        text_encoder=reference_text_encoder(hidden_size=32, intermediate_size=64, layers=2,
-                                            heads=4),
-        tokenizer=transformers.CLIPTokenizer.from_pretrained(folder / "vocabulary",
-                                                          model_max_length=77),
-        unet=reference_unet(**TINY_UNET_OVERRIDES),
-        scheduler=diffusers.DDPMScheduler.from_config(SD15_SCHEDULER),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    reference.save_pretrained(folder)
-    load_tokenizer().save(folder / "tokenizer")
+    reference = save_tiny_pipeline(folder, "DDPMScheduler")
     return reference, load_pipeline(str(folder))
 
 

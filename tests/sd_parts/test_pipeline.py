@@ -9,46 +9,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from sd_parts import load_tokenizer
 from sd_parts.pipeline import StableDiffusionPipeline, load_pipeline
-from tests.helpers.references import (
-    TINY_UNET_OVERRIDES,
-    reference_text_encoder,
-    reference_unet,
-    reference_vae,
-)
+from tests.helpers.references import save_tiny_pipeline
 
 TOL = 1e-4
 PROMPT = "a photograph of an astronaut riding a horse"
 SIZE = 32  # pixels; the tiny VAE halves it once, so the latent is 16 x 16
 DIFFUSERS_SCHEDULERS = {"pndm": "PNDMScheduler", "ddim": "DDIMScheduler",
                         "euler": "EulerDiscreteScheduler", "dpm++2m": "DPMSolverMultistepScheduler"}
-SD15_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                      num_train_timesteps=1000, steps_offset=1, skip_prk_steps=True,
-                      set_alpha_to_one=False, clip_sample=False)
-
-
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A whole tiny SD v1 pipeline, written by diffusers' own save_pretrained."""
-    import diffusers
-    import transformers
-
     folder = tmp_path_factory.mktemp("tiny_sd")
-    load_tokenizer().save(folder / "vocabulary")
-    pipe = diffusers.StableDiffusionPipeline(
-        vae=reference_vae(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8),
-        text_encoder=reference_text_encoder(hidden_size=32, intermediate_size=64, layers=2,
-                                            heads=4),
-        tokenizer=transformers.CLIPTokenizer.from_pretrained(folder / "vocabulary",
-                                                          model_max_length=77),
-        unet=reference_unet(**TINY_UNET_OVERRIDES),
-        scheduler=diffusers.PNDMScheduler.from_config(SD15_SCHEDULER),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    pipe.save_pretrained(folder)
-    # transformers 5 writes only tokenizer.json; the Hub's tokenizer/ also has these two
-    load_tokenizer().save(folder / "tokenizer")
+    save_tiny_pipeline(folder)
     return folder
 
 

@@ -4,19 +4,12 @@ down a two-evaluation schedule; and a guidance-distilled UNet as LatentConsisten
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
-from sd_parts import SAMPLERS, load_tokenizer
+from sd_parts import SAMPLERS
 from sd_parts.pipeline import StableDiffusionPipeline, load_pipeline
-from tests.helpers.references import (
-    TINY_UNET_OVERRIDES,
-    reference_text_encoder,
-    reference_unet,
-    reference_vae,
-)
+from tests.helpers.references import save_tiny_pipeline
 
 TOL = 1e-4
 PROMPT = "a photograph of an astronaut riding a horse"
@@ -26,44 +19,12 @@ DIFFUSERS = {"heun": "HeunDiscreteScheduler", "dpm2": "KDPM2DiscreteScheduler",
              "dpm++2m_sde": "DPMSolverMultistepScheduler",
              "dpm++3m_sde": "DPMSolverMultistepScheduler", "unipc": "UniPCMultistepScheduler",
              "lcm": "LCMScheduler", "tcd": "TCDScheduler"}
-SD15_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                      num_train_timesteps=1000, steps_offset=1, skip_prk_steps=True,
-                      set_alpha_to_one=False, clip_sample=False)
-
-
-def save_tiny_pipeline(folder: Path, distilled: bool) -> None:
-    """A whole tiny SD v1 pipeline in the Hub layout, written by diffusers' save_pretrained; with
-    ``distilled``, an LCM: a UNet with time_cond_proj_dim and LCMScheduler."""
-    import diffusers
-    import transformers
-
-    load_tokenizer().save(folder / "vocabulary")
-    parts = dict(
-        vae=reference_vae(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8),
-        text_encoder=reference_text_encoder(hidden_size=32, intermediate_size=64, layers=2,
-                                            heads=4),
-        tokenizer=transformers.CLIPTokenizer.from_pretrained(folder / "vocabulary",
-                                                          model_max_length=77),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    if distilled:
-        unet = reference_unet(**TINY_UNET_OVERRIDES | {"time_cond_proj_dim": 16})
-        pipe = diffusers.LatentConsistencyModelPipeline(
-            unet=unet, scheduler=diffusers.LCMScheduler.from_config(SD15_SCHEDULER), **parts)
-    else:
-        pipe = diffusers.StableDiffusionPipeline(
-            unet=reference_unet(**TINY_UNET_OVERRIDES),
-            scheduler=diffusers.PNDMScheduler.from_config(SD15_SCHEDULER), **parts)
-    pipe.save_pretrained(folder)
-    load_tokenizer().save(folder / "tokenizer")  # transformers 5 writes only tokenizer.json
-
-
 @pytest.fixture(scope="module")
 def pipes(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, StableDiffusionPipeline]:
     import diffusers
 
     folder = tmp_path_factory.mktemp("tiny_sd")
-    save_tiny_pipeline(folder, distilled=False)
+    save_tiny_pipeline(folder)
     reference = diffusers.StableDiffusionPipeline.from_pretrained(folder)
     reference.set_progress_bar_config(disable=True)
     return reference, load_pipeline(str(folder))
