@@ -200,19 +200,18 @@ def generate(models: Models, request: GenerationRequest, exact: bool, stop,
                                                     state.pred_original[0], levels, state.index,
                                                     pipe.latent_downscale)
         elif isinstance(event, Finished):
-            yield final_views(models, record, event, pipe, exact)
+            yield final_views(models, record, event, pipe, exact, len(timesteps))
 
 
 def final_views(models: Models, record: RunRecord, finished: Finished,
-                pipe: sd_parts.StableDiffusionPipeline, exact: bool) -> dict[str, object]:
+                pipe: sd_parts.StableDiffusionPipeline, exact: bool, planned: int
+                ) -> dict[str, object]:
+    """The finished run's views; ``planned``: the UNet evaluations the run was to make."""
     result = finished.result
     pieces = pipe.tokenizer.tokenize(record.request.prompt)
     image = pixels.images_to_pixels(result.images * 2 - 1)
     record.finish(result, pieces[:tokens_kept(len(pieces), pipe.tokenizer.model_max_length)],
                   image)
-    planned = len(pipe.plan(record.request.num_inference_steps, record.request.scheduler,
-                            record.request.use_karras_sigmas or None,
-                            record.request.strength if record.request.image else 1.0)[1])
     ended = (f"Stopped after {result.steps_done} of {planned} "
              f"{step_word(record.request)}s" if result.stopped
              else f"Done: {evaluations_note(record.request, result.steps_done)}")
