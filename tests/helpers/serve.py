@@ -137,15 +137,16 @@ class Server:
 
 
 def folder_bytes(folder: Path) -> tuple[int, int]:
-    """(number of files, total bytes) under a folder, skipping files that vanish while we look."""
+    """(number of files, total bytes) under a folder, skipping files and folders that vanish
+    while we look (the server's cleaner removes them; os.walk passes over a folder gone)."""
     count = total = 0
-    for path in folder.rglob("*"):
-        try:
-            if path.is_file():
+    for root, _, names in os.walk(folder):
+        for name in names:
+            try:
+                total += os.stat(os.path.join(root, name)).st_size
                 count += 1
-                total += path.stat().st_size
-        except FileNotFoundError:
-            pass
+            except FileNotFoundError:
+                pass
     return count, total
 
 
