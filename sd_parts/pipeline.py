@@ -172,10 +172,11 @@ class StableDiffusionPipeline:
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str], long_prompts: bool = False,
-                      weighting: bool = False, clip_skip: int | None = None) -> torch.Tensor:
+                      weighting: bool = False, clip_skip: int | None = None,
+                      chunking: str = "plain", emphasis: str = "original") -> torch.Tensor:
         """(B, 77, hidden): the text encoder's last hidden state, as SD v1 conditions on; the
         options as in ``sd_parts.prompts.encode_prompts`` (all off: diffusers' encoding)."""
-        return self._encode(prompts, long_prompts, weighting, clip_skip)[0]
+        return self._encode(prompts, long_prompts, weighting, clip_skip, chunking, emphasis)[0]
 
     # Adapters, as methods: pipe.load_lora_weights(source, scale=0.8) is
     # sd_parts.lora.load_lora_weights(pipe, source, scale=0.8). LoRAs are fused into the UNet's
@@ -185,10 +186,12 @@ class StableDiffusionPipeline:
     from .textual_inversion import load_textual_inversion, unload_textual_inversion
 
     def _encode(self, prompts: list[str], long_prompts: bool, weighting: bool,
-                clip_skip: int | None) -> tuple[torch.Tensor, list[str]]:
+                clip_skip: int | None, chunking: str = "plain", emphasis: str = "original"
+                ) -> tuple[torch.Tensor, list[str]]:
         context, notes = encode_prompts(self.text_encoder, self.tokenizer, prompts,
                                         long=long_prompts, weighting=weighting,
-                                        clip_skip=clip_skip)
+                                        clip_skip=clip_skip, chunking=chunking,
+                                        emphasis=emphasis)
         return context.to(self.device, torch.float32), notes
 
     @torch.no_grad()
@@ -214,6 +217,8 @@ class StableDiffusionPipeline:
         use_exponential_sigmas: bool | None = None,
         use_beta_sigmas: bool | None = None,
         eta: float | None = None,
+        chunking: str = "plain",
+        emphasis: str = "original",
     ) -> GenerationResult:
         """Generate images (B, 3, H, W) in [0, 1].
 
@@ -239,7 +244,9 @@ class StableDiffusionPipeline:
         Off by default, as diffusers has none of them: ``long_prompts`` encodes prompts past 75
         tokens in chunks (the UNet then attends to 77 x n context vectors), ``weighting`` reads
         the web UIs' ``(word:1.3)`` syntax, ``clip_skip`` conditions on an earlier text-encoder
-        layer (diffusers' numbering: 1 is the web UIs' "CLIP skip 2"). See ``sd_parts.prompts``.
+        layer (diffusers' numbering: 1 is the web UIs' "CLIP skip 2"); ``chunking="webui"`` cuts
+        long prompts as AUTOMATIC1111 does (at a comma, at BREAK) and ``emphasis="no norm"`` keeps
+        weighted chunks unrescaled. See ``sd_parts.prompts``.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) \
@@ -256,7 +263,7 @@ class StableDiffusionPipeline:
         # at 1, uncond + 1 (text - uncond) is just the text branch; a distilled UNet has none
         guided = guidance_scale > 1 and not distilled
         context, notes = self._encode(negatives + prompts if guided else prompts, long_prompts,
-                                      weighting, clip_skip)
+                                      weighting, clip_skip, chunking, emphasis)
         img2img = image is not None and strength < 1
         options = {} if eta is None else {"eta": eta}
         sampler, timesteps, start = self.plan(num_inference_steps, scheduler, use_karras_sigmas,
