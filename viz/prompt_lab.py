@@ -106,6 +106,12 @@ def compare_states(states_a: Sequence[torch.Tensor], states_b: Sequence[torch.Te
     return Comparison(cosine, l2, changed, layer_columns(len(states_a) - 2))
 
 
+def row_height(rows: int) -> int:
+    """A map's row height in pixels: about 620 px for the whole map, but never so thin that its
+    label falls under 12 px (a 77-position map is then about 1,100 px tall, and scrolls)."""
+    return int(min(max(620 // max(rows, 1), 14), 22))
+
+
 def _log_map(values: np.ndarray, changed: np.ndarray, cell: tuple[int, int], rows: Sequence[str],
              columns: Sequence[str], what: str) -> Picture:
     """Changed cells coloured by log10 of the value; unchanged ones grey."""
@@ -124,7 +130,7 @@ def comparison_view(comparison: Comparison, labels: Sequence[str]) -> Picture:
     count = comparison.l2.shape[0]
     if len(labels) != count:
         raise ValueError(f"{count} positions but {len(labels)} labels")
-    cell = (int(min(max(620 // max(count, 1), 8), 22)), 30)
+    cell = (row_height(count), 30)
     panels = [
         _log_map(comparison.cosine, comparison.changed, cell, labels, comparison.columns,
                  "cosine distance"),
@@ -213,7 +219,7 @@ def clip_skip_view(cosine: np.ndarray, l2: np.ndarray, labels: Sequence[str]) ->
     L2 side by side on linear scales, each cell with its number when there is room."""
     count, skips = cosine.shape
     columns = [skip_label(k) for k in range(1, skips + 1)]
-    cell = (int(min(max(620 // max(count, 1), 8), 22)), 64)
+    cell = (row_height(count), 64)
     annotate = "{:.3g}" if count <= 40 else ""
     panels = []
     for values, what, rows in ((cosine, "cosine distance", labels), (l2, "L2 distance", ())):
@@ -347,7 +353,7 @@ def weighting_view(weights: Sequence[float], before: torch.Tensor, after: torch.
     logs = np.log2(np.where(positive, values, 1.0))
     extent = max(float(np.abs(logs).max()), 0.1)
     logs = np.where(positive, logs, -extent)  # 0 or below (erased, flipped): the blue end
-    cell = (int(min(max(620 // max(len(values), 1), 10), 22)), 70)
+    cell = (row_height(len(values)), 70)
     picture = heatmap(logs, DIVERGING, (-extent, extent), cell, labels,
                       ["weight", "norm after / before"], annotate="{:.3g}", numbers=values)
     what = "log2 of the factor" + ("" if positive.all() else " (0 or below: blue end)")

@@ -56,6 +56,14 @@ def test_comparison_map_colours_changed_cells_and_greys_the_rest() -> None:
     assert (cells[:4] == MASKED).all() and not (cells[5, 1:] == MASKED).all(axis=-1).any()
 
 
+def test_a_whole_context_map_keeps_its_row_labels_readable() -> None:
+    """77 positions in about 620 px would be 8 px rows and 7 px labels: rows stay 14 px."""
+    a, b = states(count=77, first_change=6, layers=2, seed=2)
+    picture = lab.comparison_view(lab.compare_states(a, b), [f"p{i}" for i in range(77)])
+    assert all(box.cell_height == 14 and box.rows == 77 for box in picture.maps)
+    assert picture.pixels.shape[0] >= 77 * 14
+
+
 def test_comparison_reading_names_the_runs_and_the_padding() -> None:
     a, b = states(count=12, first_change=5, layers=2, seed=1)
     comparison = lab.compare_states(a, b)
