@@ -21,10 +21,11 @@ import sd_parts
 from ui import encoding, loading, server
 from ui.models import HUB, WEIGHTS, Models, Settings, downloads
 from ui.sections import example_runs
-from ui.tabs import compare, generate, how_it_works, image, prompt, prompt_lab
+from ui.tabs import addons, compare, generate, how_it_works, image, prompt, prompt_lab
 
-# The page's tabs in order: the VAE's two, CLIP's two, then the whole loop, then the explainer.
-TABS = (image, compare, prompt, prompt_lab, generate, how_it_works)
+# The page's tabs in order: the VAE's two, CLIP's two, the whole loop, what add-ons change to
+# it, then the explainer.
+TABS = (image, compare, prompt, prompt_lab, generate, addons, how_it_works)
 
 
 def parse_settings(argv: list[str]) -> Settings:
