@@ -90,8 +90,13 @@ def source_of(upload: str | None, source: str | None) -> str:
     """The file uploaded, else the Hub id, folder or file typed; a message if neither."""
     if upload:
         return str(upload)
-    if source and source.strip():
-        return source.strip()
+    source = (source or "").strip()
+    looks_local = source.startswith(("/", ".", "~")) or source.endswith(".safetensors")
+    if looks_local and not os.path.exists(os.path.expanduser(source)):
+        raise ValueError(f"{source}: no such file or folder on this machine. Give a path that "
+                         "exists, or a Hub repo id (owner/name).")
+    if source:
+        return os.path.expanduser(source)
     raise ValueError("Upload a .safetensors file or type a Hub repo id, a folder or a file path.")
 
 

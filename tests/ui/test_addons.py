@@ -1,0 +1,173 @@
+"""The "What changed" tab through gradio_client on the tiny app (its own server process): a LoRA
+written here in kohya's layout with random non-zero A and B, a textual inversion and a second
+checkpoint loaded with ``load_addon``; ``weight_changes`` against norms computed here from the
+same files; ``with_and_without`` side by side; bad files refused with the keys named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gradio_client import Client
+from PIL import Image
+from safetensors.torch import save_file
+
+import sd_parts
+from tests.helpers.references import save_tiny_pipeline
+from ui.models import Models, Settings
+from ui.tabs import addons as tab
+
+RANK, ALPHA = 4, 2.0  # alpha differs from the rank: the change is halved
+# the tiny UNet's attention and resblock convolutions, and the text encoder's attention
+LAYERS = [("unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"),
+          ("unet", "mid_block.attentions.0.transformer_blocks.0.attn1.to_q"),
+          ("unet", "down_blocks.0.resnets.0.conv1"),
+          ("unet", "up_blocks.1.resnets.0.conv_shortcut"),
+          ("text_encoder", "encoder.layers.1.self_attn.q_proj")]
+
+
+def base_pipeline(exact: bool) -> sd_parts.StableDiffusionPipeline:
+    """The tiny server's models, rebuilt here from the same seeds."""
+    return Models(Settings(weights="tiny")).pipeline(exact)
+
+
+def kohya_lora(path: Path, extra: dict[str, torch.Tensor] | None = None) -> Path:
+    base = base_pipeline(True)
+    models = {"unet": base.unet, "text_encoder": base.text_encoder}
+    generator = torch.Generator().manual_seed(0)
+    tensors = {}
+    for part, module in LAYERS:
+        weight = models[part].get_submodule(module).weight
+        kernel = tuple(weight.shape[2:])
+        name = ("lora_unet_" if part == "unet" else "lora_te_text_model_") + \
+            module.replace(".", "_")
+        tensors[f"{name}.lora_down.weight"] = torch.randn(RANK, weight.shape[1], *kernel,
+                                                          generator=generator)
+        tensors[f"{name}.lora_up.weight"] = torch.randn(weight.shape[0], RANK,
+                                                        *(1,) * len(kernel), generator=generator)
+        tensors[f"{name}.alpha"] = torch.tensor(ALPHA)
+    save_file(tensors | (extra or {}), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def client(tiny_server):
+    return Client(tiny_server.url, verbose=False, download_files=str(tiny_server.folder / "add"))
+
+
+def call(client: Client, api_name: str, names: tuple[str, ...], *args: object) -> dict:
+    answer = client.predict(*args, api_name=api_name)
+    return dict(zip(names, answer if len(names) > 1 else [answer], strict=True))
+
+
+def load(client: Client, kind: str, source: str, token: str = "", scale: float = 1.0,
+         exact: bool = False) -> str:
+    return call(client, "/load_addon", tab.LOAD_OUTPUTS, kind, None, source, token, scale,
+                exact)["load_status"]
+
+
+def run(client: Client, scale: float) -> dict:
+    return call(client, "/with_and_without", tab.RUN_OUTPUTS, "a red cat", "", 3, 3, 7.5,
+                "ddim", scale)
+
+
+def pixels(path: str) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def test_a_kohya_lora_is_measured_and_run_with_and_without(client, tmp_path):
+    path = kohya_lora(tmp_path / "style.safetensors")
+    status = load(client, "LoRA", str(path), scale=1.0)
+    assert status.startswith("**Loaded LoRA:** style (kohya, scale 1): 5 layers")
+    # the table's numbers, against ||scale (alpha / r) B A|| / ||W|| computed here from the file
+    base = base_pipeline(False)
+    models = {"unet": base.unet, "text_encoder": base.text_encoder}
+    layers, _, _ = sd_parts.read_lora(base, path)
+    for scale in (1.0, 0.5):
+        out = call(client, "/weight_changes", tab.CHANGE_OUTPUTS, scale)
+        table = {row[2]: row for row in out["largest"]["data"]}
+        assert len(table) == len(LAYERS)
+        for name, delta in sd_parts.lora_deltas(layers, models, scale).items():
+            part, module = name.split(".", 1)
+            weight = models[part].get_submodule(module.removesuffix(".weight")).weight
+            relative = float(delta.double().norm() / weight.double().norm())
+            assert table[module][4] == pytest.approx(relative, rel=1e-3)
+        assert out["unet_changes"] and out["text_changes"]
+        assert "5 of" in out["change_reading"] and "resblock conv" in out["change_reading"]
+        blocks = {(row[0], row[1]): row for row in out["blocks"]["data"]}
+        assert blocks["UNet", "down_blocks.0"][3] == 2 and blocks["UNet", "up_blocks.0"][3] == 0
+    with_lora = run(client, 1.0)
+    assert "without and with LoRA at LoRA scale 1" in with_lora["run_status"]
+    without, with_ = pixels(with_lora["image_without"]), pixels(with_lora["image_with"])
+    assert without.shape == with_.shape == (32, 32, 3)
+    assert np.abs(without.astype(int) - with_.astype(int)).max() > 0
+    # at scale 0 the copy's weights are the base's again: the same image, bit for bit
+    off = run(client, 0.0)
+    np.testing.assert_array_equal(pixels(off["image_with"]), pixels(off["image_without"]))
+    np.testing.assert_array_equal(pixels(off["image_without"]), without)
+    for name in ("difference", "strips", "word_maps"):
+        assert pixels(off[name]).size > 0
+
+
+@pytest.mark.parametrize(("extra", "named"), [
+    ({"lora_unet_down_blocks_0_resnets_0_conv1.hada_w1_a": torch.ones(2, 2)},
+     "lora_unet_down_blocks_0_resnets_0_conv1.hada_w1_a"),
+    ({"lora_unet_no_such_block_to_q.lora_down.weight": torch.ones(4, 32),
+      "lora_unet_no_such_block_to_q.lora_up.weight": torch.ones(32, 4)},
+     "lora_unet_no_such_block_to_q.lora_down.weight"),
+])
+def test_bad_lora_files_are_refused_naming_the_keys(client, tmp_path, extra, named):
+    status = load(client, "LoRA", str(kohya_lora(tmp_path / "bad.safetensors", extra)))
+    assert "Could not load the LoRA" in status and named.replace("_", "\\_") in status
+    out = call(client, "/weight_changes", tab.CHANGE_OUTPUTS, 1.0)
+    assert out["change_reading"].startswith("Load an add-on first")
+    missing = load(client, "LoRA", str(tmp_path / "none.safetensors"))
+    assert "no such file" in missing
+
+
+def test_the_lcm_lora_says_it_cannot_be_fetched_offline(client):
+    status = load(client, "LoRA", tab.addons.LCM_LORA)
+    assert status.startswith("The LCM-LoRA (latent-consistency/lcm-lora-sdv1-5) cannot be "
+                             "fetched")
+
+
+def test_a_textual_inversion_shows_its_neighbours_and_use(client, tmp_path):
+    vectors = torch.randn(2, sd_parts.TINY_CLIP.hidden_size, generator=torch.Generator()
+                          .manual_seed(3))
+    path = tmp_path / "learned_embeds.safetensors"
+    save_file({"<cat-toy>": vectors}, path)
+    status = load(client, "textual inversion", str(path))
+    assert "&lt;cat-toy&gt; (diffusers layout): 2 vectors" in status
+    out = call(client, "/weight_changes", tab.CHANGE_OUTPUTS, 1.0)
+    rows = out["neighbours"]["data"]
+    assert len(rows) == 2 * tab.NEIGHBOURS
+    table = base_pipeline(False).text_encoder.embeddings.token_embedding.weight.float()
+    similarity = torch.nn.functional.cosine_similarity(table, vectors[0][None].float())
+    assert rows[0][0] == "<cat-toy>" and rows[0][4] == int(similarity.argmax())
+    used = [item["class_or_confidence"] for item in out["token_use"]]
+    assert used.count("learned") == 2
+    assert out["token_norms"] and "changes no weight" in out["change_reading"]
+    ran = call(client, "/with_and_without", tab.RUN_OUTPUTS, "a photo of <cat-toy>", "", 0, 2,
+               7.5, "ddim", 1.0)
+    assert pixels(ran["image_with"]).shape == (32, 32, 3)
+
+
+def test_a_second_checkpoint_is_compared_weight_by_weight(client, tmp_path):
+    save_tiny_pipeline(tmp_path)
+    status = load(client, "second checkpoint", str(tmp_path), exact=True)
+    assert status.startswith("**Loaded second checkpoint:**") and "float32" in status
+    out = call(client, "/weight_changes", tab.CHANGE_OUTPUTS, 1.0)
+    base, tuned = base_pipeline(True), sd_parts.load_pipeline(str(tmp_path))
+    blocks = {(row[0], row[1]): row[2] for row in out["blocks"]["data"]}
+    for part, label in (("unet", "UNet"), ("text_encoder", "text encoder")):
+        mine, theirs = getattr(base, part).state_dict(), getattr(tuned, part).state_dict()
+        names = [n for n in mine if n.startswith("mid_block." if part == "unet"
+                                                  else "encoder.layers.0.")]
+        change = sum(float((theirs[n].double() - mine[n].double()).norm()) ** 2 for n in names)
+        size = sum(float(mine[n].double().norm()) ** 2 for n in names)
+        block = "mid_block" if part == "unet" else "layers.0"
+        assert blocks[label, block] == pytest.approx((change / size) ** 0.5, rel=1e-3)
+    ran = run(client, 1.0)
+    assert "base and fine-tune" in ran["run_status"]
