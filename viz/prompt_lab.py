@@ -276,6 +276,24 @@ def chunk_layout(pieces: Sequence[str], ids: Sequence[int], bos_id: int, eos_id:
     return [list(zip(t, i, k, strict=True)) for t, i, k in zip(texts, id_rows, kinds, strict=True)]
 
 
+def run_layout(runs: Sequence[tuple[Sequence[str], Sequence[int]]], bos_id: int, eos_id: int,
+               pad_id: int, max_length: int = MAX_LENGTH) -> list[list[tuple[str, int, str]]]:
+    """Chunks as ``chunk_layout`` gives them, from runs of (pieces, ids) cut by another rule
+    (``sd_parts.prompt_runs``, the web UI's): BOS, the run, EOS, then padding to max_length."""
+    return [[(BOS_TOKEN, bos_id, "BOS"),
+             *zip(readable_pieces(pieces), ids, ["token"] * len(ids), strict=True),
+             (EOS_TOKEN, eos_id, "EOS")] + [(EOS_TOKEN, pad_id, "padding")] * (
+                 max_length - 2 - len(ids)) for pieces, ids in runs]
+
+
+def chunking_reading(plain: Sequence[int], webui: Sequence[int]) -> str:
+    """The two rules' chunks compared, by the number of tokens in each chunk."""
+    same = " The two rules cut this prompt alike." if list(plain) == list(webui) else ""
+    return (f"The plain cut: {len(plain)} chunk(s) of {', '.join(map(str, plain))} tokens. "
+            f"AUTOMATIC1111's rule: {len(webui)} chunk(s) of {', '.join(map(str, webui))} "
+            f"tokens.{same}")
+
+
 def chunk_items(layout: Sequence[Sequence[tuple[str, int, str]]]) -> list[tuple[str, str]]:
     """Highlighted-text items: a marker before each chunk naming its context vectors, then its
     positions, the padding of a chunk written once with its count."""

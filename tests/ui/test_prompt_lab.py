@@ -113,6 +113,10 @@ def test_a_300_word_prompt_is_split_quickly(client):
                if item["class_or_confidence"] == "chunk"]
     assert markers == [f"chunk {c + 1}: context vectors {77 * c}-{77 * c + 76}" for c in range(4)]
     assert len(out["long_table"]["data"]) == 308
+    # no comma, no BREAK: the web UI's rule cuts where the plain one does
+    webui = [item["token"] for item in out["long_webui"] if item["class_or_confidence"] == "chunk"]
+    assert webui == markers
+    assert "The two rules cut this prompt alike." in out["long_reading"]
     # thousands of tokens: every chunk counted, the first dozen shown
     views = prompt_lab.long_prompt(MODELS, " ".join(["lighthouse"] * 5000))
     assert "77 x 67 = 5159 context vectors" in views["long_reading"]
@@ -120,6 +124,18 @@ def test_a_300_word_prompt_is_split_quickly(client):
     assert len(views["long_table"]["data"]) == 12 * 77
     assert views["long_chunks"][-1] == ("... 55 more chunks", "chunk")
     assert views["long_cut"][-1] == (f"... {5000 - 900} more tokens", "dropped")
+
+
+def test_the_web_uis_chunks_are_shown_beside_the_plain_cut():
+    prompt = " ".join(["cat"] * 70) + ", " + " ".join(["dog"] * 10) + " BREAK tree"
+    views = prompt_lab.long_prompt(MODELS, prompt)
+    markers = [text for text, kind in views["long_webui"] if kind == "chunk"]
+    assert markers == [f"chunk {c + 1}: context vectors {77 * c}-{77 * c + 76}" for c in range(3)]
+    second = views["long_webui"].index((markers[1], "chunk"))
+    assert views["long_webui"][second + 1: second + 3] == [("<|startoftext|>", "BOS"),
+                                                          ("dog</w>", "token")]
+    assert [kind for _, kind in views["long_chunks"]].count("chunk") == 2
+    assert "AUTOMATIC1111's rule: 3 chunk(s) of 71, 10, 1 tokens." in views["long_reading"]
 
 
 def test_clip_skip_and_nearest_tokens_answer_in_shape(client):

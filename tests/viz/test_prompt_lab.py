@@ -204,3 +204,32 @@ def test_nearest_tokens_are_the_closest_rows_by_cosine() -> None:
     rows = lab.nearest_rows([2368, 22979], [0.5, 0.25], pieces)
     assert rows == [[1, "cat</w>", 0.5, 2368, "cat</w>"], [2, "🐱</w>", 0.25, 22979, "ðŁĲ±</w>"]]
     assert lab.NEAREST_HEADERS[:3] == ["rank", "text", "cosine similarity"]
+
+
+def test_the_web_uis_chunks_beside_the_plain_cut() -> None:
+    """Hand-worked: 70 cats, a comma, 10 dogs, BREAK, tree. The plain cut takes 75 tokens (the
+    comma and 4 dogs in the first chunk) and reads BREAK as a word; the web UI's cut moves back
+    to just after the comma (5 tokens before the end: within 20), and BREAK ends a chunk."""
+    prompt = " ".join(["cat"] * 70) + ", " + " ".join(["dog"] * 10) + " BREAK tree"
+    runs, _ = sd_parts.prompt_runs(TOKENIZER, prompt, False, "webui")
+    layout = lab.run_layout([(TOKENIZER.convert_ids_to_tokens(ids), ids) for ids, _ in runs],
+                            TOKENIZER.bos_token_id, TOKENIZER.eos_token_id,
+                            TOKENIZER.pad_token_id)
+    assert [len(chunk) for chunk in layout] == [77, 77, 77]
+    texts = [[text for text, _, kind in chunk if kind == "token"] for chunk in layout]
+    assert texts == [["cat</w>"] * 70 + [",</w>"], ["dog</w>"] * 10, ["tree</w>"]]
+    assert [kind for _, _, kind in layout[2][:4]] == ["BOS", "token", "EOS", "padding"]
+    assert [token for _, token, _ in layout[1][:2]] == [TOKENIZER.bos_token_id,
+                                                        TOKENIZER.vocab["dog</w>"]]
+    items = lab.chunk_items(layout)
+    assert ("chunk 3: context vectors 154-230", "chunk") in items
+    pieces = TOKENIZER.tokenize(prompt)
+    plain = lab.chunk_layout(pieces, TOKENIZER.convert_tokens_to_ids(pieces),
+                             TOKENIZER.bos_token_id, TOKENIZER.eos_token_id,
+                             TOKENIZER.pad_token_id)
+    plain_sizes = [sum(kind == "token" for _, _, kind in chunk) for chunk in plain]
+    assert plain_sizes == [75, 8]
+    reading = lab.chunking_reading(plain_sizes, [len(ids) for ids, _ in runs])
+    assert reading == ("The plain cut: 2 chunk(s) of 75, 8 tokens. AUTOMATIC1111's rule: 3 "
+                       "chunk(s) of 71, 10, 1 tokens.")
+

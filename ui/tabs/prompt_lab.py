@@ -28,7 +28,7 @@ from viz.tokens import read_tokens
 TITLE = "Prompt lab: habits → embeddings"
 COMPARE_OUTPUTS = ("compare_tokens", "compare_map", "compare_reading")
 SKIP_OUTPUTS = ("skip_map", "skip_table", "skip_reading")
-LONG_OUTPUTS = ("long_cut", "long_chunks", "long_table", "long_reading")
+LONG_OUTPUTS = ("long_cut", "long_chunks", "long_webui", "long_table", "long_reading")
 WEIGHT_OUTPUTS = ("weight_tokens", "weight_map", "weight_table", "weight_notes")
 NEAREST_OUTPUTS = ("nearest_table", "nearest_notes")
 MOST_SKIPPED = 2  # the web UIs offer CLIP skip 1 and 2 (diffusers' 0 and 1); 2 layers is enough
@@ -137,15 +137,24 @@ def long_prompt(models: Models, prompt: str) -> dict[str, object]:
     hidden = models.settings.clip_config.hidden_size
     notes = [lab.long_reading(pieces, len(layout), hidden, tokenizer.model_max_length),
              tokens.truncation_note(pieces, tokenizer.model_max_length)]
+    # the web UI's rule: a cut moved back to a comma, BREAK (brackets read as text here)
+    runs, _ = sd_parts.prompt_runs(tokenizer, prompt or "", False, "webui")
+    webui = lab.run_layout([(tokenizer.convert_ids_to_tokens(ids), ids) for ids, _ in runs],
+                           tokenizer.bos_token_id, tokenizer.eos_token_id,
+                           tokenizer.pad_token_id, tokenizer.model_max_length)
+    notes.append(lab.chunking_reading([sum(k == "token" for _, _, k in c) for c in layout],
+                                      [len(ids) for ids, _ in runs]))
     shown = layout[:MAX_CHUNKS_SHOWN]  # a page of tens of thousands of tokens would stall
     first = MAX_CHUNKS_SHOWN * (tokenizer.model_max_length - 2)
     cut = lab.cut_items(pieces[:first], tokenizer.model_max_length)
-    chunks = lab.chunk_items(shown)
+    chunks, webui_chunks = lab.chunk_items(shown), lab.chunk_items(webui[:MAX_CHUNKS_SHOWN])
     if len(layout) > len(shown):
         notes.append(f"The first {len(shown)} of {len(layout)} chunks are shown.")
         chunks.append((f"... {len(layout) - len(shown)} more chunks", "chunk"))
         cut.append((f"... {len(pieces) - first} more tokens", "dropped"))
-    return {"long_cut": cut, "long_chunks": chunks,
+    if len(webui) > MAX_CHUNKS_SHOWN:
+        webui_chunks.append((f"... {len(webui) - MAX_CHUNKS_SHOWN} more chunks", "chunk"))
+    return {"long_cut": cut, "long_chunks": chunks, "long_webui": webui_chunks,
             "long_table": {"headers": lab.CHUNK_HEADERS, "data": lab.chunk_table(shown)},
             "long_reading": "\n\n".join(literal(note) for note in notes if note)}
 
@@ -278,18 +287,23 @@ def build(models: Models, tab: gr.Tab) -> None:
             out["skip_table"] = gr.Dataframe(interactive=False)
     with gr.Tab("Long prompts") as long_tab:
         gr.Markdown("SD v1 reads BOS, 75 tokens and EOS. The web UIs encode a longer prompt in "
-                    "chunks of 75 and give the UNet all of them side by side. Shown here is the "
-                    "plain cut every 75 tokens; AUTOMATIC1111's web UI moves a cut back to just "
-                    "after the last comma when one lies within the cut's last 20 tokens, and "
-                    "starts a new chunk at `BREAK`.")
+                    "chunks of 75 and give the UNet all of them side by side. Two rules, side by "
+                    "side: the plain cut every 75 tokens (diffusers' long prompts), and "
+                    "AUTOMATIC1111's, which moves a cut back to just after the last comma when "
+                    "one lies within the cut's last 20 tokens and starts a new chunk at `BREAK`.")
         with gr.Row():
             long_text = gr.Textbox(label="Prompt", value=LONG_EXAMPLE, lines=3, scale=4)
             split = gr.Button("Split", variant="primary", scale=1)
         out["long_reading"] = gr.Markdown()
         out["long_cut"] = gr.HighlightedText(label="What SD v1 keeps and drops", show_legend=True,
                                              color_map=CUT_COLOURS)
-        out["long_chunks"] = gr.HighlightedText(label="The chunks", show_legend=True,
-                                                color_map=KIND_COLOURS)
+        with gr.Row():
+            out["long_chunks"] = gr.HighlightedText(label="Plain: a cut every 75 tokens",
+                                                    show_legend=True, color_map=KIND_COLOURS,
+                                                    elem_id="lab-long-plain")
+            out["long_webui"] = gr.HighlightedText(
+                label="AUTOMATIC1111: back to a comma, BREAK", show_legend=True,
+                color_map=KIND_COLOURS, elem_id="lab-long-webui")
         with gr.Accordion("Every position of every chunk", open=False):
             out["long_table"] = gr.Dataframe(headers=lab.CHUNK_HEADERS, interactive=False)
     with gr.Tab("Weighting") as weight_tab:
