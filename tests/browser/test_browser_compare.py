@@ -128,6 +128,18 @@ def test_click_enlarges_the_region_in_every_reconstruction(page):
     assert not np.array_equal(seen[0], seen[1])  # the second click moved the region
     shot(page, "compare-tab", readme=True)
 
+    # on a phone the strips keep their own size and scroll sideways, so their drawn titles stay
+    # readable, and no label floats over a title
+    page.set_viewport_size({"width": 400, "height": 900})
+    for picture_id in ("#compare-crop", "#compare-reconstructions"):
+        shown, natural = page.locator(f"{picture_id} img").evaluate(
+            "i => [i.getBoundingClientRect().width, i.naturalWidth]")
+        assert abs(shown - natural) <= 1, (picture_id, shown, natural)
+    assert page.locator("#compare-original label[data-testid=block-label]").evaluate(
+        "l => getComputedStyle(l).position") == "static"
+    shot(page, "compare-tab-400")
+    page.set_viewport_size({"width": 1280, "height": 900})
+
 
 def test_no_vae_ticked_says_so(page):
     for label in SETTINGS.vae_choices + SETTINGS.tiny_vae_choices:

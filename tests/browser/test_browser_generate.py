@@ -106,6 +106,9 @@ def test_the_tab_opens_on_a_finished_example_run(page):
     scrubber_at_the_end(page, 21)  # PNDM: 20 steps, 21 UNet evaluations
     for output in ("#final-image", "#step-preview", "#word-maps"):  # none asks for an upload
         assert page.locator(output).get_by_text("Drop Image Here").count() == 0
+    # help text under a control reads dark grey, not Gradio's pale #bbbbc2
+    help_colour = page.locator(".info-text").first.evaluate("e => getComputedStyle(e).color")
+    assert help_colour == "rgb(75, 75, 75)", help_colour
     shot(page, "generate-example-run")
 
 

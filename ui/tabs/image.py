@@ -164,7 +164,7 @@ def build(models: Models, tab: gr.Tab) -> None:
             with gr.Row():
                 out["vae_input"] = gr.Image(label="What the encoder sees", format="png")
                 out["preview"] = gr.Image(label="Instant preview: the latent's RGB map",
-                                          format="png")
+                                          format="png", interactive=False)
                 out["fitted_preview"] = gr.Image(label="Map fitted to this image", format="png")
             out["channels"] = gr.Image(label="The latent channels", format="png",
                                        elem_id="latent-channels")
