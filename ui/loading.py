@@ -38,6 +38,23 @@ class ModelUnavailable(RuntimeError):
     """A model could not be loaded; the message says why and what to do, for the page."""
 
 
+def split_fix(message: str) -> tuple[str, str]:
+    """A failure's message as (what went wrong, "To fix: ..."), the second empty if it has none."""
+    reason, marker, fix = message.partition("To fix:")
+    return reason.strip(), f"{marker} {fix.strip()}" if marker else ""
+
+
+def fixes(messages: Sequence[str]) -> str:
+    """The distinct fixes of several failures, each once."""
+    return " ".join(fix for fix in dict.fromkeys(split_fix(m)[1] for m in messages) if fix)
+
+
+def with_one_fix(messages: Sequence[str]) -> str:
+    """Several failures in one message, each distinct fix said once at its end: three VAEs that
+    are not cached share one advice, which would otherwise be read three times."""
+    return " ".join([*(split_fix(message)[0] for message in messages), fixes(messages)]).strip()
+
+
 def configure_timeouts() -> None:
     """Shorter waits for the Hub's metadata requests, unless HF_HUB_ETAG_TIMEOUT says otherwise.
 

@@ -18,7 +18,7 @@ from tests.helpers.hub_cache import build_hub_cache
 from tests.helpers.references import tiny_reference_vae
 from tests.helpers.serve import free_port
 from ui import encoding, loading
-from ui.tabs import image, prompt
+from ui.tabs import compare, image, prompt
 
 SD_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 HUB = ui.models.Settings(weights="hub")
@@ -71,6 +71,27 @@ def test_image_view_says_what_failed(offline):
     assert "vae/config.json: not in the local cache and the Hub could not be reached" in message
     assert SD_REPO in message and r"HF\_HUB\_OFFLINE=1" in message
     assert all(value is None for name, value in views.items() if name != "status")
+
+
+def test_the_comparison_says_a_shared_fix_once(offline):
+    """Three VAEs, none cached: each row says why its VAE failed, the status adds the fix once."""
+    choices = ["SD v1.5 VAE", "FLUX.1-schnell VAE", "TAESD (SD v1)"]
+    *_, last = compare.compare_vaes(ui.models.Models(HUB), encoding.EXAMPLE_IMAGES[0], 256,
+                                    choices, True, 64)
+    status = last["status"]
+    assert status.count("To fix:") == 1 and "None of the chosen VAEs could be loaded" in status
+    assert all(f"'{choice}'" in status for choice in choices)
+    notes = [row[-1] for row in last["table"]]
+    assert len(notes) == 3 and all("not in the local cache" in n and "To fix" not in n
+                                   for n in notes)
+
+
+def test_split_fix_and_with_one_fix():
+    assert loading.split_fix("A failed. To fix: do X.") == ("A failed.", "To fix: do X.")
+    assert loading.split_fix("B failed.") == ("B failed.", "")
+    assert loading.with_one_fix(["A failed. To fix: do X.", "B failed.\nTo fix: do X.",
+                                 "C failed. To fix: do Y."]) == \
+        "A failed. B failed. C failed. To fix: do X. To fix: do Y."
 
 
 def test_unreachable_hub_is_known_at_once_and_remembered(unreachable):

@@ -24,7 +24,7 @@ from PIL import Image
 
 import sd_parts
 from ui.encoding import EXAMPLE_IMAGES, MAX_PIXELS
-from ui.loading import ModelUnavailable
+from ui.loading import ModelUnavailable, fixes, split_fix, with_one_fix
 from ui.models import Models
 from ui.shared import PictureFiles, failure, literal, mode_note, output_path, random_banner
 from viz import compare, latents, metrics, pixels, upload
@@ -102,7 +102,7 @@ def compare_vaes(models: Models, path: str | None, max_side: int, choices: Seque
     except upload.ImageInputError as exc:
         yield failure(OUTPUTS, "status", str(exc))
         return
-    loaded, rows = {}, {}
+    loaded, rows, problems = {}, {}, []
     for number, choice in enumerate(chosen, 1):
         # the first answer clears the last comparison's views
         yield {name: None for name in OUTPUTS if number == 1} | {
@@ -110,11 +110,11 @@ def compare_vaes(models: Models, path: str | None, max_side: int, choices: Seque
         try:
             loaded[choice] = _load(models, choice, exact)
         except (ModelUnavailable, ValueError) as exc:  # that VAE's row says why; others run
-            rows[choice] = compare.failure_row(choice, str(exc))
+            problems.append(str(exc))
+            rows[choice] = compare.failure_row(choice, split_fix(str(exc))[0])
     if not loaded:
         yield failure(OUTPUTS, "status", "None of the chosen VAEs could be loaded: "
-                      + " ".join(row[-1] for row in rows.values())) | {
-            "table": [rows[c] for c in chosen]}
+                      + with_one_fix(problems)) | {"table": [rows[c] for c in chosen]}
         return
     # one original for all: its sides a multiple of every chosen VAE's downscale
     multiple = math.lcm(*(vae.downscale for vae in loaded.values()))
@@ -149,6 +149,7 @@ def compare_vaes(models: Models, path: str | None, max_side: int, choices: Seque
               f"enlarge a region of every reconstruction.")
     if failed:
         status += f" {failed} VAE{'s' * (failed > 1)} could not run: its row says why."
+        status = f"{status} {fixes(problems)}".strip()
     yield _views(models, chosen, original, done, rows, crop_side) | {
         "status": status, "original": fitted}
 
@@ -227,7 +228,7 @@ def build(models: Models, tab: gr.Tab) -> None:
             gr.Markdown(mode_note(False))
             run = gr.Button("Compare", variant="primary", elem_id="compare-button")
         with gr.Column(scale=2):
-            out = {"status": gr.Markdown(elem_classes="progress", elem_id="compare-status")}
+            out = {"status": gr.Markdown(elem_classes="status", elem_id="compare-status")}
             out["original"] = gr.Image(label="Original: click a pixel to enlarge that region",
                                        format="png", elem_id="compare-original",
                                        interactive=False)

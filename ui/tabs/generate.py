@@ -258,7 +258,7 @@ def build(models: Models, tab: gr.Tab) -> None:
             gr.Examples(EXAMPLE_PROMPTS, inputs=[prompt, negative_prompt, guidance_scale],
                         label="Examples", elem_id="generate-examples")
         with gr.Column(scale=2):
-            out = {"status": gr.Markdown(elem_classes="progress", elem_id="generate-status")}
+            out = {"status": gr.Markdown(elem_classes="status", elem_id="generate-status")}
             preview = gr.Radio(list(PREVIEWS), value=LINEAR_PREVIEW, label="Preview",
                                info=PREVIEW_INFO, elem_id="preview-choice")
             with gr.Row():
