@@ -40,7 +40,8 @@ from viz.unet import FLOW, SKIP, diagram_slots, short_name, skip_pairs
 
 CHANGE_CMAP = "plasma"  # log10 of ||ΔW|| / ||W||
 PARTS = {"unet": "UNet", "text_encoder": "text encoder"}
-TABLE_HEADERS = ["rank", "part", "layer", "what it is", "||ΔW|| / ||W||", "||ΔW||", "||W||"]
+# the measure and the kind first, so a narrow page shows them before it scrolls sideways
+TABLE_HEADERS = ["rank", "||ΔW|| / ||W||", "what it is", "part", "layer", "||ΔW||", "||W||"]
 BLOCK_HEADERS = ["part", "block", "||ΔW|| / ||W||", "layers changed", "layers"]
 
 
@@ -217,7 +218,7 @@ def text_encoder_change_view(changes: Mapping[str, BlockChange], n_layers: int,
 def largest_changes(changes: Iterable[LayerChange], count: int = 20) -> list[list[object]]:
     """Rows for TABLE_HEADERS: the ``count`` weights with the largest relative change."""
     ranked = sorted((c for c in changes if c.change_norm > 0), key=lambda c: -c.relative)
-    return [[rank, PARTS[c.part], c.name, c.kind, float(f"{c.relative:.4g}"),
+    return [[rank, float(f"{c.relative:.4g}"), c.kind, PARTS[c.part], c.name,
              float(f"{c.change_norm:.4g}"), float(f"{c.weight_norm:.4g}")]
             for rank, c in enumerate(ranked[:count], start=1)]
 

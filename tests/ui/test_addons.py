@@ -87,13 +87,13 @@ def test_a_kohya_lora_is_measured_and_run_with_and_without(client, tmp_path):
     layers, _, _ = sd_parts.read_lora(base, path)
     for scale in (1.0, 0.5):
         out = call(client, "/weight_changes", tab.CHANGE_OUTPUTS, scale)
-        table = {row[2]: row for row in out["largest"]["data"]}
+        table = {row[4]: row for row in out["largest"]["data"]}
         assert len(table) == len(LAYERS)
         for name, delta in sd_parts.lora_deltas(layers, models, scale).items():
             part, module = name.split(".", 1)
             weight = models[part].get_submodule(module.removesuffix(".weight")).weight
             relative = float(delta.double().norm() / weight.double().norm())
-            assert table[module][4] == pytest.approx(relative, rel=1e-3)
+            assert table[module][1] == pytest.approx(relative, rel=1e-3)
         assert out["unet_changes"] and out["text_changes"]
         assert "5 of" in out["change_reading"] and "resblock conv" in out["change_reading"]
         blocks = {(row[0], row[1]): row for row in out["blocks"]["data"]}
@@ -171,3 +171,26 @@ def test_a_second_checkpoint_is_compared_weight_by_weight(client, tmp_path):
         assert blocks[label, block] == pytest.approx((change / size) ** 0.5, rel=1e-3)
     ran = run(client, 1.0)
     assert "base and fine-tune" in ran["run_status"]
+
+
+def test_a_session_copy_shares_every_tensor_until_the_lora_replaces_it(tmp_path):
+    """The shared models are never written: the copy's fused layers are its own tensors, the
+    rest are the shared ones (no memory of their own)."""
+    base = base_pipeline(False)
+    before = {name: tensor.clone() for name, tensor in base.unet.state_dict().items()}
+    pipe = tab.addons.session_pipeline(base)
+    shared = {name: p.data_ptr() for name, p in base.unet.named_parameters()}
+    assert {name: p.data_ptr() for name, p in pipe.unet.named_parameters()} == shared
+    sd_parts.load_lora_weights(pipe, kohya_lora(tmp_path / "lora.safetensors"))
+    own = {name for name, p in pipe.unet.named_parameters() if p.data_ptr() != shared[name]}
+    assert own == {f"{module}.weight" for part, module in LAYERS if part == "unet"}
+    assert all(torch.equal(before[name], tensor)
+               for name, tensor in base.unet.state_dict().items())
+
+
+def test_a_second_checkpoint_is_halved_when_memory_is_short():
+    gib = 2**30
+    assert tab.addons.checkpoint_dtype(4 * gib, 16 * gib)[0] == torch.float32
+    dtype, note = tab.addons.checkpoint_dtype(4 * gib, 5 * gib)
+    assert dtype == torch.bfloat16
+    assert note.startswith("Loaded in bfloat16, half its float32 size of 4.00 GiB: only 5.0 GiB")

@@ -84,13 +84,13 @@ def test_the_table_ranks_the_layers_by_their_relative_change(states):
     changes = [c for part in states for c in view.state_changes(part, *states[part])]
     rows = view.largest_changes(changes)
     assert len(rows) == len(MOVED)
-    by_name = {row[2]: row for row in rows}
+    by_name = {row[4]: row for row in rows}
     for part, name, _ in MOVED:
         base, new = states[part]
         relative = float((new[name] - base[name]).double().norm() / base[name].double().norm())
-        assert by_name[name][4] == pytest.approx(relative, rel=1e-3)
-    assert [row[4] for row in rows] == sorted((row[4] for row in rows), reverse=True)
-    kinds = {row[2]: row[3] for row in rows}
+        assert by_name[name][1] == pytest.approx(relative, rel=1e-3)
+    assert [row[1] for row in rows] == sorted((row[1] for row in rows), reverse=True)
+    kinds = {row[4]: row[2] for row in rows}
     assert kinds[MOVED[0][1]] == "cross-attention k/v"
     assert kinds[MOVED[1][1]] == "resblock conv"
     assert kinds[MOVED[4][1]] == "text attention out"

@@ -27,7 +27,7 @@ from viz import weight_changes as changes_view
 from viz.pixels import images_to_pixels
 from viz.tokens import readable_pieces
 
-TITLE = "What changed: LoRA, fine-tune, embedding"
+TITLE = "What changed"
 LOAD_OUTPUTS = ("load_status",)
 CHANGE_OUTPUTS = ("change_reading", "unet_changes", "text_changes", "largest", "blocks",
                   "token_use", "neighbours", "token_norms")
@@ -235,21 +235,27 @@ def build(models: Models, tab: gr.Tab) -> None:
                 preset = gr.Button("LCM-LoRA preset: LCM, 4 steps, guidance 1")
     out["load_status"] = gr.Markdown(elem_id="addon-status")
     gr.Markdown("### What changed in the weights")
-    scale = gr.Slider(0.0, 1.5, value=1.0, step=0.05, label="LoRA scale (0: off, 1: as trained)")
+    scale = gr.Slider(0.0, 1.5, value=1.0, step=0.05, label="LoRA scale (0: off, 1: as trained)",
+                      elem_id="addon-scale")
     out["change_reading"] = gr.Markdown(elem_id="addon-reading")
-    out["unet_changes"] = gr.Image(label="UNet blocks", format="png", show_label=False,
-                                   elem_id="addon-unet", elem_classes="titled")
-    out["text_changes"] = gr.Image(label="Text encoder layers", format="png", show_label=False,
-                                   elem_id="addon-text", elem_classes="titled")
-    out["largest"] = gr.Dataframe(headers=changes_view.TABLE_HEADERS, interactive=False,
-                                  label="The largest changes", elem_id="addon-largest")
-    with gr.Accordion("Every block", open=False):
-        out["blocks"] = gr.Dataframe(headers=changes_view.BLOCK_HEADERS, interactive=False)
-    out["token_use"] = gr.HighlightedText(label="The learned token in a prompt",
-                                          color_map=TOKEN_COLOURS, elem_id="addon-token-use")
-    out["neighbours"] = gr.Dataframe(headers=runs_view.NEIGHBOUR_HEADERS, interactive=False,
-                                     label="Nearest vocabulary tokens of each learned vector")
-    out["token_norms"] = gr.Image(label="Lengths", format="png", show_label=False)
+    with gr.Column() as weights_view:  # a LoRA's or a fine-tune's changes
+        out["unet_changes"] = gr.Image(label="UNet blocks", format="png", show_label=False,
+                                       elem_id="addon-unet", elem_classes="titled")
+        out["text_changes"] = gr.Image(label="Text encoder layers", format="png",
+                                       show_label=False, elem_id="addon-text",
+                                       elem_classes="titled")
+        out["largest"] = gr.Dataframe(headers=changes_view.TABLE_HEADERS, interactive=False,
+                                      label="The largest changes", elem_id="addon-largest")
+        with gr.Accordion("Every block", open=False):
+            out["blocks"] = gr.Dataframe(headers=changes_view.BLOCK_HEADERS, interactive=False)
+    with gr.Column(visible=False) as token_view:  # a learned token's place in the vocabulary
+        out["token_use"] = gr.HighlightedText(label="The learned token in a prompt",
+                                              color_map=TOKEN_COLOURS, elem_id="addon-token-use")
+        out["neighbours"] = gr.Dataframe(headers=runs_view.NEIGHBOUR_HEADERS, interactive=False,
+                                         label="Nearest vocabulary tokens of each learned vector",
+                                         elem_id="addon-neighbours")
+        out["token_norms"] = gr.Image(label="Lengths", format="png", show_label=False,
+                                      elem_id="addon-token-norms")
     gr.Markdown("### The same run with and without")
     with gr.Row():
         prompt = gr.Textbox(EXAMPLE_PROMPT, label="Prompt", scale=3, elem_id="addon-prompt")
@@ -272,6 +278,17 @@ def build(models: Models, tab: gr.Tab) -> None:
     out["word_maps"] = gr.Image(label="Word maps", format="png", show_label=False,
                                 elem_id="addon-word-maps", elem_classes="titled")
 
+    def shown(addon, text):
+        """The views of what was loaded (weight changes, or a learned token), the scale for a
+        LoRA only, the last run's views emptied (they showed the add-on before); a learned
+        token put into the prompt, so that the run uses it."""
+        token = addon.embedding.token if addon is not None and addon.embedding else None
+        used = gr.skip() if token is None or token in (text or "").lower() else \
+            f"{text.rstrip()}, {token}" if text and text.strip() else f"a photo of {token}"
+        lora = addon is not None and addon.lora is not None
+        return (gr.Column(visible=token is None), gr.Column(visible=token is not None), used,
+                gr.Slider(visible=lora), *([None] * len(RUN_OUTPUTS)))
+
     def outputs(names: tuple[str, ...]) -> list:
         return [out[name] for name in names]
 
@@ -287,20 +304,31 @@ def build(models: Models, tab: gr.Tab) -> None:
         yield from send(age, [views], out)
 
     model_event = {"concurrency_id": "models", "concurrency_limit": 1}
+    private = {"api_visibility": "private"}
     load_inputs = [state, kind, upload, source, token, scale, exact]
     run_inputs = [state, prompt, negative, seed, steps, guidance, sampler, scale]
-    gr.on([load_button.click], load_handler, load_inputs, [*outputs(LOAD_OUTPUTS), state],
-          api_name="load_addon", **model_event).then(
-        changes_handler, [state, scale], outputs(CHANGE_OUTPUTS), api_name="weight_changes",
-        **model_event)
-    preset.click(lambda: ("LoRA", None, addons.LCM_LORA, "lcm", addons.LCM_PRESET[
-        "num_inference_steps"], addons.LCM_PRESET["guidance_scale"]), None,
-        [kind, upload, source, sampler, steps, guidance], api_visibility="private").then(
-        load_handler, load_inputs, [*outputs(LOAD_OUTPUTS), state], api_visibility="private",
-        **model_event).then(changes_handler, [state, scale], outputs(CHANGE_OUTPUTS),
-                            api_visibility="private", **model_event)
+    load_outputs = [*outputs(LOAD_OUTPUTS), state]
+
+    def after_loading(event: gr.events.Dependency, api_name: str | None) -> None:
+        """Show the views of what was loaded, then its weight changes."""
+        named = {"api_name": api_name} if api_name else private
+        event.then(shown, [state, prompt], [weights_view, token_view, prompt, scale,
+                                            *outputs(RUN_OUTPUTS)], show_progress="hidden",
+                   **private).then(changes_handler, [state, scale], outputs(CHANGE_OUTPUTS),
+                                   **named, **model_event)
+
+    after_loading(gr.on([load_button.click], load_handler, load_inputs, load_outputs,
+                        api_name="load_addon", **model_event), "weight_changes")
+    # the LCM-LoRA preset: its repo id, the LCM sampler, 4 steps, guidance 1; then loading it
+    preset_values = ("LoRA", None, addons.LCM_LORA, addons.LCM_PRESET["scheduler"],
+                     addons.LCM_PRESET["num_inference_steps"],
+                     addons.LCM_PRESET["guidance_scale"])
+    after_loading(preset.click(lambda: preset_values, None,
+                               [kind, upload, source, sampler, steps, guidance], **private)
+                  .then(load_handler, load_inputs, load_outputs, **private, **model_event), None)
     gr.on([run.click, prompt.submit], run_handler, run_inputs, outputs(RUN_OUTPUTS),
           api_name="with_and_without", **model_event)
-    scale.release(changes_handler, [state, scale], outputs(CHANGE_OUTPUTS),
-                  api_visibility="private", **model_event).then(
-        run_handler, run_inputs, outputs(RUN_OUTPUTS), api_visibility="private", **model_event)
+    # a new scale: the changes measured again, then the run again
+    scale.release(changes_handler, [state, scale], outputs(CHANGE_OUTPUTS), **private,
+                  **model_event).then(run_handler, run_inputs, outputs(RUN_OUTPUTS), **private,
+                                      **model_event)
