@@ -227,3 +227,23 @@ def test_stop_ends_the_denoising_loss_after_the_current_call(after_run):
                                                 ["a cat"], True, stop))
     assert answers[0] == (1, {}) and answers[-1][0] == 1
     assert [len(v) for v in answers[-1][1].values()] == [1, 1]  # the call it was making
+
+
+def test_a_distilled_unet_is_probed_as_its_run_called_it(tmp_path):
+    """An LCM UNet (time_cond_proj_dim) takes the guidance scale as an embedding and makes one
+    pass on the prompt: the probed call of a step is that pass, equal to the run's own."""
+    from tests.helpers.references import save_tiny_pipeline
+    from ui.runs import GenerationRequest
+
+    save_tiny_pipeline(tmp_path, distilled=True)
+    models = Models(Settings(weights="hub", unet=str(tmp_path), vae=str(tmp_path / "vae"),
+                             text_encoder=str(tmp_path), tokenizer=str(tmp_path / "tokenizer")))
+    request = GenerationRequest(PROMPT, "", 2, 4.0, "lcm", False, 0, SIZE, SIZE, None, 0.8)
+    *_, last = generate.generate(models, request, True, threading.Event())
+    record = last["record"]
+    probed = unet_inside.probe_step(models, record, 2, True)
+    assert not probed.guided
+    torch.testing.assert_close(probed.outputs["conv_out"][0], record.noise_text[1].float(),
+                               rtol=1e-5, atol=1e-6)
+    views = unet_inside.inside_views(models, probed, True)
+    assert "guidance distilled into it" in views["status"] and views["guidance"] is None

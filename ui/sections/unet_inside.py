@@ -125,7 +125,12 @@ def probe_step(models: Models, record: RunRecord, step: int, exact: bool) -> Pro
             return kept
     pipe = models.pipeline(exact)
     model, request = pipe.unet, record.request
-    guided = request.guidance_scale > 1
+    # as the run called it: a guidance-distilled UNet (an LCM) takes the scale as an embedding
+    # and makes one pass on the prompt alone
+    dim = model.config.time_cond_proj_dim
+    guided = request.guidance_scale > 1 and dim is None
+    guidance_cond = None if dim is None else \
+        sd_parts.guidance_embedding(request.guidance_scale, dim).to(pipe.device)
     sampler, timesteps, _ = pipe.plan(request.num_inference_steps, request.scheduler,
                                       request.use_karras_sigmas or None,
                                       request.strength if request.image else 1.0)
@@ -140,7 +145,7 @@ def probe_step(models: Models, record: RunRecord, step: int, exact: bool) -> Pro
     seconds, hooks = timed(model, blocks)
     try:
         started = time.perf_counter()
-        model(x, t, context, probe=probe)
+        model(x, t, context, probe=probe, timestep_cond=guidance_cond)
         synchronize()
         total = time.perf_counter() - started
     finally:
@@ -223,7 +228,10 @@ def inside_views(models: Models, probed: Probed, exact: bool) -> dict[str, objec
         views["guidance_table"] = [[p, unet.significant(r)] for p, r in ratios.items()]
     else:
         views["guidance"] = views["guidance_table"] = None
-        views["status"] += " Guidance scale 1: no unconditional pass to compare."
+        distilled = models.unet(exact).config.time_cond_proj_dim is not None
+        views["status"] += (" This UNet has guidance distilled into it: no unconditional pass "
+                            "to compare." if distilled
+                            else " Guidance scale 1: no unconditional pass to compare.")
     return views | timestep_views(models, probed, exact)
 
 
