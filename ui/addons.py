@@ -148,8 +148,13 @@ def float32_size(source: str) -> int:
 
 def checkpoint_dtype(needed: int, available: int) -> tuple[torch.dtype, str]:
     """float32 when ``MEMORY_HEADROOM`` times the float32 size is available, else bfloat16; and
-    the sentence the page shows."""
+    the sentence the page shows. A ``ValueError`` when not even the bfloat16 copy fits."""
     gib = 2**30
+    if needed / 2 * MEMORY_HEADROOM > available:
+        raise ValueError(f"Not enough memory for a second checkpoint: it needs {needed / gib:.2f} "
+                         f"GiB in float32 ({needed / 2 / gib:.2f} GiB in bfloat16), and only "
+                         f"{available / gib:.1f} GiB are available. Try again later, or compare "
+                         "a LoRA instead.")
     if needed * MEMORY_HEADROOM <= available:
         return torch.float32, (f"Loaded in float32 ({needed / gib:.2f} GiB; "
                                f"{available / gib:.1f} GiB were available).")
@@ -164,6 +169,11 @@ def load_checkpoint(models: Models, source: str, exact: bool) -> AddOn:
                          ".safetensors checkpoint or a diffusers pipeline folder (with unet/, "
                          "text_encoder/, vae/).")
     dtype, note = checkpoint_dtype(float32_size(source), available_memory())
+    fast = sd_parts.fast_dtype(models.device)
+    if not exact and dtype == torch.float32 and fast != torch.float32:
+        # compared like with like: fast mode runs the base in bfloat16 too
+        dtype, note = fast, ("Loaded in bfloat16, as fast mode runs the base; tick Exact mode "
+                             "for float32.")
     pipe = HUB.load(source, lambda: sd_parts.load_pipeline(source, dtype=dtype,
                                                            device=models.device),
                     f"the checkpoint {source!r}")

@@ -194,3 +194,5 @@ def test_a_second_checkpoint_is_halved_when_memory_is_short():
     dtype, note = tab.addons.checkpoint_dtype(4 * gib, 5 * gib)
     assert dtype == torch.bfloat16
     assert note.startswith("Loaded in bfloat16, half its float32 size of 4.00 GiB: only 5.0 GiB")
+    with pytest.raises(ValueError, match="Not enough memory for a second checkpoint"):
+        tab.addons.checkpoint_dtype(4 * gib, 2 * gib)

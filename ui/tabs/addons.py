@@ -10,7 +10,7 @@ turn UI values into arguments and return a dict keyed by output name; ``build`` 
 
 from __future__ import annotations
 
-import functools
+import weakref
 
 import gradio as gr
 import torch
@@ -66,9 +66,15 @@ def load(models: Models, addon: AddOn | None, kind: str, upload: str | None, sou
     return loaded, {"load_status": text}
 
 
-@functools.lru_cache(maxsize=4)  # the base models' ||W||, for the blocks' denominators
+# The shared models' ||W||, for the blocks' denominators; weakly held, so that a model the
+# app lets go (another mode loaded) is not kept alive here.
+_NORMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def model_norms(module: torch.nn.Module) -> dict[str, float]:
-    return changes_view.weight_norms(module.state_dict())
+    if module not in _NORMS:
+        _NORMS[module] = changes_view.weight_norms(module.state_dict())
+    return _NORMS[module]
 
 
 def layer_changes(addon: AddOn) -> list[changes_view.LayerChange]:
@@ -179,7 +185,7 @@ def run_views(models: Models, addon: AddOn | None, prompt: str, negative: str, s
         return failure(RUN_OUTPUTS, "run_status", str(exc))
     images = [images_to_pixels(r.images * 2 - 1) for r in results]
     chosen = diffusion.strip_steps(len(results[0].trace.pred_original), STRIP_FRAMES)
-    strips = [runs_view_strip(pipe, result, chosen) for pipe, result in
+    strips = [x0_frames(pipe, result, chosen) for pipe, result in
               zip((addon.base, addon.pipe), results, strict=True)]
     groups = [diffusion.word_groups(pipe.tokenizer.tokenize(prompt or "")[:75],
                                     r.trace.word_maps.shape[1])
@@ -197,7 +203,7 @@ def run_views(models: Models, addon: AddOn | None, prompt: str, negative: str, s
     }
 
 
-def runs_view_strip(pipe: sd_parts.StableDiffusionPipeline, result: sd_parts.GenerationResult,
+def x0_frames(pipe: sd_parts.StableDiffusionPipeline, result: sd_parts.GenerationResult,
                     chosen: list[int]) -> list:
     """The chosen steps' predicted clean latents, decoded by the run's own VAE."""
     return [diffusion.vae_image(pipe.vae, result.trace.pred_original[i]) for i in chosen]
@@ -292,15 +298,18 @@ def build(models: Models, tab: gr.Tab) -> None:
     def outputs(names: tuple[str, ...]) -> list:
         return [out[name] for name in names]
 
-    def load_handler(addon, kind, upload, source, token, scale, exact):
-        loaded, views = load(models, addon, kind, upload, source, token, scale, exact)
+    # the handlers' parameter names are the endpoints' (diffusers' where it has one)
+    def load_handler(addon, kind, file, source, token, lora_scale, exact):
+        loaded, views = load(models, addon, kind, file, source, token, lora_scale, exact)
         yield from send(age, [views | {"state": loaded}], out | {"state": state})
 
-    def changes_handler(addon, scale):
-        yield from send(age, [weight_views(addon, scale)], out)
+    def changes_handler(addon, lora_scale):
+        yield from send(age, [weight_views(addon, lora_scale)], out)
 
-    def run_handler(addon, prompt, negative, seed, steps, guidance, sampler, scale):
-        views = run_views(models, addon, prompt, negative, seed, steps, guidance, sampler, scale)
+    def run_handler(addon, prompt, negative_prompt, seed, num_inference_steps, guidance_scale,
+                    scheduler, lora_scale):
+        views = run_views(models, addon, prompt, negative_prompt, seed, num_inference_steps,
+                          guidance_scale, scheduler, lora_scale)
         yield from send(age, [views], out)
 
     model_event = {"concurrency_id": "models", "concurrency_limit": 1}
@@ -326,9 +335,12 @@ def build(models: Models, tab: gr.Tab) -> None:
     after_loading(preset.click(lambda: preset_values, None,
                                [kind, upload, source, sampler, steps, guidance], **private)
                   .then(load_handler, load_inputs, load_outputs, **private, **model_event), None)
+    # a run pair is generation work: it waits for the generation tab's runs, not for the
+    # lighter model views
+    run_event = {"concurrency_id": "generate", "concurrency_limit": 1}
     gr.on([run.click, prompt.submit], run_handler, run_inputs, outputs(RUN_OUTPUTS),
-          api_name="with_and_without", **model_event)
+          api_name="with_and_without", **run_event)
     # a new scale: the changes measured again, then the run again
     scale.release(changes_handler, [state, scale], outputs(CHANGE_OUTPUTS), **private,
                   **model_event).then(run_handler, run_inputs, outputs(RUN_OUTPUTS), **private,
-                                      **model_event)
+                                      **run_event)
