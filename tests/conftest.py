@@ -36,3 +36,13 @@ def sd_text_encoder_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[ob
 def sd_unet_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path]:
     """The full SD v1.5 noise predictor (UNet) with random weights, as diffusers writes it."""
     return saved(tmp_path_factory, "unet", reference_unet())
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A whole tiny SD v1 pipeline, written by diffusers' own save_pretrained (read only)."""
+    from tests.helpers.references import save_tiny_pipeline
+
+    folder = tmp_path_factory.mktemp("tiny_sd")
+    save_tiny_pipeline(folder)
+    return folder

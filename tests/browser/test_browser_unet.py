@@ -12,7 +12,8 @@ import torch
 
 import sd_parts
 from tests.helpers.browser import changed_image, chromium_page, loaded_image, require_chromium, shot
-from tests.ui.test_unet_inside import MODELS, section_page, serving
+from tests.helpers.serve import serving
+from tests.helpers.unet_section import MODELS, section_page
 from ui.shared import LABEL_ROOM
 from viz import unet
 

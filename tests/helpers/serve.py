@@ -56,9 +56,17 @@ def in_process(settings: object) -> Iterator[str]:
     with the real launch options; yields its URL and closes it afterwards. Tests that replace a
     model or count calls use this; the others use ``Server`` (a process of its own)."""
     import app  # here: importing it builds the page, which only these tests need
+
+    with serving(app.build_demo(settings)) as url:
+        yield url
+
+
+@contextmanager
+def serving(demo: object) -> Iterator[str]:
+    """A page (``gr.Blocks``) served from this process on a free port with the real launch
+    options; yields its URL and closes it afterwards."""
     from ui import server
 
-    demo = app.build_demo(settings)
     port = free_port()
     server.launch(demo, server_port=port, prevent_thread_lock=True, quiet=True)
     try:

@@ -14,7 +14,6 @@ from safetensors.torch import save_file
 from sd_parts import WeightsError, load_pipeline
 from sd_parts.lora import lora_changes, lora_deltas, read_lora, set_lora_scale
 from sd_parts.weight_changes import layer_kind, weight_changes
-from tests.sd_parts.test_pipeline import tiny_folder  # noqa: F401  (the tiny pipeline's folder)
 
 PROMPT = "a photograph of an astronaut riding a horse"
 SIZE = 32

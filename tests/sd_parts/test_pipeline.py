@@ -10,21 +10,12 @@ import pytest
 import torch
 
 from sd_parts.pipeline import StableDiffusionPipeline, load_pipeline
-from tests.helpers.references import save_tiny_pipeline
 
 TOL = 1e-4
 PROMPT = "a photograph of an astronaut riding a horse"
 SIZE = 32  # pixels; the tiny VAE halves it once, so the latent is 16 x 16
 DIFFUSERS_SCHEDULERS = {"pndm": "PNDMScheduler", "ddim": "DDIMScheduler",
                         "euler": "EulerDiscreteScheduler", "dpm++2m": "DPMSolverMultistepScheduler"}
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A whole tiny SD v1 pipeline, written by diffusers' own save_pretrained."""
-    folder = tmp_path_factory.mktemp("tiny_sd")
-    save_tiny_pipeline(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def pipes(tiny_folder: Path) -> tuple[object, StableDiffusionPipeline]:
     import diffusers

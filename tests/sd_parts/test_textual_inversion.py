@@ -11,7 +11,6 @@ import torch
 from safetensors.torch import save_file
 
 from sd_parts import WeightsError, load_pipeline
-from tests.sd_parts.test_pipeline import tiny_folder  # noqa: F401  (the tiny pipeline's folder)
 
 SIZE = 32
 WIDTH = 32  # the tiny text encoder's hidden size
