@@ -82,7 +82,7 @@ def test_a_lora_is_loaded_measured_and_run(page, lora_file):
     number = page.get_by_label("number input for LoRA scale")
     number.fill("0.5")
     number.press("Tab")  # the slider reports its "release" when the number box loses focus
-    page.locator("#addon-run-status").filter(has_text="LoRA scale 0.5").wait_for()
+    page.locator("#addon-run-status").filter(has_text="with LoRA at scale 0.5").wait_for()
     changed_image(page, "#addon-with", first["src"])
     page.set_viewport_size({"width": 400, "height": 900})
     page.wait_for_timeout(300)

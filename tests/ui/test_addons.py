@@ -99,7 +99,7 @@ def test_a_kohya_lora_is_measured_and_run_with_and_without(client, tmp_path):
         blocks = {(row[0], row[1]): row for row in out["blocks"]["data"]}
         assert blocks["UNet", "down_blocks.0"][3] == 2 and blocks["UNet", "up_blocks.0"][3] == 0
     with_lora = run(client, 1.0)
-    assert "without and with LoRA at LoRA scale 1" in with_lora["run_status"]
+    assert "without and with LoRA at scale 1." in with_lora["run_status"]
     without, with_ = pixels(with_lora["image_without"]), pixels(with_lora["image_with"])
     assert without.shape == with_.shape == (32, 32, 3)
     assert np.abs(without.astype(int) - with_.astype(int)).max() > 0
@@ -109,6 +109,10 @@ def test_a_kohya_lora_is_measured_and_run_with_and_without(client, tmp_path):
     np.testing.assert_array_equal(pixels(off["image_without"]), without)
     for name in ("difference", "strips", "word_maps"):
         assert pixels(off[name]).size > 0
+    bad = call(client, "/with_and_without", tab.RUN_OUTPUTS, "a red cat", "", None, 3, 7.5,
+               "ddim", 1.0)
+    assert "Give the seed, the steps and the LoRA scale as numbers; got None" in bad["run_status"]
+    assert bad["image_with"] is None and bad["word_maps"] is None
 
 
 @pytest.mark.parametrize(("extra", "named"), [

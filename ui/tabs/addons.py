@@ -10,6 +10,7 @@ turn UI values into arguments and return a dict keyed by output name; ``build`` 
 
 from __future__ import annotations
 
+import math
 import weakref
 
 import gradio as gr
@@ -173,6 +174,9 @@ def run_views(models: Models, addon: AddOn | None, prompt: str, negative: str, s
     names = ("base", "fine-tune") if addon.kind == "second checkpoint" else \
         ("without", f"with {addon.kind}")
     size = models.settings.generate_size
+    if not all(isinstance(v, int | float) and math.isfinite(v) for v in (seed, steps, scale)):
+        return failure(RUN_OUTPUTS, "run_status", f"Give the seed, the steps and the LoRA scale "
+                       f"as numbers; got {seed!r}, {steps!r} and {scale!r}.")
     arguments = dict(prompt=prompt or "", negative_prompt=negative or "",
                      num_inference_steps=int(steps), guidance_scale=float(guidance),
                      height=size, width=size, scheduler=sampler, trace=True)
@@ -190,7 +194,7 @@ def run_views(models: Models, addon: AddOn | None, prompt: str, negative: str, s
     groups = [diffusion.word_groups(pipe.tokenizer.tokenize(prompt or "")[:75],
                                     r.trace.word_maps.shape[1])
               for pipe, r in zip((addon.base, addon.pipe), results, strict=True)]
-    scale_note = f" at LoRA scale {addon.scale:g}" if addon.lora else ""
+    scale_note = f" at scale {addon.scale:g}" if addon.lora else ""
     return {
         "run_status": literal(f"The same prompt, seed {int(seed)}, {sampler} sampler and "
                               f"{int(steps)} steps: {names[0]} and {names[1]}{scale_note}."),
@@ -204,7 +208,7 @@ def run_views(models: Models, addon: AddOn | None, prompt: str, negative: str, s
 
 
 def x0_frames(pipe: sd_parts.StableDiffusionPipeline, result: sd_parts.GenerationResult,
-                    chosen: list[int]) -> list:
+              chosen: list[int]) -> list:
     """The chosen steps' predicted clean latents, decoded by the run's own VAE."""
     return [diffusion.vae_image(pipe.vae, result.trace.pred_original[i]) for i in chosen]
 
