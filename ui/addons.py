@@ -15,7 +15,9 @@ the LoRA in. Fused rather than unfused, because ``benchmarks/lora.py`` measured 
 at 0.04-0.05 s more per UNet call and the fused at nothing more; the copy is fused once per load
 and again only for a new scale (from the kept W, so scales never pile up rounding).
 
-A second checkpoint is a whole pipeline of its own, in float32 when the machine's available
+A visitor names an add-on by uploading it or by a Hub repo id; a path on the server only inside
+the folders the operator lists in ``SD_PARTS_ADDON_DIRS`` (``source_of``). A second checkpoint
+is a whole pipeline of its own, in float32 when the machine's available
 memory holds it with room to spare, else in bfloat16 (``checkpoint_dtype``); the page says which.
 """
 
@@ -25,6 +27,7 @@ import copy
 import gc
 import math
 import os
+import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +44,8 @@ LCM_LORA = "latent-consistency/lcm-lora-sdv1-5"  # the LCM-LoRA of SD v1.5 (Luo 
 LCM_PRESET = {"scheduler": "lcm", "num_inference_steps": 4, "guidance_scale": 1.0}
 # a second checkpoint loads in float32 only if this many times its float32 size is available
 MEMORY_HEADROOM = 1.5
+ADDON_DIRS = "SD_PARTS_ADDON_DIRS"  # folders whose files a visitor may name by path
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name
 
 
 @dataclass
@@ -86,18 +91,36 @@ def session_pipeline(base: sd_parts.StableDiffusionPipeline) -> sd_parts.StableD
                                             base.scheduler_config)
 
 
+def allowed_folders() -> list[Path]:
+    """The folders whose files a visitor may name by path (``SD_PARTS_ADDON_DIRS``, separated by
+    ``os.pathsep``); none unless the operator lists them."""
+    listed = os.environ.get(ADDON_DIRS, "")
+    return [Path(folder).expanduser().resolve() for folder in listed.split(os.pathsep) if folder]
+
+
 def source_of(upload: str | None, source: str | None) -> str:
-    """The file uploaded, else the Hub id, folder or file typed; a message if neither."""
+    """The file uploaded, else the Hub repo id or the local path typed; a message if neither.
+
+    A typed path is read only inside ``allowed_folders()``: the page is open to anyone who can
+    reach the app, and a path outside them would let a visitor read (or probe for) the server's
+    own files. Whether a path exists is said only inside them.
+    """
     if upload:
         return str(upload)
     source = (source or "").strip()
-    looks_local = source.startswith(("/", ".", "~")) or source.endswith(".safetensors")
-    if looks_local and not os.path.exists(os.path.expanduser(source)):
-        raise ValueError(f"{source}: no such file or folder on this machine. Give a path that "
-                         "exists, or a Hub repo id (owner/name).")
-    if source:
-        return os.path.expanduser(source)
-    raise ValueError("Upload a .safetensors file or type a Hub repo id, a folder or a file path.")
+    if not source:
+        raise ValueError("Upload a .safetensors file or type a Hub repo id (owner/name).")
+    path = Path(source).expanduser()
+    if HUB_ID.fullmatch(source) and not path.exists():
+        return source
+    resolved = path.resolve()
+    if not any(resolved.is_relative_to(folder) for folder in allowed_folders()):
+        raise ValueError(f"{source}: files on the server are read by path only inside the "
+                         f"folders it was started with ({ADDON_DIRS}); upload the file instead, "
+                         "or give a Hub repo id (owner/name).")
+    if not resolved.exists():
+        raise ValueError(f"{source}: no such file or folder.")
+    return str(resolved)
 
 
 def load_lora(models: Models, source: str, scale: float, exact: bool) -> AddOn:

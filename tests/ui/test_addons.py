@@ -10,12 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from gradio_client import Client
+from gradio_client import Client, handle_file
 from PIL import Image
 from safetensors.torch import save_file
 
 import sd_parts
 from tests.helpers.references import save_tiny_pipeline
+from tests.helpers.serve import in_process
 from ui.models import Models, Settings
 from ui.tabs import addons as tab
 
@@ -62,9 +63,11 @@ def call(client: Client, api_name: str, names: tuple[str, ...], *args: object) -
     return dict(zip(names, answer if len(names) > 1 else [answer], strict=True))
 
 
-def load(client: Client, kind: str, source: str, token: str = "", scale: float = 1.0,
+def load(client: Client, kind: str, source: str | Path, token: str = "", scale: float = 1.0,
          exact: bool = False) -> str:
-    return call(client, "/load_addon", tab.LOAD_OUTPUTS, kind, None, source, token, scale,
+    """A file is uploaded, as a visitor's is; a string is typed into the source box."""
+    upload, typed = (handle_file(str(source)), "") if isinstance(source, Path) else (None, source)
+    return call(client, "/load_addon", tab.LOAD_OUTPUTS, kind, upload, typed, token, scale,
                 exact)["load_status"]
 
 
@@ -79,7 +82,7 @@ def pixels(path: str) -> np.ndarray:
 
 def test_a_kohya_lora_is_measured_and_run_with_and_without(client, tmp_path):
     path = kohya_lora(tmp_path / "style.safetensors")
-    status = load(client, "LoRA", str(path), scale=1.0)
+    status = load(client, "LoRA", path, scale=1.0)
     assert status.startswith("**Loaded LoRA:** style (kohya, scale 1): 5 layers")
     # the table's numbers, against ||scale (alpha / r) B A|| / ||W|| computed here from the file
     base = base_pipeline(False)
@@ -123,12 +126,20 @@ def test_a_kohya_lora_is_measured_and_run_with_and_without(client, tmp_path):
      "lora_unet_no_such_block_to_q.lora_down.weight"),
 ])
 def test_bad_lora_files_are_refused_naming_the_keys(client, tmp_path, extra, named):
-    status = load(client, "LoRA", str(kohya_lora(tmp_path / "bad.safetensors", extra)))
+    status = load(client, "LoRA", kohya_lora(tmp_path / "bad.safetensors", extra))
     assert "Could not load the LoRA" in status and named.replace("_", "\\_") in status
     out = call(client, "/weight_changes", tab.CHANGE_OUTPUTS, 1.0)
     assert out["change_reading"].startswith("Load an add-on first")
-    missing = load(client, "LoRA", str(tmp_path / "none.safetensors"))
-    assert "no such file" in missing
+
+
+
+def test_paths_on_the_server_are_read_only_inside_the_listed_folders(client, tmp_path):
+    """A visitor cannot read, or probe for, the server's files by typing their paths."""
+    for typed in (str(kohya_lora(tmp_path / "there.safetensors")), "/etc/passwd",
+                  str(tmp_path / "none.safetensors"), "ui/models.py"):
+        status = load(client, "LoRA", typed)
+        assert "read by path only inside the folders it was started with" in status, typed
+        assert "SD\\_PARTS\\_ADDON\\_DIRS" in status
 
 
 def test_the_lcm_lora_says_it_cannot_be_fetched_offline(client):
@@ -142,7 +153,7 @@ def test_a_textual_inversion_shows_its_neighbours_and_use(client, tmp_path):
                           .manual_seed(3))
     path = tmp_path / "learned_embeds.safetensors"
     save_file({"<cat-toy>": vectors}, path)
-    status = load(client, "textual inversion", str(path))
+    status = load(client, "textual inversion", path)
     assert "&lt;cat-toy&gt; (diffusers layout): 2 vectors" in status
     out = call(client, "/weight_changes", tab.CHANGE_OUTPUTS, 1.0)
     rows = out["neighbours"]["data"]
@@ -158,11 +169,18 @@ def test_a_textual_inversion_shows_its_neighbours_and_use(client, tmp_path):
     assert pixels(ran["image_with"]).shape == (32, 32, 3)
 
 
-def test_a_second_checkpoint_is_compared_weight_by_weight(client, tmp_path):
+def test_a_second_checkpoint_is_compared_weight_by_weight(tmp_path, monkeypatch):
+    """A diffusers folder, named by its path inside the folders the operator listed."""
     save_tiny_pipeline(tmp_path)
-    status = load(client, "second checkpoint", str(tmp_path), exact=True)
-    assert status.startswith("**Loaded second checkpoint:**") and "float32" in status
-    out = call(client, "/weight_changes", tab.CHANGE_OUTPUTS, 1.0)
+    monkeypatch.setenv(tab.addons.ADDON_DIRS, str(tmp_path))
+    with in_process(Settings(weights="tiny")) as url:
+        client = Client(url, verbose=False, download_files=str(tmp_path / "downloads"))
+        missing = load(client, "second checkpoint", str(tmp_path / "nothing"))
+        assert "nothing: no such file or folder." in missing
+        status = load(client, "second checkpoint", str(tmp_path), exact=True)
+        assert status.startswith("**Loaded second checkpoint:**") and "float32" in status
+        out = call(client, "/weight_changes", tab.CHANGE_OUTPUTS, 1.0)
+        ran = run(client, 1.0)
     base, tuned = base_pipeline(True), sd_parts.load_pipeline(str(tmp_path))
     blocks = {(row[0], row[1]): row[2] for row in out["blocks"]["data"]}
     for part, label in (("unet", "UNet"), ("text_encoder", "text encoder")):
@@ -173,7 +191,6 @@ def test_a_second_checkpoint_is_compared_weight_by_weight(client, tmp_path):
         size = sum(float(mine[n].double().norm()) ** 2 for n in names)
         block = "mid_block" if part == "unet" else "layers.0"
         assert blocks[label, block] == pytest.approx((change / size) ** 0.5, rel=1e-3)
-    ran = run(client, 1.0)
     assert "base and fine-tune" in ran["run_status"]
 
 

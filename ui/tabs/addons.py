@@ -237,7 +237,8 @@ def build(models: Models, tab: gr.Tab) -> None:
         upload = gr.File(label="Upload a .safetensors file", file_types=[".safetensors"],
                          type="filepath", elem_id="addon-upload")
         with gr.Column():
-            source = gr.Textbox(label="or a Hub repo id, folder or file path",
+            source = gr.Textbox(label="or a Hub repo id (a path on the server: only inside "
+                                      f"the folders in {addons.ADDON_DIRS})",
                                 placeholder=addons.LCM_LORA, elem_id="addon-source")
             token = gr.Textbox(label="Token (textual inversion; default: the file's)")
             with gr.Row():
