@@ -65,31 +65,44 @@ def word_map_comparison(groups_without: Sequence[tuple[str, list[int]]],
                         groups_with: Sequence[tuple[str, list[int]]],
                         maps_without: torch.Tensor, maps_with: torch.Tensor,
                         names: Sequence[str]) -> Picture:
-    """One row per word found in both runs (matched by its text): its share map without, with,
-    and with - without. The two runs' maps share one scale; the difference is centred on 0.
+    """One row per word (matched by its text; the run with the add-on's order, then the words
+    only the other run has): its share map without, with, and with - without. A word one run
+    does not have (a learned token is one token with it, several pieces without) is grey there
+    and in the difference. The runs' maps share one scale; the difference is centred on 0.
     ``maps_*``: (T, h, w) summed over layers and steps. ``maps``: three boxes per row."""
-    found = dict(groups_without)
-    rows = [(label, found[label], positions) for label, positions in groups_with
-            if label in found]
-    if not rows:
-        raise ValueError("the two runs share no word to compare")
-    shares = [(attention_shares(maps_without, a), attention_shares(maps_with, b))
-              for _, a, b in rows]
-    top = max(float(max(a.max(), b.max())) for a, b in shares) or 1.0
-    extent = max(float(np.abs(b - a).max()) for a, b in shares) or 1e-9
-    height, width = shares[0][0].shape
+    without, with_addon = dict(groups_without), dict(groups_with)
+    labels = list(with_addon) + [label for label in without if label not in with_addon]
+    shares = [(attention_shares(maps_without, without[label]) if label in without else None,
+               attention_shares(maps_with, with_addon[label]) if label in with_addon else None)
+              for label in labels]
+    present = [m for pair in shares for m in pair if m is not None]
+    if not present:
+        raise ValueError("no word to compare")
+    top = max(float(m.max()) for m in present) or 1.0
+    extent = max((float(np.abs(b - a).max()) for a, b in shares
+                  if a is not None and b is not None), default=0.0) or 1e-9
+    height, width = present[0].shape
     cell = max(1, MAP_SIDE // max(height, width))
+    absent = np.ones((height, width), dtype=bool)
+
+    def panel(values: np.ndarray | None, cmap: str, limits: tuple[float, float], title: str
+              ) -> Picture:
+        if values is None:
+            return heatmap(np.zeros((height, width)), cmap, limits, (cell, cell),
+                           title=f"{title} (not a word here)", mask=absent)
+        return heatmap(values, cmap, limits, (cell, cell), title=title)
+
     pictures = []
-    for (label, _, _), (a, b) in zip(rows, shares, strict=True):
-        pictures += [heatmap(a, WORD_MAP_CMAP, (0.0, top), (cell, cell), title=f"{label}: "
-                             f"{names[0]}"),
-                     heatmap(b, WORD_MAP_CMAP, (0.0, top), (cell, cell), title=names[1]),
-                     heatmap(b - a, DIVERGING, (-extent, extent), (cell, cell),
-                             title=f"{names[1]} - {names[0]}")]
+    for label, (a, b) in zip(labels, shares, strict=True):
+        difference = None if a is None or b is None else b - a
+        pictures += [panel(a, WORD_MAP_CMAP, (0.0, top), f"{label}: {names[0]}"),
+                     panel(b, WORD_MAP_CMAP, (0.0, top), names[1]),
+                     panel(difference, DIVERGING, (-extent, extent), f"{names[1]} - {names[0]}")]
     grid = add_colorbar(arrange(pictures, 3), DIVERGING, (-extent, extent),
                         f"difference of shares (maps: 0 to {top:.3g})")
     return add_title(grid, "Where each word looks: its share of the word's cross-attention per "
-                           "latent pixel\n(red: more with the add-on, blue: less)")
+                           "latent pixel\n(red: more with the add-on, blue: less; grey: not a "
+                           "word of that run)")
 
 
 # ---------------------------------------------------------------------------------------------
