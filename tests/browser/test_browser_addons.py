@@ -16,6 +16,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import sd_parts
+from tests.helpers.addons import base_pipeline, kohya_lora
 from tests.helpers.browser import (
     changed_image,
     chromium_page,
@@ -24,7 +25,6 @@ from tests.helpers.browser import (
     require_chromium,
     shot,
 )
-from tests.ui.test_addons import base_pipeline, kohya_lora
 from ui.addons import AddOn
 from ui.shared import LABEL_ROOM
 from ui.tabs import addons as tab

@@ -1,7 +1,7 @@
 """The "What changed" tab through gradio_client on the tiny app (its own server process): a LoRA
-written here in kohya's layout with random non-zero A and B, a textual inversion and a second
-checkpoint loaded with ``load_addon``; ``weight_changes`` against norms computed here from the
-same files; ``with_and_without`` side by side; bad files refused with the keys named."""
+in kohya's layout with random non-zero A and B (``tests/helpers/addons.py``), a textual inversion
+and a second checkpoint loaded with ``load_addon``; ``weight_changes`` against norms computed
+here from the same files; ``with_and_without`` side by side; bad files refused, keys named."""
 
 from __future__ import annotations
 
@@ -15,42 +15,11 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import sd_parts
+from tests.helpers.addons import LAYERS, base_pipeline, kohya_lora
 from tests.helpers.references import save_tiny_pipeline
 from tests.helpers.serve import in_process
-from ui.models import Models, Settings
+from ui.models import Settings
 from ui.tabs import addons as tab
-
-RANK, ALPHA = 4, 2.0  # alpha differs from the rank: the change is halved
-# the tiny UNet's attention and resblock convolutions, and the text encoder's attention
-LAYERS = [("unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"),
-          ("unet", "mid_block.attentions.0.transformer_blocks.0.attn1.to_q"),
-          ("unet", "down_blocks.0.resnets.0.conv1"),
-          ("unet", "up_blocks.1.resnets.0.conv_shortcut"),
-          ("text_encoder", "encoder.layers.1.self_attn.q_proj")]
-
-
-def base_pipeline(exact: bool) -> sd_parts.StableDiffusionPipeline:
-    """The tiny server's models, rebuilt here from the same seeds."""
-    return Models(Settings(weights="tiny")).pipeline(exact)
-
-
-def kohya_lora(path: Path, extra: dict[str, torch.Tensor] | None = None) -> Path:
-    base = base_pipeline(True)
-    models = {"unet": base.unet, "text_encoder": base.text_encoder}
-    generator = torch.Generator().manual_seed(0)
-    tensors = {}
-    for part, module in LAYERS:
-        weight = models[part].get_submodule(module).weight
-        kernel = tuple(weight.shape[2:])
-        name = ("lora_unet_" if part == "unet" else "lora_te_text_model_") + \
-            module.replace(".", "_")
-        tensors[f"{name}.lora_down.weight"] = torch.randn(RANK, weight.shape[1], *kernel,
-                                                          generator=generator)
-        tensors[f"{name}.lora_up.weight"] = torch.randn(weight.shape[0], RANK,
-                                                        *(1,) * len(kernel), generator=generator)
-        tensors[f"{name}.alpha"] = torch.tensor(ALPHA)
-    save_file(tensors | (extra or {}), path)
-    return path
 
 
 @pytest.fixture(scope="module")
