@@ -52,6 +52,16 @@ class GenerationRequest:
     height: int
     image: str | None  # a path: image to image starts from it
     strength: float
+    use_exponential_sigmas: bool = False
+    use_beta_sigmas: bool = False
+    eta: float | None = None  # DDIM's and TCD's noise; None: the sampler's default
+
+    def sampler_options(self) -> dict[str, object]:
+        """The sigma schedule and eta as the pipeline's ``plan`` and ``__call__`` take them."""
+        options = {"use_karras_sigmas": self.use_karras_sigmas or None,
+                   "use_exponential_sigmas": self.use_exponential_sigmas or None,
+                   "use_beta_sigmas": self.use_beta_sigmas or None}
+        return options | ({} if self.eta is None else {"eta": self.eta})
 
     def settings(self) -> dict[str, object]:
         kept = dataclasses.asdict(self)
@@ -163,8 +173,8 @@ def run_in_background(pipe: sd_parts.StableDiffusionPipeline, request: Generatio
             result = pipe(request.prompt, request.negative_prompt, request.num_inference_steps,
                           request.guidance_scale, request.height, request.width,
                           torch.Generator().manual_seed(request.seed), request.scheduler,
-                          request.use_karras_sigmas or None, init, request.strength, on_step,
-                          on_start=on_start, **options)
+                          image=init, strength=request.strength, callback=on_step,
+                          on_start=on_start, **request.sampler_options(), **options)
             events.put(Finished(result, time.perf_counter() - started))
         except Exception as exc:  # noqa: BLE001 - handed to the tab, which says what failed
             events.put(Failed(exc))

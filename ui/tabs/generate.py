@@ -36,7 +36,7 @@ from ui.runs import (
     Stops,
     run_in_background,
 )
-from ui.sections import example_runs, forward, unet_inside
+from ui.sections import compare_runs, example_runs, forward, samplers, unet_inside
 from ui.sections.steps import (
     StepsSection,
     latent_views,
@@ -67,22 +67,21 @@ PREVIEWS = (LINEAR_PREVIEW, TAESD_PREVIEW)
 PREVIEW_INFO = ("TAESD draws each step's latent and x0 with a tiny distilled decoder (a run's "
                 "status says what its previews cost here); the linear map only mixes the "
                 "latent's channels into colours. The scrubber and the strip draw the same way.")
-KARRAS_INFO = "Karras et al. (2022): noise levels spaced densely near the end. For " + \
-    ", ".join(info.label for info in SAMPLERS.values() if "karras" in info.sigma_schedules) + "."
+KARRAS_INFO = samplers.SCHEDULE_INFO["karras"]
 
 
 def parse_request(prompt: str | None, negative_prompt: str | None,
                   num_inference_steps: float | None, guidance_scale: float | None,
                   scheduler: str, use_karras_sigmas: bool, seed: float | None,
                   width: float | None, height: float | None, image: str | None,
-                  strength: float | None, multiple: int) -> GenerationRequest:
+                  strength: float | None, multiple: int, use_exponential_sigmas: bool = False,
+                  use_beta_sigmas: bool = False, eta: float | None = None) -> GenerationRequest:
     """Check the form's values; a ValueError says what is wrong and what is allowed."""
     kind = LABELS.get(scheduler, scheduler if scheduler in SAMPLERS else None)
     if kind is None:
         raise ValueError(f"Unknown scheduler {scheduler!r}: choose one of {', '.join(LABELS)}.")
-    if use_karras_sigmas and "karras" not in SAMPLERS[kind].sigma_schedules:
-        raise ValueError(f"Karras sigmas do not apply to {SAMPLERS[kind].label}; they do to "
-                         f"{KARRAS_INFO.split('For ')[1]}")
+    eta = samplers.check_options(kind, use_karras_sigmas, use_exponential_sigmas,
+                                 use_beta_sigmas, eta)
     numbers = {"steps": num_inference_steps, "guidance scale": guidance_scale, "seed": seed,
                "width": width, "height": height, "strength": 0.8 if strength is None else strength}
     missing = [name for name, value in numbers.items() if value is None]
@@ -105,7 +104,8 @@ def parse_request(prompt: str | None, negative_prompt: str | None,
                              f"{MAX_SIDE} pixels; got {value:g}.")
     return GenerationRequest(prompt or "", negative_prompt or "", int(steps),
                              float(guidance_scale), kind, bool(use_karras_sigmas), int(seed),
-                             int(width), int(height), image or None, float(numbers["strength"]))
+                             int(width), int(height), image or None, float(numbers["strength"]),
+                             bool(use_exponential_sigmas), bool(use_beta_sigmas), eta)
 
 
 def example_request(size: int) -> GenerationRequest:
@@ -176,8 +176,8 @@ def generate(models: Models, request: GenerationRequest, exact: bool, stop,
         yield failure(OUTPUTS, "status", str(exc))
         return
     sampler, timesteps, _ = pipe.plan(request.num_inference_steps, request.scheduler,
-                                      request.use_karras_sigmas or None,
-                                      request.strength if init is not None else 1.0)
+                                      strength=request.strength if init is not None else 1.0,
+                                      **request.sampler_options())
     levels = [sampler.noise_level(t) for t in timesteps]
     plan = example_runs.estimate(request, len(timesteps), pipe.latent_downscale)
     for event in run_in_background(pipe, request, stop, init, trace=True):
@@ -236,11 +236,17 @@ def build(models: Models, tab: gr.Tab) -> None:
             with gr.Row():
                 run = gr.Button("Generate", variant="primary", elem_id="generate-button")
                 stop = gr.Button("Stop", elem_id="stop-button")
+            with gr.Row():
+                preset = gr.Button("Few steps: LCM, 4 steps, 512 px", size="sm",
+                                   elem_id="few-steps-button")
+                to_compare = gr.Button("Compare runs ↓", size="sm", elem_id="to-compare-runs")
+            preset_note = gr.Markdown(elem_id="few-steps-note")
             steps = gr.Slider(1, MAX_STEPS, value=20, step=1, label="Steps")
             guidance_scale = gr.Slider(1, 20, value=7.5, step=0.5,
                                        label="Guidance scale (1: no guidance)")
             scheduler = gr.Dropdown(list(LABELS), value=DEFAULT_SAMPLER, label="Scheduler")
             karras = gr.Checkbox(False, label="Karras sigmas", info=KARRAS_INFO)
+            options = samplers.SamplerOptions(karras, LABELS[DEFAULT_SAMPLER])
             seed = gr.Number(0, precision=0, label="Seed")
             with gr.Row():
                 width = gr.Number(settings.generate_size, precision=0, minimum=multiple,
@@ -271,6 +277,14 @@ def build(models: Models, tab: gr.Tab) -> None:
             record = gr.State(None, time_to_live=settings.cache_max_age)
             shown = StepsSection(models, record, exact)
             out |= shown.outputs
+    form = {"prompt": prompt, "negative_prompt": negative_prompt, "num_inference_steps": steps,
+            "guidance_scale": guidance_scale, "scheduler": scheduler,
+            "use_karras_sigmas": karras, "use_exponential_sigmas": options.exponential,
+            "use_beta_sigmas": options.beta, "eta": options.eta, "seed": seed, "width": width,
+            "height": height}
+    comparison = compare_runs.CompareRuns(models, form, exact, lambda **values: parse_request(
+        **values, image=None, strength=1.0, multiple=multiple), lambda *args: previewer(
+        models, *args))
     forward.build(models, exact)
     unet_inside.build(models, record, exact, shown.follow["scrubber"])
     stops = Stops()
@@ -285,7 +299,8 @@ def build(models: Models, tab: gr.Tab) -> None:
 
     def start(prompt, negative_prompt, num_inference_steps, guidance_scale, scheduler,
               use_karras_sigmas, seed, width, height, image, strength, exact, preview,
-              request: gr.Request):
+              use_exponential_sigmas=False, use_beta_sigmas=False, eta=None,
+              request: gr.Request = None):
         """Generate an image, streaming every step's views.
 
         Args:
@@ -302,6 +317,9 @@ def build(models: Models, tab: gr.Tab) -> None:
             strength: how much of the schedule image to image runs (0: the image as it is).
             exact: float32 numerics (else bfloat16 where the CPU is fast at it).
             preview: how each step's latent is drawn, "linear RGB map" or "TAESD".
+            use_exponential_sigmas: noise levels evenly spaced in log sigma (as use_karras_sigmas).
+            use_beta_sigmas: Beta-distributed noise levels (as use_karras_sigmas).
+            eta: fresh noise per step for DDIM (default 0) and TCD (0.3); None: the default.
         """
         session = request.session_hash if request is not None else ""
         # made here, in the web server's process: on ZeroGPU the run goes to another process,
@@ -310,18 +328,19 @@ def build(models: Models, tab: gr.Tab) -> None:
         try:
             yield from run_on_gpu(stop, prompt, negative_prompt, num_inference_steps,
                                   guidance_scale, scheduler, use_karras_sigmas, seed, width,
-                                  height, image, strength, exact, preview)
+                                  height, image, strength, exact, preview,
+                                  use_exponential_sigmas, use_beta_sigmas, eta)
         finally:
             stops.end(session, stop)
 
     @on_zero_gpu
     def run_on_gpu(stop, *values):
         try:
-            parsed = parse_request(*values[:11], multiple)
+            parsed = parse_request(*values[:11], multiple, *values[13:])
         except ValueError as exc:
             answers = [failure(OUTPUTS, "status", str(exc))]
         else:
-            exact, preview = values[11:]
+            exact, preview = values[11:13]
             answers = example_runs.answers(models, parsed, bool(exact), preview, stop, generate,
                                            show_for, multiple)
         for answer in send(max_age, answers, out | {"record": record}):
@@ -343,7 +362,8 @@ def build(models: Models, tab: gr.Tab) -> None:
             yield {component: gr.skip() for component in outputs}
 
     inputs = [prompt, negative_prompt, steps, guidance_scale, scheduler, karras, seed, width,
-              height, image, strength, exact, preview]
+              height, image, strength, exact, preview, options.exponential, options.beta,
+              options.eta]
     outputs = [*(out[name] for name in OUTPUTS), record]
     follow = list(shown.follow.values())
     gr.on([run.click, prompt.submit], start, inputs, outputs,
@@ -354,3 +374,12 @@ def build(models: Models, tab: gr.Tab) -> None:
                show_progress="hidden").then(shown.follow_run, record, follow,
                                             api_visibility="private", show_progress="hidden")
     first.start_after_launch(generate)
+    options.wire(scheduler)
+    preset_outputs = {"scheduler": scheduler, "num_inference_steps": steps, "width": width,
+                      "height": height, "guidance_scale": guidance_scale,
+                      "negative_prompt": negative_prompt, "note": preset_note}
+    preset.click(lambda is_exact: {preset_outputs[name]: value for name, value in
+                                   samplers.few_steps(models, is_exact, multiple).items()},
+                 exact, list(preset_outputs.values()), api_visibility="private")
+    to_compare.click(lambda: gr.Accordion(open=True), None, comparison.accordion,
+                     js=compare_runs.SCROLL_JS, api_visibility="private", queue=False)

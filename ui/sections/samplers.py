@@ -1,0 +1,147 @@
+"""The generation form's sampler settings beyond the sampler itself: the sigma schedule (Karras,
+exponential, beta) and eta where the chosen sampler takes them, and the "few steps" preset.
+
+What applies to a sampler is read from ``sd_parts.schedulers.SAMPLERS`` (its sigma schedules,
+its options, its constructor's default eta); nothing here keeps a copy of that table. The preset
+sets LCM, 4 steps and 512 px, SD v1's own size, and says what it changed; it reads the loaded
+UNet to tell a guidance-distilled (LCM) UNet, which has ``time_cond_proj_dim`` in its config,
+from SD v1.5's own, where LCM's four steps cannot make a sharp image.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import gradio as gr
+import numpy as np
+
+from sd_parts.schedulers import SAMPLERS
+from ui.models import Models
+from ui.shared import REFUSED, literal
+
+# in diffusers' words: use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas
+SCHEDULE_NAMES = {"karras": "Karras", "exponential": "Exponential", "beta": "Beta"}
+SCHEDULE_INFO = {
+    "karras": "Karras et al. (2022): noise levels spaced densely near the end",
+    "exponential": "evenly spaced in log σ",
+    "beta": "Lee et al. (2024): dense at both ends, where layout and fine detail form",
+}
+FEW_STEPS = {"scheduler": "lcm", "num_inference_steps": 4, "size": 512}
+# LatentConsistencyModelPipeline's default guidance, which a distilled UNet takes as an input
+DISTILLED_GUIDANCE = 8.5
+LORA_GUIDANCE = 1.0  # an LCM-LoRA has guidance distilled into it as well: 1 (no extra pass)
+
+
+def offering(schedule: str) -> list[str]:
+    """The menu's names of the samplers that offer ``schedule``."""
+    return [info.label for info in SAMPLERS.values() if schedule in info.sigma_schedules]
+
+
+def default_eta(kind: str) -> float | None:
+    """The sampler's own eta (DDIM 0, TCD 0.3), read from its constructor; None without one."""
+    if "eta" not in SAMPLERS[kind].options:
+        return None
+    return float(inspect.signature(SAMPLERS[kind].scheduler).parameters["eta"].default)
+
+
+def check_options(kind: str, use_karras_sigmas: bool, use_exponential_sigmas: bool,
+                  use_beta_sigmas: bool, eta: float | None) -> float | None:
+    """Refuse a sigma schedule or an eta the sampler does not take, with a ValueError that says
+    which samplers do; the eta to run with (None: the sampler's own)."""
+    label = SAMPLERS[kind].label
+    flags = {"karras": use_karras_sigmas, "exponential": use_exponential_sigmas,
+             "beta": use_beta_sigmas}
+    chosen = [name for name, on in flags.items() if on]
+    if len(chosen) > 1:
+        raise ValueError(f"Choose one sigma schedule at most; got "
+                         f"{' and '.join(SCHEDULE_NAMES[name] for name in chosen)}.")
+    for name in chosen:
+        if name not in SAMPLERS[kind].sigma_schedules:
+            raise ValueError(f"{SCHEDULE_NAMES[name]} sigmas do not apply to {label}; they do "
+                             f"to {', '.join(offering(name))}.")
+    if eta is None:
+        return None
+    takes = [info.label for info in SAMPLERS.values() if "eta" in info.options]
+    if "eta" not in SAMPLERS[kind].options:
+        raise ValueError(f"eta does not apply to {label}; it does to {' and '.join(takes)}.")
+    if not np.isfinite(eta) or not 0 <= eta <= 1:
+        raise ValueError(f"eta must be from 0 (no fresh noise) to 1; got {eta:g}.")
+    return float(eta)
+
+
+class SamplerOptions:
+    """The sigma schedule boxes (at most one ticked) and eta, inside the open form."""
+
+    def __init__(self, karras: gr.Checkbox, kind: str) -> None:
+        self.karras = karras  # the tab's own box, kept first for the API's order
+        with gr.Row():
+            self.exponential = gr.Checkbox(False, label="Exponential sigmas",
+                                           info=SCHEDULE_INFO["exponential"])
+            self.beta = gr.Checkbox(False, label="Beta sigmas", info=SCHEDULE_INFO["beta"])
+        self.eta = gr.Number(default_eta(kind), label="eta (fresh noise per step; empty: the "
+                             "sampler's own)", minimum=0, maximum=1, step=0.05,
+                             visible=default_eta(kind) is not None, elem_id="sampler-eta")
+        self.boxes = {"karras": karras, "exponential": self.exponential, "beta": self.beta}
+        self.note = gr.Markdown(self.sampler_note(kind), elem_id="sampler-note")
+
+    @staticmethod
+    def sampler_note(kind: str) -> str:
+        info = SAMPLERS[kind]
+        applies = ", ".join(SCHEDULE_NAMES[s] for s in info.sigma_schedules) or "none"
+        return f"*{info.label}* ({info.family}): sigma schedules: {applies}. {info.note}".strip()
+
+    def for_sampler(self, label: str) -> tuple:
+        """The boxes as they apply to the sampler the menu names: a schedule it does not offer
+        is unticked and greyed, eta shown (at the sampler's own value) only where it applies."""
+        kind = next((k for k, info in SAMPLERS.items() if info.label == label), None)
+        if kind is None:
+            return (gr.skip(),) * 5
+        offered = SAMPLERS[kind].sigma_schedules
+        boxes = tuple(gr.Checkbox(interactive=name in offered) if name in offered
+                      else gr.Checkbox(False, interactive=False) for name in self.boxes)
+        eta = default_eta(kind)
+        return (*boxes, gr.Number(eta, visible=eta is not None), self.sampler_note(kind))
+
+    def wire(self, scheduler: gr.Dropdown) -> None:
+        outputs = [*self.boxes.values(), self.eta, self.note]
+        scheduler.change(self.for_sampler, scheduler, outputs, api_visibility="private",
+                         queue=False, show_progress="hidden")
+        for name, box in self.boxes.items():  # ticking one schedule unticks the others
+            others = [b for n, b in self.boxes.items() if n != name]
+            box.input(lambda on, n=len(others): [gr.Checkbox(False) if on else gr.skip()] * n,
+                      box, others, api_visibility="private", queue=False,
+                      show_progress="hidden")
+
+
+def few_steps(models: Models, exact: bool, multiple: int) -> dict[str, object]:
+    """The preset's form values and what it says it changed; a note of what stands in the way
+    when the UNet cannot be loaded."""
+    size = FEW_STEPS["size"] // multiple * multiple
+    try:
+        distilled = models.unet(bool(exact)).config.time_cond_proj_dim is not None
+    except REFUSED as exc:
+        return {"note": literal(f"The preset needs the UNet: {exc}")}
+    label = SAMPLERS[FEW_STEPS["scheduler"]].label
+    values = {"scheduler": label, "num_inference_steps": FEW_STEPS["num_inference_steps"],
+              "width": size, "height": size}
+    changed = (f"**Few steps: {label}, {values['num_inference_steps']} steps, {size} x {size} "
+               "px.** LCM jumps from noise to a clean image in a few big steps: each step "
+               "predicts x0 outright, then noises it again to the next, lower level with fresh "
+               "noise (so the seed matters at every step).")
+    if distilled:
+        values |= {"guidance_scale": DISTILLED_GUIDANCE, "negative_prompt": ""}
+        note = (f"{changed} This UNet is LCM-distilled (its config has time_cond_proj_dim): the "
+                f"guidance scale, set to {DISTILLED_GUIDANCE:g} as in diffusers' "
+                "LatentConsistencyModelPipeline, goes into the UNet as an input, so each step is "
+                "one UNet pass on the prompt alone, and there is no negative prompt (cleared).")
+    else:
+        values |= {"guidance_scale": LORA_GUIDANCE}
+        note = (f"{changed} **These are not LCM-distilled weights** (SD v1.5's own UNet: no "
+                "time_cond_proj_dim). LCM needs distilled weights: an LCM-LoRA (the *What "
+                "changed* tab's LCM-LoRA preset) or an LCM UNet started with `--unet` (e.g. "
+                "SimianLuo/LCM_Dreamshaper_v7). This UNet runs the preset anyway: it was trained "
+                "to remove a little noise at a time, so four jumps give a blurred, washed-out "
+                f"image. Guidance is set to {LORA_GUIDANCE:g}, what an LCM-LoRA wants (its "
+                "guidance is distilled in): one UNet pass per step, and here no guidance at all. "
+                "Raise it for ordinary classifier-free guidance (two passes per step).")
+    return values | {"note": note}
