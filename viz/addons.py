@@ -115,8 +115,9 @@ def embedding_neighbours(table: torch.Tensor, vectors: torch.Tensor, tokens: Seq
     ``tokens``), the ``k`` rows of the vocabulary's table (V, D) nearest by cosine similarity.
     ``pieces_of`` maps a vocabulary id to its BPE piece."""
     rows = []
+    table = table.detach().float().cpu()  # the model's table may be on a GPU
     for token, vector in zip(tokens, vectors, strict=True):
-        extended = torch.cat([table.detach().float(), vector.detach().float()[None]])
+        extended = torch.cat([table, vector.detach().float().cpu()[None]])
         ids, scores = nearest_tokens(extended, table.shape[0], k)  # the vector, left out
         for rank, (token_id, score) in enumerate(zip(ids, scores, strict=True), start=1):
             rows.append([token, rank, readable_pieces([pieces_of[token_id]])[0],
@@ -126,18 +127,19 @@ def embedding_neighbours(table: torch.Tensor, vectors: torch.Tensor, tokens: Seq
 
 def norm_percentiles(table: torch.Tensor, vectors: torch.Tensor) -> list[float]:
     """For each vector, the percentage of vocabulary rows shorter than it (L2 norm)."""
-    norms = table.detach().float().norm(dim=1)
-    return [float((norms < v.norm()).double().mean() * 100) for v in vectors.detach().float()]
+    norms = table.detach().float().cpu().norm(dim=1)
+    return [float((norms < v.norm()).double().mean() * 100)
+            for v in vectors.detach().float().cpu()]
 
 
 def embedding_norms_figure(table: torch.Tensor, vectors: torch.Tensor, tokens: Sequence[str]
                            ) -> Figure:
     """A histogram of the vocabulary rows' L2 norms, each learned vector's norm a red line."""
-    norms = table.detach().float().norm(dim=1).numpy()
+    norms = table.detach().float().cpu().norm(dim=1).numpy()
     figure = new_figure(6.4, 2.8)
     axes = add_axes(figure, 0.7, 0.55, 5.5, 1.9)
     axes.hist(norms, bins=80, color="#7a8fb8")
-    for token, vector in zip(tokens, vectors.detach().float(), strict=True):
+    for token, vector in zip(tokens, vectors.detach().float().cpu(), strict=True):
         norm = float(vector.norm())
         axes.axvline(norm, color="#c0392b", linewidth=1.5)
         axes.annotate(token, (norm, axes.get_ylim()[1] * 0.9), rotation=90, fontsize=8,
