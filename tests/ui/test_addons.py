@@ -5,8 +5,10 @@ here from the same files; ``with_and_without`` side by side; bad files refused, 
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
+import gradio as gr
 import numpy as np
 import pytest
 import torch
@@ -18,7 +20,7 @@ import sd_parts
 from tests.helpers.addons import LAYERS, base_pipeline, kohya_lora
 from tests.helpers.references import save_tiny_pipeline
 from tests.helpers.serve import in_process
-from ui.models import Settings
+from ui.models import Models, Settings
 from ui.tabs import addons as tab
 
 
@@ -186,3 +188,17 @@ def test_a_second_checkpoint_is_halved_when_memory_is_short():
     assert note.startswith("Loaded in bfloat16, half its float32 size of 4.00 GiB: only 5.0 GiB")
     with pytest.raises(ValueError, match="Not enough memory for a second checkpoint"):
         tab.addons.checkpoint_dtype(4 * gib, 2 * gib)
+
+
+def test_the_session_copy_is_released_when_the_session_ends(tmp_path):
+    """The tab's State hands its add-on to ``release`` when Gradio deletes the session's state;
+    released, the copy with the fused weights is gone."""
+    with gr.Blocks() as demo:
+        tab.build(Models(Settings(weights="tiny")), None)
+    states = [block for block in demo.blocks.values() if isinstance(block, gr.State)]
+    assert [state.delete_callback for state in states] == [tab.addons.release]
+    addon, _ = tab.load(Models(Settings(weights="tiny")), None, "LoRA",
+                        str(kohya_lora(tmp_path / "lora.safetensors")), "", "", 1.0, False)
+    copy = weakref.ref(addon.pipe.unet)
+    tab.addons.release(addon)
+    assert copy() is None
