@@ -112,3 +112,13 @@ def test_tabs_stand_alone() -> None:
         for path in sorted((ROOT / package).rglob("*.py")):
             bad = {n for n in imported_modules(path) if n.split(".")[0] in forbidden}
             assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
+
+
+def test_test_files_share_through_helpers() -> None:
+    """What tests share is in tests/helpers (and the fixtures of tests/conftest.py): a test
+    file imports no other test file, so each can be read, moved or deleted on its own."""
+    problems = [f"{path.relative_to(ROOT)} imports {name}"
+                for path in sorted((ROOT / "tests").rglob("test_*.py"))
+                for name in imported_modules(path)
+                if name.startswith("tests.") and not name.startswith("tests.helpers")]
+    assert not problems, "; ".join(problems)
