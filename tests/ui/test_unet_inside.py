@@ -202,3 +202,19 @@ def test_a_distilled_unet_is_probed_as_its_run_called_it(tmp_path):
                                rtol=1e-5, atol=1e-6)
     views = unet_inside.inside_views(models, probed, True)
     assert "guidance distilled into it" in views["status"] and views["guidance"] is None
+
+
+def test_a_step_is_probed_on_the_input_its_sampler_scaled():
+    """Euler scales the UNet's input by its sigma, which the sigma schedule sets: the probed
+    call of a run with exponential sigmas is that run's own call, text branch and all."""
+    from ui.runs import GenerationRequest
+
+    request = GenerationRequest(PROMPT, "", 3, 7.5, "euler", False, 0, SIZE, SIZE, None, 0.8,
+                                use_exponential_sigmas=True)
+    *_, last = generate.generate(MODELS, request, True, threading.Event())
+    record = last["record"]
+    for step in (1, 2, 3):
+        probed = unet_inside.probe_step(MODELS, record, step, True)
+        assert probed.guided and probed.timestep == record.trace.timesteps[step - 1]
+        torch.testing.assert_close(probed.outputs["conv_out"][1],
+                                   record.noise_text[step - 1].float(), rtol=1e-5, atol=1e-6)

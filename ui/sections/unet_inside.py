@@ -131,13 +131,15 @@ def probe_step(models: Models, record: RunRecord, step: int, exact: bool) -> Pro
     guided = request.guidance_scale > 1 and dim is None
     guidance_cond = None if dim is None else \
         sd_parts.guidance_embedding(request.guidance_scale, dim).to(pipe.device)
-    sampler, timesteps, _ = pipe.plan(request.num_inference_steps, request.scheduler,
-                                      request.use_karras_sigmas or None,
-                                      request.strength if request.image else 1.0)
-    t = record.trace.timesteps[step - 1]
+    sampler, timesteps, start = pipe.plan(request.num_inference_steps, request.scheduler,
+                                          strength=request.strength if request.image else 1.0,
+                                          **request.sampler_options())
+    # a sampler that walks its noise levels by position (Euler, DPM-Solver++) scales the UNet's
+    # input by the sigma at its index, which a fresh sampler would take to be the run's first
+    sampler.begin_at(start + step - 1)
+    t = timesteps[step - 1]
     latent = record.trace.latents[step - 1][None].to(pipe.device)
-    x = sampler.scale_model_input(torch.cat([latent] * 2) if guided else latent,
-                                  timesteps[step - 1] if step <= len(timesteps) else t)
+    x = sampler.scale_model_input(torch.cat([latent] * 2) if guided else latent, t)
     context = pipe.encode_prompt([request.negative_prompt, request.prompt] if guided
                                  else [request.prompt])
     blocks = unet_blocks(model.config)
@@ -157,7 +159,7 @@ def probe_step(models: Models, record: RunRecord, step: int, exact: bool) -> Pro
     outputs = {p: v.float().cpu() for p, v in probe.outputs.items()
                if not p.endswith((".to_q", ".to_k"))}
     probed = Probed(
-        record, step, t, blocks, outputs, [s.float().cpu() for s in probe.skips],
+        record, step, float(t), blocks, outputs, [s.float().cpu() for s in probe.skips],
         {p: probe.outputs[f"{p}.to_q"][-1].float().cpu() for p in attn1},
         {p: probe.outputs[f"{p}.to_k"][-1].float().cpu() for p in attn1},
         {p: modules[p].heads for p in attn1},
