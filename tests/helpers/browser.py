@@ -125,6 +125,7 @@ def status_text(page, naming: str) -> str:
 def open_tab(page, name: str) -> None:
     """Open the page's tab ``name``; one the tab bar has no room for is in its "More tabs" menu."""
     tab = page.get_by_role("tab", name=name)
+    page.get_by_role("tablist").first.wait_for()  # the page's tab bar is drawn
     if tab.count():
         tab.click()
         return

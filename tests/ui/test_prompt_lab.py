@@ -136,6 +136,9 @@ def test_the_web_uis_chunks_are_shown_beside_the_plain_cut():
                                                           ("dog</w>", "token")]
     assert [kind for _, kind in views["long_chunks"]].count("chunk") == 2
     assert "AUTOMATIC1111's rule: 3 chunk(s) of 71, 10, 1 tokens." in views["long_reading"]
+    example = prompt_lab.long_prompt(MODELS, prompt_lab.LONG_EXAMPLE)["long_reading"]
+    assert "The plain cut: 2 chunk(s) of 75, 15 tokens. AUTOMATIC1111's rule: 2 chunk(s) of " \
+        "69, 21 tokens." in example
 
 
 def test_clip_skip_and_nearest_tokens_answer_in_shape(client):

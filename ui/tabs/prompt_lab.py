@@ -44,12 +44,15 @@ EXAMPLE_PAIRS = [
 ]
 EXAMPLE_WEIGHTS = ["a (red:1.5) car on a [busy] street", "a ((cat)) in a hat",
                    "a (cat:1.3 in a hat", "a (cat:x1.3) in a hat]"]
+# 90 tokens: the plain cut falls inside "soft morning fog ...", the web UI's moves back to the
+# comma before that phrase
 LONG_EXAMPLE = ", ".join(["a cinematic photograph of an old lighthouse on a rocky coast at dusk",
                           "waves crashing", "dramatic clouds", "warm light in the windows",
                           "seagulls", "35mm film", "high detail", "sharp focus", "golden hour",
                           "volumetric light", "moody atmosphere", "award winning",
                           "trending on artstation", "by a famous landscape photographer",
-                          "muted colours", "long exposure", "soft fog over the water",
+                          "muted colours", "long exposure",
+                          "soft morning fog drifting slowly over the calm water",
                           "a small boat in the distance", "reflections on wet rocks"])
 SKIP_NOTE = ("The web UIs' **CLIP skip 2** = diffusers' `clip_skip=1` = **one layer skipped**: "
              "the UNet gets the output of the second-to-last layer, through the final LayerNorm. "
