@@ -300,13 +300,13 @@ def build(models: Models, tab: gr.Tab) -> None:
         out["long_reading"] = gr.Markdown()
         out["long_cut"] = gr.HighlightedText(label="What SD v1 keeps and drops", show_legend=True,
                                              color_map=CUT_COLOURS)
-        with gr.Row():
-            out["long_chunks"] = gr.HighlightedText(label="Plain: a cut every 75 tokens",
-                                                    show_legend=True, color_map=KIND_COLOURS,
-                                                    elem_id="lab-long-plain")
+        with gr.Row():  # side by side; one above the other where the page is narrow
+            out["long_chunks"] = gr.HighlightedText(
+                label="Plain: a cut every 75 tokens", show_legend=True, color_map=KIND_COLOURS,
+                elem_id="lab-long-plain", min_width=320)
             out["long_webui"] = gr.HighlightedText(
                 label="AUTOMATIC1111: back to a comma, BREAK", show_legend=True,
-                color_map=KIND_COLOURS, elem_id="lab-long-webui")
+                color_map=KIND_COLOURS, elem_id="lab-long-webui", min_width=320)
         with gr.Accordion("Every position of every chunk", open=False):
             out["long_table"] = gr.Dataframe(headers=lab.CHUNK_HEADERS, interactive=False)
     with gr.Tab("Weighting") as weight_tab:
