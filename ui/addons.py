@@ -63,7 +63,8 @@ class AddOn:
     dtype_note: str = ""  # for a second checkpoint: which dtype, and why
     layers: list[sd_parts.lora.LoraLayer] = field(default_factory=list)  # a LoRA's factors
     cached_changes: list | None = None  # a second checkpoint's weight changes, once computed
-    lock: threading.Lock = field(default_factory=threading.Lock)  # a visitor's two tabs
+    # one scale change or run of this add-on at a time (a new scale while a run is going)
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def scale(self) -> float:
