@@ -224,13 +224,15 @@ def sigma_chart(schedules: Sequence[Sequence[float]], labels: Sequence[str]) -> 
     draw.text((chart.left, 4), "noise level σ (log) the UNet saw, per run", font=font(11),
               fill=INK)
     runs = len(schedules)
-    for run, levels in enumerate(schedules):
-        colour, radius = RUN_COLOURS[run], chart.marker_radius(run, runs)
-        points = [chart.point(i + 1, sigma) for i, sigma in enumerate(levels)]
-        if len(points) > 1:
-            draw.line(points, fill=colour, width=1)
-        for x, y in points:
-            draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=colour)
+    points = [[chart.point(i + 1, sigma) for i, sigma in enumerate(levels)]
+              for levels in schedules]
+    for run, line in enumerate(points):  # the lines first, so no line covers a dot
+        if len(line) > 1:
+            draw.line(line, fill=RUN_COLOURS[run], width=1)
+    for run, line in enumerate(points):
+        radius = chart.marker_radius(run, runs)
+        for x, y in line:
+            draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=RUN_COLOURS[run])
     legend_x = chart.width - chart.right + 12
     for run, label in enumerate(labels):
         y = chart.top + 4 + run * 18

@@ -226,7 +226,8 @@ def save_runs(models: Models, tensors: dict[str, torch.Tensor],
     metadata = {"runs": json.dumps([request.settings() | {"label": label}
                                     for label, request in runs]),
                 "matched_noise_levels": json.dumps(targets)}
-    save_file({name: value.contiguous() for name, value in tensors.items()}, str(path),
+    # clones: an LCM run's final latent is its last x0, one tensor, which safetensors refuses
+    save_file({name: value.clone() for name, value in tensors.items()}, str(path),
               metadata=metadata)
     return str(path)
 
@@ -252,7 +253,8 @@ class CompareRuns:
                 run = gr.Button("Compare", variant="primary", elem_id="compare-button")
                 stop = gr.Button("Stop", elem_id="compare-stop")
             out = {"status": gr.Markdown(elem_classes="status", elem_id="compare-status")}
-            out["sigma_chart"] = output_image("The runs' noise levels", elem_id="compare-sigmas")
+            out["sigma_chart"] = output_image("The runs' noise levels", elem_id="compare-sigmas",
+                                              elem_classes="titled")
             out["table"] = gr.Dataframe(headers=viz_runs.table_headers("setting"),
                                         interactive=False, wrap=True, elem_id="compare-table")
             out["x0_grid"] = output_image("x0 at matching noise levels", elem_id="compare-x0",

@@ -22,9 +22,9 @@ from ui.shared import REFUSED, literal
 # in diffusers' words: use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas
 SCHEDULE_NAMES = {"karras": "Karras", "exponential": "Exponential", "beta": "Beta"}
 SCHEDULE_INFO = {
-    "karras": "Karras et al. (2022): noise levels spaced densely near the end",
+    "karras": "dense near the end (Karras et al., 2022)",
     "exponential": "evenly spaced in log σ",
-    "beta": "Lee et al. (2024): dense at both ends, where layout and fine detail form",
+    "beta": "dense at both ends, where layout and fine detail form (Lee et al., 2024)",
 }
 FEW_STEPS = {"scheduler": "lcm", "num_inference_steps": 4, "size": 512}
 # LatentConsistencyModelPipeline's default guidance, which a distilled UNet takes as an input
@@ -72,16 +72,20 @@ def check_options(kind: str, use_karras_sigmas: bool, use_exponential_sigmas: bo
 class SamplerOptions:
     """The sigma schedule boxes (at most one ticked) and eta, inside the open form."""
 
-    def __init__(self, karras: gr.Checkbox, kind: str) -> None:
-        self.karras = karras  # the tab's own box, kept first for the API's order
+    def __init__(self, kind: str) -> None:
         with gr.Row():
-            self.exponential = gr.Checkbox(False, label="Exponential sigmas",
-                                           info=SCHEDULE_INFO["exponential"])
-            self.beta = gr.Checkbox(False, label="Beta sigmas", info=SCHEDULE_INFO["beta"])
+            self.karras = gr.Checkbox(False, label="Karras sigmas", min_width=80)
+            self.exponential = gr.Checkbox(False, label="Exponential sigmas", min_width=80)
+            self.beta = gr.Checkbox(False, label="Beta sigmas", min_width=80)
+        gr.Markdown("Sigma schedules re-space the noise levels. "
+                    + "; ".join(f"{SCHEDULE_NAMES[name]}: {info}"
+                                for name, info in SCHEDULE_INFO.items()) + ".",
+                    elem_classes="info-text")
         self.eta = gr.Number(default_eta(kind), label="eta (fresh noise per step; empty: the "
                              "sampler's own)", minimum=0, maximum=1, step=0.05,
                              visible=default_eta(kind) is not None, elem_id="sampler-eta")
-        self.boxes = {"karras": karras, "exponential": self.exponential, "beta": self.beta}
+        self.boxes = {"karras": self.karras, "exponential": self.exponential,
+                      "beta": self.beta}
         self.note = gr.Markdown(self.sampler_note(kind), elem_id="sampler-note")
 
     @staticmethod
@@ -124,24 +128,21 @@ def few_steps(models: Models, exact: bool, multiple: int) -> dict[str, object]:
     label = SAMPLERS[FEW_STEPS["scheduler"]].label
     values = {"scheduler": label, "num_inference_steps": FEW_STEPS["num_inference_steps"],
               "width": size, "height": size}
-    changed = (f"**Few steps: {label}, {values['num_inference_steps']} steps, {size} x {size} "
-               "px.** LCM jumps from noise to a clean image in a few big steps: each step "
-               "predicts x0 outright, then noises it again to the next, lower level with fresh "
-               "noise (so the seed matters at every step).")
+    guidance = DISTILLED_GUIDANCE if distilled else LORA_GUIDANCE
+    values["guidance_scale"] = guidance
+    changed = (f"**Few steps: {label}, {values['num_inference_steps']} steps, {size} x {size} px, "
+               f"guidance {guidance:g}.** Each LCM step predicts the clean image outright, then "
+               "noises it again, less, for the next step.")
     if distilled:
-        values |= {"guidance_scale": DISTILLED_GUIDANCE, "negative_prompt": ""}
-        note = (f"{changed} This UNet is LCM-distilled (its config has time_cond_proj_dim): the "
-                f"guidance scale, set to {DISTILLED_GUIDANCE:g} as in diffusers' "
-                "LatentConsistencyModelPipeline, goes into the UNet as an input, so each step is "
-                "one UNet pass on the prompt alone, and there is no negative prompt (cleared).")
-    else:
-        values |= {"guidance_scale": LORA_GUIDANCE}
-        note = (f"{changed} **These are not LCM-distilled weights** (SD v1.5's own UNet: no "
-                "time_cond_proj_dim). LCM needs distilled weights: an LCM-LoRA (the *What "
-                "changed* tab's LCM-LoRA preset) or an LCM UNet started with `--unet` (e.g. "
-                "SimianLuo/LCM_Dreamshaper_v7). This UNet runs the preset anyway: it was trained "
-                "to remove a little noise at a time, so four jumps give a blurred, washed-out "
-                f"image. Guidance is set to {LORA_GUIDANCE:g}, what an LCM-LoRA wants (its "
-                "guidance is distilled in): one UNet pass per step, and here no guidance at all. "
-                "Raise it for ordinary classifier-free guidance (two passes per step).")
-    return values | {"note": note}
+        values["negative_prompt"] = ""
+        return values | {"note": (
+            f"{changed} This UNet is LCM-distilled (`time_cond_proj_dim` in its config): the "
+            "guidance scale (diffusers' LatentConsistencyModelPipeline's default) goes into the "
+            "UNet as an input, so a step is one pass on the prompt alone, with no negative "
+            "prompt (cleared).")}
+    return values | {"note": (
+        f"{changed} **This UNet is not LCM-distilled** (no `time_cond_proj_dim`, as SD v1.5's "
+        "own): LCM needs distilled weights, an LCM-LoRA (the *What changed* tab's preset) or an "
+        "LCM UNet started with `--unet`. Trained to remove a little noise at a time, this one "
+        "turns four jumps into a blurred image. Guidance 1 is what an LCM-LoRA wants (one pass "
+        "a step); here it means no guidance.")}

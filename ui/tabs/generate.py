@@ -67,7 +67,6 @@ PREVIEWS = (LINEAR_PREVIEW, TAESD_PREVIEW)
 PREVIEW_INFO = ("TAESD draws each step's latent and x0 with a tiny distilled decoder (a run's "
                 "status says what its previews cost here); the linear map only mixes the "
                 "latent's channels into colours. The scrubber and the strip draw the same way.")
-KARRAS_INFO = samplers.SCHEDULE_INFO["karras"]
 
 
 def parse_request(prompt: str | None, negative_prompt: str | None,
@@ -245,8 +244,8 @@ def build(models: Models, tab: gr.Tab) -> None:
             guidance_scale = gr.Slider(1, 20, value=7.5, step=0.5,
                                        label="Guidance scale (1: no guidance)")
             scheduler = gr.Dropdown(list(LABELS), value=DEFAULT_SAMPLER, label="Scheduler")
-            karras = gr.Checkbox(False, label="Karras sigmas", info=KARRAS_INFO)
-            options = samplers.SamplerOptions(karras, LABELS[DEFAULT_SAMPLER])
+            options = samplers.SamplerOptions(LABELS[DEFAULT_SAMPLER])
+            karras = options.karras
             seed = gr.Number(0, precision=0, label="Seed")
             with gr.Row():
                 width = gr.Number(settings.generate_size, precision=0, minimum=multiple,
