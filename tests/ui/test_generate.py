@@ -268,8 +268,9 @@ def test_out_of_range_input_is_refused_before_the_tab_runs(client, change, messa
 
 def test_guidance_nan_gets_its_message(url):
     """JSON has no NaN, but Python's parser (and so the server's) takes the literal."""
+    # a raw HTTP call sends every input, the optional last three (sigma schedules, eta) too
     body = ('{"data": ["a cat", "", 4, NaN, "DDIM", false, 0, 32, 32, null, 0.8, true, '
-            '"linear RGB map"]}')
+            '"linear RGB map", false, false, null]}')
     with httpx.Client(base_url=url, timeout=30, trust_env=False) as http:
         event = http.post("gradio_api/call/generate", content=body,
                           headers={"content-type": "application/json"}).json()["event_id"]

@@ -105,7 +105,8 @@ def test_the_linear_map_stays_the_default(url):
     client = Client(url, verbose=False, download_files=False)
     parameters = client.view_api(print_info=False, return_format="dict")[
         "named_endpoints"]["/generate"]["parameters"]
-    assert parameters[-1]["parameter_default"] == generate.LINEAR_PREVIEW
+    preview = next(p for p in parameters if p["parameter_name"] == "preview")
+    assert preview["parameter_default"] == generate.LINEAR_PREVIEW
     job = client.submit("a cat", "", 1, 7.5, "DDIM", False, 0, SIZE, SIZE, None, 0.8, True,
                         api_name="/generate")
     job.result(timeout=120)

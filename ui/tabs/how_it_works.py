@@ -1,11 +1,19 @@
-"""Tab "How it works": the pipeline of Stable Diffusion v1, with the parts this app runs marked."""
+"""Tab "How it works": the pipeline of Stable Diffusion v1, with the parts this app runs marked.
+
+The text is ``ui/how_it_works.md``; where it names a sampler family (``{multistep}``), the
+family's samplers are filled in from ``sd_parts.schedulers.SAMPLERS``, so a sampler added there
+is named here too.
+"""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import gradio as gr
 
+from sd_parts.schedulers import SAMPLERS
+from sd_parts.schedulers.registry import FAMILIES
 from ui.models import Models
 
 TITLE = "How it works"
@@ -18,8 +26,18 @@ MODEL_CARDS = {
 }
 
 
+def text() -> str:
+    """The tab's Markdown, each family's placeholder replaced by the names of its samplers."""
+    members = {family: ", ".join(info.label for info in SAMPLERS.values()
+                                 if info.family == family) for family in FAMILIES}
+    # only a family's name in braces: the equations' subscripts, x_{i+1}, stay as they are
+    placeholder = re.compile(r"\{(" + "|".join(map(re.escape, FAMILIES)) + r")\}")
+    return placeholder.sub(lambda match: members[match[1]],
+                           TEXT_FILE.read_text(encoding="utf-8"))
+
+
 def build(models: Models, tab: gr.Tab) -> None:
     """The tab's text, inside an open ``gr.Blocks``."""
-    gr.Markdown(TEXT_FILE.read_text(encoding="utf-8"))
+    gr.Markdown(text())
     gr.Markdown("Model cards: " + " · ".join(f"[{name}]({url})"
                                              for name, url in MODEL_CARDS.items()))
