@@ -39,3 +39,4 @@ def test_the_readme_client_calls_work():
     assert lines[0].startswith("Done: 20 steps in ")
     assert any(line.startswith("Step 20 of 20") for line in lines[1:])
     assert Path(names["image"]).is_file() and names["tokens"] and names["views"]
+    assert lines[-1] == "Done: 4 runs of the same prompt, differing in guidance scale."

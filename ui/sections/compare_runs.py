@@ -256,7 +256,7 @@ class CompareRuns:
             out["sigma_chart"] = output_image("The runs' noise levels", elem_id="compare-sigmas",
                                               elem_classes="titled")
             out["table"] = gr.Dataframe(headers=viz_runs.table_headers("setting"),
-                                        interactive=False, wrap=True, elem_id="compare-table")
+                                        interactive=False, elem_id="compare-table")
             out["x0_grid"] = output_image("x0 at matching noise levels", elem_id="compare-x0",
                                           elem_classes="titled")
             out["images"] = output_image("The images (VAE decoder)", elem_id="compare-images",
