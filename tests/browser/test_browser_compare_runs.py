@@ -82,6 +82,12 @@ def test_the_few_steps_preset_fills_the_form_and_says_why_it_may_blur(page):
     assert page.get_by_label("Scheduler").input_value() == "LCM"
     assert page.get_by_label("number input for Steps", exact=True).input_value() == "4"
     assert page.get_by_label("Width", exact=True).input_value() == "512"
-    # LCM takes no sigma schedule: the boxes are greyed
-    assert page.get_by_label("Karras sigmas").is_disabled()
-    assert page.get_by_label("Beta sigmas").is_disabled()
+    # LCM takes no sigma schedule and no eta: their boxes are not shown; Euler's are, TCD's eta
+    page.locator("#sigma-schedules").wait_for(state="hidden")
+    assert not page.locator("#sampler-eta").is_visible()
+    for sampler, shown in (("Euler", "#sigma-schedules"), ("TCD", "#sampler-eta")):
+        menu = page.get_by_label("Scheduler")
+        menu.click()
+        menu.fill(sampler)
+        page.keyboard.press("Enter")
+        page.locator(shown).wait_for(state="visible")

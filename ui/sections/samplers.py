@@ -73,14 +73,17 @@ class SamplerOptions:
     """The sigma schedule boxes (at most one ticked) and eta, inside the open form."""
 
     def __init__(self, kind: str) -> None:
-        with gr.Row():
-            self.karras = gr.Checkbox(False, label="Karras sigmas", min_width=80)
-            self.exponential = gr.Checkbox(False, label="Exponential sigmas", min_width=80)
-            self.beta = gr.Checkbox(False, label="Beta sigmas", min_width=80)
-        gr.Markdown("Sigma schedules re-space the noise levels. "
-                    + "; ".join(f"{SCHEDULE_NAMES[name]}: {info}"
-                                for name, info in SCHEDULE_INFO.items()) + ".",
-                    elem_classes="info-text")
+        offered = SAMPLERS[kind].sigma_schedules
+        # shown only for a sampler that offers a sigma schedule (most of those walking sigma)
+        with gr.Column(visible=bool(offered), elem_id="sigma-schedules") as self.schedules:
+            with gr.Row():
+                self.karras, self.exponential, self.beta = (
+                    gr.Checkbox(False, label=f"{SCHEDULE_NAMES[name]} sigmas", min_width=80,
+                                visible=name in offered) for name in SCHEDULE_NAMES)
+            gr.Markdown("Sigma schedules re-space the noise levels. "
+                        + "; ".join(f"{SCHEDULE_NAMES[name]}: {info}"
+                                    for name, info in SCHEDULE_INFO.items()) + ".",
+                        elem_classes="info-text")
         self.eta = gr.Number(default_eta(kind), label="eta (fresh noise per step; empty: the "
                              "sampler's own)", minimum=0, maximum=1, step=0.05,
                              visible=default_eta(kind) is not None, elem_id="sampler-eta")
@@ -95,19 +98,21 @@ class SamplerOptions:
         return f"*{info.label}* ({info.family}): sigma schedules: {applies}. {info.note}".strip()
 
     def for_sampler(self, label: str) -> tuple:
-        """The boxes as they apply to the sampler the menu names: a schedule it does not offer
-        is unticked and greyed, eta shown (at the sampler's own value) only where it applies."""
+        """The boxes as they apply to the sampler the menu names: only the schedules it offers
+        are shown (the others unticked), eta (at the sampler's own value) only where it
+        applies."""
         kind = next((k for k, info in SAMPLERS.items() if info.label == label), None)
         if kind is None:
-            return (gr.skip(),) * 5
+            return (gr.skip(),) * 6
         offered = SAMPLERS[kind].sigma_schedules
-        boxes = tuple(gr.Checkbox(interactive=name in offered) if name in offered
-                      else gr.Checkbox(False, interactive=False) for name in self.boxes)
+        boxes = tuple(gr.Checkbox(visible=True) if name in offered
+                      else gr.Checkbox(False, visible=False) for name in self.boxes)
         eta = default_eta(kind)
-        return (*boxes, gr.Number(eta, visible=eta is not None), self.sampler_note(kind))
+        return (gr.Column(visible=bool(offered)), *boxes,
+                gr.Number(eta, visible=eta is not None), self.sampler_note(kind))
 
     def wire(self, scheduler: gr.Dropdown) -> None:
-        outputs = [*self.boxes.values(), self.eta, self.note]
+        outputs = [self.schedules, *self.boxes.values(), self.eta, self.note]
         scheduler.change(self.for_sampler, scheduler, outputs, api_visibility="private",
                          queue=False, show_progress="hidden")
         for name, box in self.boxes.items():  # ticking one schedule unticks the others
