@@ -26,6 +26,10 @@ import sd_parts
 from ui.loading import ModelUnavailable
 from viz.heatmap import Picture, pad
 
+# Lossless WebP, least effort: quality 0 and method 0 choose speed over size, never the pixels
+# (lossless keeps every RGB value; "exact" keeps them under transparent pixels too).
+WEBP_OPTIONS = {"lossless": True, "quality": 0, "method": 0, "exact": True}
+WEBP_MAX_SIDE = 16383  # pixels: the longest side the WebP format can hold
 LABEL_ROOM = 30  # pixels: Gradio draws a component's label over the top-left of its picture
 
 OUTPUT_DIR = Path(tempfile.mkdtemp(prefix="sd-parts-"))
@@ -79,15 +83,16 @@ def failure(names: Iterable[str], status: str, message: str) -> dict[str, object
 
 
 class PictureFiles:
-    """The pictures of one request, each written once as a PNG file that Gradio is given by path.
+    """The pictures of one request, each written once as a file that Gradio is given by path.
 
     Gradio encodes an array or a figure again at every yield, so a handler that yields the
     latent's views first and everything at the end would pay for them twice. Here each picture
-    is written once, with fast compression (zlib level 1: a third of the time of Pillow's
-    default for 8% more bytes), and the same object gets the same file. Heat maps get a strip at
-    the top left free for the label Gradio draws over the picture. Gradio copies each file into
-    its own cache as it sends it, so ``remove`` deletes them once the handler's last answer is
-    out.
+    is written once, as lossless WebP at its fastest setting (``WEBP_OPTIONS``): the very pixels,
+    in about half the time of PNG at zlib level 1 and fewer bytes for Gradio to copy and send
+    (``benchmarks/view_profile.py`` measures both). The same object gets the same file. Heat
+    maps get a strip at the top left free for the label Gradio draws over the picture. Gradio
+    copies each file into its own cache as it sends it, so ``remove`` deletes them once the
+    handler's last answer is out.
     """
 
     def __init__(self, max_age_s: int) -> None:
@@ -98,13 +103,17 @@ class PictureFiles:
         if not isinstance(value, Picture | np.ndarray | Image.Image | Figure):
             return value
         if id(value) not in self._written:
-            path = output_path("view.png", self.max_age_s)
+            path = output_path("view.webp", self.max_age_s)
             if isinstance(value, Figure):
-                value.savefig(path, format="png", pil_kwargs={"compress_level": 1})
+                value.savefig(path, format="webp", pil_kwargs=WEBP_OPTIONS)
             else:
                 pixels = pad(value, top=LABEL_ROOM).pixels if isinstance(value, Picture) else value
                 image = pixels if isinstance(pixels, Image.Image) else Image.fromarray(pixels)
-                image.save(path, "PNG", compress_level=1)
+                if image.mode in ("RGB", "RGBA") and max(image.size) <= WEBP_MAX_SIDE:
+                    image.save(path, "WEBP", **WEBP_OPTIONS)
+                else:  # grey or 16-bit pixels, or a strip too long for WebP: PNG keeps them
+                    path = path.with_suffix(".png")
+                    image.save(path, "PNG", compress_level=1)
             self._written[id(value)] = (value, str(path))
         return self._written[id(value)][1]
 

@@ -87,9 +87,48 @@ def enlarge(rgb: np.ndarray, cell_height: int, cell_width: int) -> np.ndarray:
     return np.repeat(np.repeat(rgb, cell_height, axis=0), cell_width, axis=1)
 
 
+class RememberingFont(ImageFont.FreeTypeFont):
+    """A FreeType font that renders each text once: the glyph masks ``ImageDraw.text`` asks for
+    are kept and handed out again, so labels drawn in every view of an answer (the tokens, the
+    ticks) cost one rendering, not one per view. FreeType hinting a glyph takes most of a
+    labelled picture's time; a kept mask is the very bitmap FreeType would draw again, so the
+    pixels are the same."""
+
+    KEPT = 20_000  # masks per font size before starting afresh (a mask is a few hundred bytes)
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self._masks: dict[tuple, tuple] = {}
+        self._lengths: dict[tuple, float] = {}
+
+    def getmask2(self, text, mode="", *args, **kwargs):  # noqa: ANN001, ANN201 (Pillow's own)
+        try:
+            key = (text, mode, args, tuple(sorted(kwargs.items())))
+            hash(key)
+        except TypeError:  # a list of OpenType features, say: render it anew
+            return super().getmask2(text, mode, *args, **kwargs)
+        if key not in self._masks:
+            if len(self._masks) >= self.KEPT:
+                self._masks.clear()
+            self._masks[key] = super().getmask2(text, mode, *args, **kwargs)
+        return self._masks[key]
+
+    def getlength(self, text, mode="", *args, **kwargs):  # noqa: ANN001, ANN201 (Pillow's own)
+        try:
+            key = (text, mode, args, tuple(sorted(kwargs.items())))
+            hash(key)
+        except TypeError:
+            return super().getlength(text, mode, *args, **kwargs)
+        if key not in self._lengths:
+            if len(self._lengths) >= self.KEPT:
+                self._lengths.clear()
+            self._lengths[key] = super().getlength(text, mode, *args, **kwargs)
+        return self._lengths[key]
+
+
 @lru_cache(maxsize=16)
 def font(size: int) -> ImageFont.FreeTypeFont:
-    return ImageFont.truetype(str(FONT_FILE), size)
+    return RememberingFont(str(FONT_FILE), size)
 
 
 @lru_cache(maxsize=1)
@@ -121,8 +160,9 @@ def _rotated_labels(labels: Sequence[str], step: int, size: int) -> Image.Image:
     strip = Image.new("RGB", (width, step * len(labels)), "white")
     draw = ImageDraw.Draw(strip)
     for i, label in enumerate(labels):
-        draw.text((width, i * step + step / 2), drawable(label), font=font(size), fill=INK,
-                  anchor="rm")
+        if label:  # an empty label draws nothing (most of the embeddings' 768 columns)
+            draw.text((width, i * step + step / 2), drawable(label), font=font(size), fill=INK,
+                      anchor="rm")
     return strip.transpose(Image.Transpose.ROTATE_90)  # one rotation for all the labels
 
 

@@ -96,3 +96,23 @@ def test_a_labelled_map_is_quick() -> None:
     add_colorbar(heatmap(values, "viridis", (0, 1), (8, 8), labels, labels), "viridis", (0, 1),
                  "weight")
     assert time.perf_counter() - start < 0.25  # about 10 ms; a matplotlib figure takes 100+
+
+
+def test_a_remembered_text_mask_draws_the_pixels_a_fresh_rendering_does() -> None:
+    from PIL import Image, ImageDraw, ImageFont
+
+    from viz.heatmap import FONT_FILE, font
+
+    def draw(typeface: ImageFont.FreeTypeFont) -> np.ndarray:
+        image = Image.new("RGB", (160, 60), "white")
+        canvas = ImageDraw.Draw(image)
+        for i, (text, anchor) in enumerate([("0.731", "mm"), ("astronaut</w>", "rm"),
+                                            ("0.731", "lm"), ("", "rm")]):
+            canvas.text((80 + 0.5 * i, 8 + 13 * i), text, font=typeface, fill=(20, 20, 20),
+                        anchor=anchor)
+        return np.asarray(image)
+
+    remembered = font(11)
+    first, again = draw(remembered), draw(remembered)  # the second drawing reuses the masks
+    assert np.array_equal(first, draw(ImageFont.truetype(str(FONT_FILE), 11)))
+    assert np.array_equal(again, first) and remembered._masks

@@ -137,8 +137,9 @@ def compare_vaes(models: Models, path: str | None, max_side: int, choices: Seque
             continue
         done[choice] = result
         rows[choice] = _row(choice, original, result)
-        yield _views(models, chosen, original, done, rows, crop_side) | {
-            "status": f"{number} of {len(loaded)} VAEs done..."}
+        views = _views(models, chosen, original, done, rows, crop_side)
+        drawn_for = (len(done), len(rows))  # what those views show
+        yield views | {"status": f"{number} of {len(loaded)} VAEs done..."}
     if not done:
         yield failure(OUTPUTS, "status", "Every chosen VAE failed: see the table.") | {
             "table": [rows[c] for c in chosen]}
@@ -150,8 +151,10 @@ def compare_vaes(models: Models, path: str | None, max_side: int, choices: Seque
     if failed:
         status += f" {failed} VAE{'s' * (failed > 1)} could not run: its row says why."
         status = f"{status} {fixes(problems)}".strip()
-    yield _views(models, chosen, original, done, rows, crop_side) | {
-        "status": status, "original": fitted}
+    if drawn_for != (len(done), len(rows)):  # a VAE failed after the last views were drawn
+        views = _views(models, chosen, original, done, rows, crop_side)
+    # the same picture objects as the last answer: PictureFiles writes none of them again
+    yield views | {"status": status, "original": fitted}
 
 
 def _row(choice: str, original: np.ndarray, result: RoundTrip) -> list:
