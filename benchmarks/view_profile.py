@@ -16,6 +16,8 @@ and these is Gradio's own work: its queue, copying each file into its cache, and
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import io
 import os
 import statistics
@@ -23,11 +25,12 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from unittest.mock import patch
 
 import numpy as np
 import torch
 from matplotlib.figure import Figure
-from PIL import Image
+from PIL import Image, ImageFont
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -38,7 +41,7 @@ from ui.models import Models, Settings  # noqa: E402
 from ui.shared import LABEL_ROOM, PictureFiles  # noqa: E402
 from ui.tabs import compare, image, prompt  # noqa: E402
 from viz import compare as compare_views  # noqa: E402
-from viz import latents, metrics, pixels, text_encoder, upload  # noqa: E402
+from viz import heatmap, latents, metrics, pixels, text_encoder, upload  # noqa: E402
 from viz.heatmap import Picture, pad  # noqa: E402
 
 PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
@@ -94,18 +97,44 @@ def encodings(picture: Image.Image) -> dict[str, Callable[[], int]]:
             "webp lossless": encoder(format="WEBP", lossless=True, quality=0, method=0)}
 
 
+@functools.lru_cache(maxsize=16)
+def plain_font(size: int) -> ImageFont.FreeTypeFont:
+    """The font as the views had it before ``RememberingFont``: every text rendered anew."""
+    return ImageFont.truetype(str(heatmap.FONT_FILE), size)
+
+
+def drawn_ms(draw: Callable[[], object], rounds: int, remembering: bool) -> float:
+    """Median milliseconds of ``draw()`` with a font that renders every text anew, or with the
+    views' own font, its masks forgotten before each round (one answer: nothing kept from the
+    answers before it)."""
+    def run() -> object:
+        heatmap.font.cache_clear()  # a new RememberingFont per size: no masks kept
+        return draw()
+    if remembering:
+        return median_ms(run, rounds)
+    with contextlib.ExitStack() as stack:  # every view module that imported the font
+        for module in list(sys.modules.values()):
+            if module.__name__.startswith("viz.") and getattr(module, "font", None) is \
+                    heatmap.font:
+                stack.enter_context(patch.object(module, "font", plain_font))
+        return median_ms(draw, rounds)
+
+
 def report(title: str, model_ms: float, views: dict[str, Callable[[], object]], rounds: int
            ) -> None:
-    """One table: the model, then each view's drawing, the tab's own writing of it, and the
-    other encodings of the same pixels."""
+    """One table: the model, then each view's drawing before and now, the tab's own writing of
+    it, and the other encodings of the same pixels. The first view is the whole answer's
+    drawing, the others its parts."""
     print(f"\n### {title}\n")
-    print("| view | size | drawn | written by the tab | png 1 | png 0 | webp lossless |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
-    totals = {"drawn": 0.0, "written": 0.0}
-    for name, draw in views.items():
-        drawn = median_ms(draw, rounds)
+    print("| view | size | drawn, plain font | drawn now | written now (tab) | png 1 | png 0 | "
+          "webp lossless |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    before = {"drawn": 0.0, "written": 0.0}
+    now = {"drawn": 0.0, "written": 0.0}
+    for number, (name, draw) in enumerate(views.items()):
+        plain, remembered = drawn_ms(draw, rounds, False), drawn_ms(draw, rounds, True)
         value = draw()
-        if isinstance(value, Figure) or isinstance(value, Picture | np.ndarray | Image.Image):
+        if isinstance(value, Figure | Picture | np.ndarray | Image.Image):
             files = PictureFiles(3600)
 
             def write(value: object = value, files: PictureFiles = files) -> None:
@@ -114,17 +143,26 @@ def report(title: str, model_ms: float, views: dict[str, Callable[[], object]], 
             written = median_ms(write, rounds)
             files.remove()
             picture = as_image(value)
-            cells = [f"{median_ms(run, rounds):.1f} ms, {run() // 1024} kB"
-                     for run in encodings(picture).values()]
+            timed = {name: (median_ms(run, rounds), run() // 1024)
+                     for name, run in encodings(picture).items()}
+            cells = [f"{ms:.1f} ms, {kb} kB" for ms, kb in timed.values()]
             size = f"{picture.width}x{picture.height}"
+            # before: a figure was written by savefig as PNG, level 1; so was every picture
+            png_before = written if isinstance(value, Figure) else timed["png 1"][0]
         else:
-            written, cells, size = 0.0, ["-"] * 3, "-"
-        totals["drawn"] += drawn
-        totals["written"] += written
-        print(f"| {name} | {size} | {drawn:.1f} ms | {written:.1f} ms | {' | '.join(cells)} |")
-    print(f"\nmodel {model_ms:.0f} ms; views drawn {totals['drawn']:.0f} ms, written "
-          f"{totals['written']:.0f} ms: {sum(totals.values()):.0f} ms in all, "
-          f"{100 * sum(totals.values()) / model_ms:.0f}% of the model")
+            written, png_before, cells, size = 0.0, 0.0, ["-"] * 3, "-"
+        if number == 0:  # the whole answer's drawing: its parts follow
+            before["drawn"], now["drawn"] = plain, remembered
+        else:
+            before["written"] += png_before
+            now["written"] += written
+        print(f"| {name} | {size} | {plain:.1f} ms | {remembered:.1f} ms | {written:.1f} ms | "
+              f"{' | '.join(cells)} |")
+    for when, total in (("before", before), ("now", now)):
+        print(f"\nviews {when}: drawn {total['drawn']:.0f} ms + written {total['written']:.0f} ms "
+              f"= {sum(total.values()):.0f} ms, {100 * sum(total.values()) / model_ms:.0f}% of "
+              f"the model's {model_ms:.0f} ms", end="")
+    print()
 
 
 def main() -> None:
@@ -149,7 +187,15 @@ def main() -> None:
     latent = posterior.mean[0]
     reconstruction = pixels.tensor_to_image(vae.decode(latent[None])[0])
     matrix = latents.rgb_map_for(latent.shape[0], space[0]).matrix()
+    def image_answer() -> list[object]:
+        fitted_map = latents.fit_rgb_map(latent, fitted, *space)
+        return [image._latent_views(latent, posterior.std[0], fitted, "", space, vae.downscale,
+                                    True),
+                latents.enlarge_to(latents.apply_rgb_map(latent, fitted_map, *space),
+                                   fitted.size),
+                metrics.error_view(fitted, reconstruction), image._quality(fitted, reconstruction)]
     report(f"image tab, {fitted.width}x{fitted.height}, {'exact' if exact else 'fast'}", vae_ms, {
+        "the answer's views": image_answer,
         "what the encoder sees": lambda: fitted,
         "instant preview": lambda: latents.enlarge_to(
             latents.apply_rgb_map(latent, matrix, *space), fitted.size),
@@ -176,7 +222,15 @@ def main() -> None:
     output = encode_text()
     last = output.last_hidden_state[0]
     attention = prompt.attention_views(read, output, 1, prompt.MEAN_OVER_HEADS, False)
+    def prompt_answer() -> list[object]:
+        return [prompt.token_views(PROMPT, read),
+                prompt.attention_views(read, output, 1, prompt.MEAN_OVER_HEADS, False),
+                text_encoder.embedding_view(last, read.labels, read.n_real),
+                text_encoder.norms_view([h[0] for h in output.hidden_states], read.labels,
+                                        read.n_real),
+                text_encoder.cosine_view(last[: read.n_real], read.labels[: read.n_real])]
     report("prompt tab, a new prompt", text_ms, {
+        "the answer's views": prompt_answer,
         "tokens": lambda: prompt.token_views(PROMPT, read),
         "attention views (4)": lambda: prompt.attention_views(read, output, 1,
                                                               prompt.MEAN_OVER_HEADS, False),
@@ -199,9 +253,10 @@ def main() -> None:
     rows = {c: compare._row(c, original, r) for c, r in done.items()}
     last_views = compare._views(models, ticked, original, done, rows, 64)
     report(f"compare tab, {len(ticked)} VAEs", vaes_ms, {
-        "table rows (PSNR, SSIM)": lambda: [compare._row(c, original, r) for c, r in
-                                            done.items()],
-        "all views (_views)": lambda: compare._views(models, ticked, original, done, rows, 64),
+        "the last answer's views": lambda: ([compare._row(c, original, r) for c, r in
+                                             done.items()],
+                                            compare._views(models, ticked, original, done, rows,
+                                                           64)),
         "reconstructions": lambda: last_views["reconstructions"],
         "errors": lambda: last_views["errors"],
         "histogram": lambda: compare_views.latent_histograms_figure(

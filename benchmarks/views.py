@@ -15,14 +15,24 @@ neighbour slows both alike; the ratios are the medians of the rounds' ratios.
   TAESD) against their own encode + decode of the same image.
 - Prompt lab: ``compare_prompts`` against the text encoder's pass over both prompts.
 
-    python benchmarks/views.py               # ~2 minutes on 2 cores
+Beside each ratio it prints the views' own cost (the median of the rounds' tab time minus model
+time, in milliseconds) and a second ratio: against the same models timed first in a fresh
+process (``--models-only``, run as a subprocess before the server starts), where nothing else
+shares the process. The CPU (its bfloat16 flags) and the load average before and after are
+printed too: a machine whose load was above a tenth of a core before the run was not quiet, and
+its numbers are only comparable side by side.
+
+    python benchmarks/views.py               # ~3 minutes on 2 cores
     python benchmarks/views.py --rounds 7
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -45,10 +55,24 @@ PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detail
 EXAMPLE = encoding.ASSETS / "astronaut.png"
 
 
+def cpu() -> str:
+    """The CPU's model name and which of its bfloat16 matrix flags it has."""
+    name, flags = "unknown CPU", set()
+    with open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name") and name == "unknown CPU":
+                name = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    fast = [flag for flag in ("amx_bf16", "avx512_bf16", "avx2") if flag in flags]
+    return f"{name} ({', '.join(fast) or 'no AVX2'}), {os.cpu_count()} cores"
+
+
 def paired(model: Callable[[int], object], tab: Callable[[int], object], rounds: int
-           ) -> tuple[float, float, float]:
-    """Median seconds of ``model(i)`` and of ``tab(i)``, and the median of their ratios, over
-    ``rounds`` rounds that run one right after the other; one untimed warm-up round first."""
+           ) -> tuple[float, float, float, float]:
+    """Median seconds of ``model(i)`` and of ``tab(i)``, the median of their ratios and of their
+    differences (the views' own cost), over ``rounds`` rounds that run one right after the
+    other; one untimed warm-up round first."""
     model(-1)
     tab(-1)
     model_s, tab_s = [], []
@@ -57,96 +81,135 @@ def paired(model: Callable[[int], object], tab: Callable[[int], object], rounds:
             start = time.perf_counter()
             run(i)
             times.append(time.perf_counter() - start)
-    ratios = [t / m for m, t in zip(model_s, tab_s, strict=True)]
-    return statistics.median(model_s), statistics.median(tab_s), statistics.median(ratios)
+    pairs = list(zip(model_s, tab_s, strict=True))
+    return (statistics.median(model_s), statistics.median(tab_s),
+            statistics.median(t / m for m, t in pairs), statistics.median(t - m for m, t in pairs))
+
+
+def median_s(run: Callable[[int], object], rounds: int) -> float:
+    run(-1)
+    times = []
+    for i in range(rounds):
+        start = time.perf_counter()
+        run(i)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def model_runs(models: Models, size: int) -> tuple[dict[str, Callable[[int], object]], dict]:
+    """Each case's model alone, as its tab runs it, and what the tab calls need to know."""
+    settings = models.settings
+    read = prompt.read_tokens(models.tokenizer(), PROMPT)
+    ids = torch.tensor([read.ids])
+    encoder = models.text_encoder()
+
+    def encode_text(_: int) -> object:
+        with torch.inference_mode():
+            return encoder(ids, output_hidden_states=True, output_attentions=True)
+
+    # the VAE alone on the image the tab encodes, in the tab's default mode
+    exact = bool(torch.float32 == sd_parts.fast_dtype("cpu"))
+    vae = models.vae(settings.vae_choices[0], exact)
+    fitted, _ = pixels.fit_for_vae(upload.load_image(EXAMPLE, encoding.MAX_PIXELS), size,
+                                   vae.downscale)
+    tensor = pixels.image_to_tensor(fitted)
+
+    def round_trip(_: int) -> object:
+        return vae.decode(vae.encode(tensor).mean)
+
+    # the comparison's first choices, each VAE's own round trip on the same image
+    ticked = [settings.vae_choices[0], settings.vae_choices[-1], settings.tiny_vae_choices[0]]
+    vaes = [models.vae(c, exact) for c in ticked[:2]] + [models.tiny_vae(ticked[2], exact)]
+
+    def round_trips(_: int) -> object:
+        return [compare.round_trip(v, fitted) for v in vaes]
+
+    # two prompts through the text encoder, as the prompt lab runs them
+    pair_ids = torch.tensor([read.ids, prompt.read_tokens(models.tokenizer(),
+                                                          PROMPT + ", at night").ids])
+
+    def encode_pair(_: int) -> object:
+        with torch.inference_mode():
+            return encoder(pair_ids, output_hidden_states=True)
+
+    runs = {"text": encode_text, "vae": round_trip, "vaes": round_trips, "pair": encode_pair}
+    return runs, {"exact": exact, "fitted": fitted, "ticked": ticked}
+
+
+def fresh_process_times(rounds: int, size: int) -> dict[str, float]:
+    """The models' median seconds in a new process that runs nothing else."""
+    answer = subprocess.run([sys.executable, __file__, "--models-only", "--rounds", str(rounds),
+                             "--size", str(size)], check=True, capture_output=True, text=True)
+    return json.loads(answer.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--size", type=int, default=384, help="the image tab's longer side")
+    parser.add_argument("--models-only", action="store_true",
+                        help="time the models alone and print their medians as JSON")
     args = parser.parse_args()
+    settings = Settings(weights="random")
+    if args.models_only:
+        runs, _ = model_runs(Models(settings), args.size)
+        print(json.dumps({name: median_s(run, args.rounds) for name, run in runs.items()}))
+        return
+    load_before = os.getloadavg()
+    fresh = fresh_process_times(args.rounds, args.size)
     from gradio_client import Client, handle_file
 
-    settings = Settings(weights="random")
     models = Models(settings)
     demo = app.build_demo(settings)
     port = free_port()
     server.launch(demo, server_port=port, prevent_thread_lock=True, quiet=True)
     client = Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=False)
+    runs, known = model_runs(models, args.size)
+    exact, fitted, ticked = known["exact"], known["fitted"], known["ticked"]
     try:
-        # the text encoder alone, as the prompt tab runs it
-        read = prompt.read_tokens(models.tokenizer(), PROMPT)
-        ids = torch.tensor([read.ids])
-        encoder = models.text_encoder()
-
-        def encode_text(_: int) -> object:
-            with torch.inference_mode():
-                return encoder(ids, output_hidden_states=True, output_attentions=True)
-
-        text_s, tab_s, tab_ratio = paired(encode_text, lambda i: client.predict(
-            f"{PROMPT}, take {i + 1}", 1, prompt.MEAN_OVER_HEADS, False,
-            api_name="/inspect_prompt"), args.rounds)
-        _, layer_s, layer_ratio = paired(encode_text, lambda i: client.predict(
-            PROMPT, 2 + i % 10, prompt.MEAN_OVER_HEADS, False, api_name="/attention_view"),
-            args.rounds)
-
-        # the VAE alone on the image the tab encodes, in the tab's default mode
-        exact = bool(torch.float32 == sd_parts.fast_dtype("cpu"))
-        vae = models.vae(settings.vae_choices[0], exact)
-        fitted, _ = pixels.fit_for_vae(upload.load_image(EXAMPLE, encoding.MAX_PIXELS), args.size,
-                                       vae.downscale)
-        tensor = pixels.image_to_tensor(fitted)
-
-        def round_trip(_: int) -> object:
-            return vae.decode(vae.encode(tensor).mean)
-
-        vae_s, image_s, image_ratio = paired(round_trip, lambda _: client.predict(
-            handle_file(str(EXAMPLE)), settings.vae_choices[0], args.size, "crop", encoding.MEAN, 0,
-            True, exact, api_name="/encode_image"), args.rounds)
-
-        # the comparison's first choices, each VAE's own round trip on the same image
-        ticked = [settings.vae_choices[0], settings.vae_choices[-1], settings.tiny_vae_choices[0]]
-        vaes = [models.vae(c, exact) for c in ticked[:2]] + [models.tiny_vae(ticked[2], exact)]
-
-        def round_trips(_: int) -> object:
-            return [compare.round_trip(v, fitted) for v in vaes]
-
-        vaes_s, compare_s, compare_ratio = paired(round_trips, lambda _: client.predict(
-            handle_file(str(EXAMPLE)), args.size, ticked, exact, 64, api_name="/compare"),
-            args.rounds)
-
-        # two prompts through the text encoder, as the prompt lab runs them
-        pair_ids = torch.tensor([read.ids, prompt.read_tokens(models.tokenizer(),
-                                                              PROMPT + ", at night").ids])
-
-        def encode_pair(_: int) -> object:
-            with torch.inference_mode():
-                return encoder(pair_ids, output_hidden_states=True)
-
-        pair_s, lab_s, lab_ratio = paired(encode_pair, lambda i: client.predict(
-            f"{PROMPT}, take {i + 1}", f"{PROMPT}, take {i + 1}, at night", True,
-            api_name="/compare_prompts"), args.rounds)
+        cases = [
+            ("prompt tab, new prompt", "text", "text encoder", "2x", paired(
+                runs["text"], lambda i: client.predict(
+                    f"{PROMPT}, take {i + 1}", 1, prompt.MEAN_OVER_HEADS, False,
+                    api_name="/inspect_prompt"), args.rounds)),
+            ("prompt tab, another layer", "text", "text encoder", "-", paired(
+                runs["text"], lambda i: client.predict(
+                    PROMPT, 2 + i % 10, prompt.MEAN_OVER_HEADS, False,
+                    api_name="/attention_view"), args.rounds)),
+            (f"image tab {fitted.width}x{fitted.height}", "vae", "VAE encode + decode", "+15%",
+             paired(runs["vae"], lambda _: client.predict(
+                 handle_file(str(EXAMPLE)), settings.vae_choices[0], args.size, "crop",
+                 encoding.MEAN, 0, True, exact, api_name="/encode_image"), args.rounds)),
+            (f"compare tab, {len(ticked)} VAEs", "vaes", "their encode + decode", "+20%",
+             paired(runs["vaes"], lambda _: client.predict(
+                 handle_file(str(EXAMPLE)), args.size, ticked, exact, 64, api_name="/compare"),
+                 args.rounds)),
+            ("prompt lab, two prompts", "pair", "text encoder, both", "-", paired(
+                runs["pair"], lambda i: client.predict(
+                    f"{PROMPT}, take {i + 1}", f"{PROMPT}, take {i + 1}, at night", True,
+                    api_name="/compare_prompts"), args.rounds)),
+        ]
     finally:
         client.close()
         demo.close()
+    load_after = os.getloadavg()
 
     mode = "exact (float32)" if exact else f"fast ({sd_parts.fast_dtype('cpu')})"
-    print(f"{torch.get_num_threads()} threads; full-size random weights; median of "
-          f"{args.rounds} rounds\n")
-    print("| case | time | against | ratio | target |")
-    print("| --- | ---: | --- | ---: | ---: |")
-    print(f"| prompt tab, new prompt | {tab_s * 1000:,.0f} ms | text encoder "
-          f"{text_s * 1000:,.0f} ms | {tab_ratio:.2f}x | at most 3x |")
-    print(f"| prompt tab, another layer | {layer_s * 1000:,.0f} ms | text encoder "
-          f"{text_s * 1000:,.0f} ms | {layer_ratio:.2f}x | - |")
-    print(f"| image tab {fitted.width}x{fitted.height}, {mode} | {image_s * 1000:,.0f} ms | VAE "
-          f"encode + decode {vae_s * 1000:,.0f} ms | {100 * (image_ratio - 1):+.0f}% | at "
-          "most +15% |")
-    print(f"| compare tab, {len(ticked)} VAEs, {mode} | {compare_s * 1000:,.0f} ms | their "
-          f"encode + decode {vaes_s * 1000:,.0f} ms | {100 * (compare_ratio - 1):+.0f}% | - |")
-    print(f"| prompt lab, two prompts compared | {lab_s * 1000:,.0f} ms | text encoder, both "
-          f"{pair_s * 1000:,.0f} ms | {lab_ratio:.2f}x | - |")
+    quiet = load_before[0] < 0.1
+    print(f"{cpu()}; {torch.get_num_threads()} threads; {mode}; full-size random weights; "
+          f"median of {args.rounds} rounds")
+    print(f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after: "
+          + ("a quiet machine" if quiet else "NOT a quiet machine, compare only side by side")
+          + "\n")
+    print("| case | time | views' own cost | model in this process | ratio | model in a fresh "
+          "process | ratio | target |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for title, key, model, target, (model_s, tab_s, ratio, views_s) in cases:
+        def shown(r: float, target: str = target) -> str:
+            return f"{100 * (r - 1):+.0f}%" if target.startswith("+") else f"{r:.2f}x"
+        print(f"| {title} | {tab_s * 1000:,.0f} ms | {views_s * 1000:,.0f} ms | {model} "
+              f"{model_s * 1000:,.0f} ms | {shown(ratio)} | {fresh[key] * 1000:,.0f} ms | "
+              f"{shown(tab_s / fresh[key])} | {'at most ' + target if target != '-' else '-'} |")
 
 
 if __name__ == "__main__":

@@ -50,7 +50,9 @@ def test_encode_examples(client, example):
     # the tiny VAE halves each side once: the page says so, not SD v1's 8x
     assert "multiples of 2" in out["size"] and "1 latent pixel per 2x2 pixels" in out["size"]
     reconstruction = Image.open(out["reconstruction"])
-    assert reconstruction.format == "PNG"  # exact pixels, not lossy WebP
+    # shown as lossless WebP: the very pixels of the PNG download, nothing lost to compression
+    assert reconstruction.format == "WEBP"
+    assert np.array_equal(np.asarray(reconstruction), np.asarray(Image.open(out["downloads"][1])))
     assert reconstruction.width % 2 == 0 and reconstruction.height % 2 == 0
     assert max(reconstruction.size) <= 256
     assert abs(reconstruction.width / reconstruction.height - source.width / source.height) < 0.1
