@@ -146,7 +146,8 @@ def fresh_process_times(rounds: int, size: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--size", type=int, default=384, help="the image tab's longer side")
+    parser.add_argument("--size", type=int, default=384, choices=compare.SIZES,
+                        help="the longer side of the image (a size both tabs offer)")
     parser.add_argument("--models-only", action="store_true",
                         help="time the models alone and print their medians as JSON")
     args = parser.parse_args()
