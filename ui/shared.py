@@ -57,7 +57,8 @@ def random_banner(weights: str) -> str:
 def mode_note(exact: bool) -> str:
     dtype = sd_parts.fast_dtype("cpu")
     if exact or dtype == torch.float32:
-        why = "" if exact else " (this CPU has no fast bfloat16, so fast mode is float32 too)"
+        why = "" if exact else (" (bfloat16 is not faster than float32 on this CPU, so fast "
+                                "mode is float32 too)")
         return f"Exact mode: float32{why}."
     return "Fast mode: bfloat16 on this CPU. Tick *Exact mode* for float32 numerics."
 

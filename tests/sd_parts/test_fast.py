@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from sd_parts import TINY_VAE, AutoencoderKL, fast_dtype, load_vae
+from sd_parts import TINY_VAE, AutoencoderKL, fast_dtype, load_vae, runtime
 from sd_parts.runtime import cpu_has_native_bfloat16
 from sd_parts.vae import blend_tiles, tile_spans
 from viz.metrics import psnr
@@ -29,8 +29,32 @@ def load_image(name: str, size: int) -> torch.Tensor:
 
 
 def test_fast_dtype_follows_the_hardware():
-    assert fast_dtype("cpu") == (torch.bfloat16 if cpu_has_native_bfloat16() else torch.float32)
+    faster = runtime.bfloat16_is_faster_on_cpu()
+    assert fast_dtype("cpu") == (torch.bfloat16 if faster else torch.float32)
+    assert not faster or cpu_has_native_bfloat16()
     assert fast_dtype("meta") == torch.float32
+
+
+@pytest.mark.parametrize(("float32_s", "bfloat16_s", "expected"), [
+    (0.020, 0.010, torch.bfloat16),  # twice as fast (AMD EPYC's convolutions)
+    (0.011, 0.019, torch.float32),  # slower (an Intel Xeon with AVX-512 BF16, no AMX)
+    (0.010, 0.0095, torch.float32),  # within the margin: not worth 8 bits of mantissa
+])
+def test_fast_mode_is_bfloat16_only_where_it_is_faster(monkeypatch, float32_s, bfloat16_s,
+                                                       expected):
+    timed = {torch.float32: float32_s, torch.bfloat16: bfloat16_s}
+    monkeypatch.setattr(runtime, "cpu_has_native_bfloat16", lambda: True)
+    monkeypatch.setattr(runtime, "layer_seconds", lambda dtype: timed[dtype])
+    runtime.bfloat16_is_faster_on_cpu.cache_clear()
+    try:
+        assert fast_dtype("cpu") == expected
+    finally:
+        runtime.bfloat16_is_faster_on_cpu.cache_clear()
+
+
+def test_layer_timing_runs_both_dtypes():
+    assert 0 < runtime.layer_seconds(torch.float32, rounds=1) < 10
+    assert 0 < runtime.layer_seconds(torch.bfloat16, rounds=1) < 10
 
 
 def test_fast_mode_is_close_to_exact_mode(sd_vae_folder):
