@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
+import gradio as gr
 import numpy as np
 import torch
 from matplotlib.figure import Figure
@@ -98,25 +99,31 @@ class PictureFiles:
 
     def __init__(self, max_age_s: int) -> None:
         self.max_age_s = max_age_s
-        self._written: dict[int, tuple[object, str]] = {}  # id -> (the object, kept alive; path)
+        # (id, download) -> (the object, kept alive; its file)
+        self._written: dict[tuple[int, bool], tuple[object, str]] = {}
 
-    def __call__(self, value: object) -> object:
+    def __call__(self, value: object, download: bool = False) -> object:
+        """The file of ``value`` (a picture; anything else is returned as it is). A ``download``
+        (a picture offered as a file) is written as PNG, the format its visitor expects."""
         if not isinstance(value, Picture | np.ndarray | Image.Image | Figure):
             return value
-        if id(value) not in self._written:
-            path = output_path("view.webp", self.max_age_s)
+        key = (id(value), download)
+        if key not in self._written:
+            path = output_path("view.png" if download else "view.webp", self.max_age_s)
             if isinstance(value, Figure):
-                value.savefig(path, format="webp", pil_kwargs=WEBP_OPTIONS)
+                value.savefig(path, format=path.suffix[1:],
+                              **({} if download else {"pil_kwargs": WEBP_OPTIONS}))
             else:
                 pixels = pad(value, top=LABEL_ROOM).pixels if isinstance(value, Picture) else value
                 image = pixels if isinstance(pixels, Image.Image) else Image.fromarray(pixels)
-                if image.mode in ("RGB", "RGBA") and max(image.size) <= WEBP_MAX_SIDE:
+                if not download and image.mode in ("RGB", "RGBA") and \
+                        max(image.size) <= WEBP_MAX_SIDE:
                     image.save(path, "WEBP", **WEBP_OPTIONS)
-                else:  # grey or 16-bit pixels, or a strip too long for WebP: PNG keeps them
+                else:  # grey or 16-bit pixels, a strip too long for WebP, or a download
                     path = path.with_suffix(".png")
                     image.save(path, "PNG", compress_level=1)
-            self._written[id(value)] = (value, str(path))
-        return self._written[id(value)][1]
+            self._written[key] = (value, str(path))
+        return self._written[key][1]
 
     def remove(self) -> None:
         for _, path in self._written.values():
@@ -137,13 +144,18 @@ def send(max_age_s: int, answers: Iterable[Mapping[object, object]],
     files = PictureFiles(max_age_s)
     try:
         for views in answers:
-            if components is None:
-                yield {component: files(value) for component, value in views.items()}
-            else:
-                yield {components[name]: files(value) for name, value in views.items()
-                       if name in components}
+            if components is not None:
+                views = {components[name]: value for name, value in views.items()
+                         if name in components}
+            yield {component: files(value, is_download(component))
+                   for component, value in views.items()}
     finally:
         files.remove()
+
+
+def is_download(component: object) -> bool:
+    """Whether a picture sent to ``component`` is a file to download (a ``gr.File``)."""
+    return isinstance(component, gr.File)
 
 
 def answer_once(max_age_s: int, views: Mapping[object, object]) -> Iterator[dict[object, object]]:

@@ -127,9 +127,11 @@ def test_matches_diffusers(kind, spacing, schedule, eta):
             kwargs["eta"] = ours.eta
         # DEIS' weights are float32 differences of nearly equal terms in log rho (ill-conditioned
         # where levels crowd, as beta sigmas do near sigma_max) and diffusers takes those logs
-        # with numpy, whose float32 log differs from torch's in the last bit: the samples drift
-        # apart by up to 5e-6 relative, while both are 2e-4 from the same sums in float64
-        rtol = 1e-5 if kind == "deis" else 0
+        # with numpy, whose float32 log differs from torch's in the last bit (by how much
+        # depends on the CPU's vector log): the samples drift apart by up to 5e-6 relative on an
+        # AMD EPYC and 1.5e-5 on an Intel Xeon with beta sigmas, while both are 2e-4 from the
+        # same sums in float64
+        rtol = (3e-5 if schedule == "beta" else 1e-5) if kind == "deis" else 0
         for k, (t, t_ref) in enumerate(zip(ours.timesteps, reference.timesteps, strict=True)):
             unet_input = ours.scale_model_input(x, t)
             unet_input_ref = reference.scale_model_input(x_ref, t_ref)

@@ -18,7 +18,7 @@ import torch
 import sd_parts
 from ui.loading import ModelUnavailable
 from ui.models import Models
-from ui.shared import PictureFiles, answer_once, literal, output_path, random_banner
+from ui.shared import PictureFiles, answer_once, is_download, literal, output_path, random_banner
 from viz import attention_html, export, text_encoder, tokens
 from viz.tokens import Tokens, read_tokens
 
@@ -170,7 +170,8 @@ def build(models: Models, tab: gr.Tab) -> None:
         files = PictureFiles(settings.output_max_age)
         try:
             for views in inspect_prompt(models, prompt, layer, head, show_padding):
-                yield {out[name]: files(views.get(name)) for name in OUTPUTS}
+                yield {out[name]: files(views.get(name), is_download(out[name]))
+                       for name in OUTPUTS}
         finally:  # Gradio asks for the next answer only after sending this one
             files.remove()
 
