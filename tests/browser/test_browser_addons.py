@@ -77,7 +77,7 @@ def test_a_lora_is_loaded_measured_and_run(page, lora_file):
     for selector in ("#addon-without", "#addon-difference", "#addon-strips",
                      "#addon-word-maps"):
         loaded_image(page, selector)
-    shot(page, "addons-1280")
+    shot(page, "addons-tab", readme=True)
     # a new scale measures and runs again
     number = page.get_by_label("number input for LoRA scale")
     number.fill("0.5")

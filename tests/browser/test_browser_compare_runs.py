@@ -63,7 +63,7 @@ def test_compare_three_seeds_side_by_side(page):
                     "#compare-sigmas"):
         assert loaded_image(page, picture)["width"] > 100, picture
     page.locator("#compare-runs").scroll_into_view_if_needed()
-    shot(page, "compare-runs-1280")
+    shot(page, "compare-runs", readme=True)
     page.set_viewport_size({"width": 400, "height": 900})
     try:
         # narrow: the drawn pictures keep their size and scroll sideways

@@ -82,7 +82,7 @@ def test_clicked_blocks_and_positions_bring_their_pictures(page):
     row, col = (int(v) for v in page.locator("#unet-self-note").inner_text()
                 .split("(row ")[1].split(")")[0].replace("col ", "").split(", "))
     assert (row, col) == (int(0.7 * SIDE) // 2, int(0.8 * SIDE) // 2)  # the tiny VAE halves
-    shot(page, "unet-inside-1280")
+    shot(page, "unet-inside", readme=True)
     page.set_viewport_size({"width": 400, "height": 900})
     page.wait_for_timeout(300)
     shot(page, "unet-inside-400")
