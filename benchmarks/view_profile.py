@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import sd_parts  # noqa: E402
+from benchmarks.unet import cpu_description  # noqa: E402
 from ui import encoding  # noqa: E402
 from ui.models import Models, Settings  # noqa: E402
 from ui.shared import LABEL_ROOM, PictureFiles  # noqa: E402
@@ -48,17 +49,8 @@ PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detail
 
 
 def machine() -> str:
-    """The CPU's model name, its bfloat16 matrix flags, the threads torch uses and the load."""
-    name, flags = "unknown CPU", set()
-    with open("/proc/cpuinfo") as cpuinfo:
-        for line in cpuinfo:
-            if line.startswith("model name") and name == "unknown CPU":
-                name = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    fast = [flag for flag in ("amx_bf16", "amx_tile", "avx512_bf16", "avx2") if flag in flags]
-    return (f"{name} ({', '.join(fast) or 'no AVX2'}); {os.cpu_count()} cores, "
-            f"{torch.get_num_threads()} torch threads; load average "
+    """The CPU, its bfloat16 flags and torch's threads, the cores and the load average."""
+    return (f"{cpu_description()}; {os.cpu_count()} cores; load average "
             f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 

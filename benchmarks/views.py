@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 import app  # noqa: E402
 import sd_parts  # noqa: E402
+from benchmarks.unet import cpu_description  # noqa: E402
 from tests.helpers.serve import free_port  # noqa: E402
 from ui import encoding, server  # noqa: E402
 from ui.models import Models, Settings  # noqa: E402
@@ -53,19 +54,6 @@ from viz import pixels, upload  # noqa: E402
 
 PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
 EXAMPLE = encoding.ASSETS / "astronaut.png"
-
-
-def cpu() -> str:
-    """The CPU's model name and which of its bfloat16 matrix flags it has."""
-    name, flags = "unknown CPU", set()
-    with open("/proc/cpuinfo") as cpuinfo:
-        for line in cpuinfo:
-            if line.startswith("model name") and name == "unknown CPU":
-                name = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    fast = [flag for flag in ("amx_bf16", "avx512_bf16", "avx2") if flag in flags]
-    return f"{name} ({', '.join(fast) or 'no AVX2'}), {os.cpu_count()} cores"
 
 
 def paired(model: Callable[[int], object], tab: Callable[[int], object], rounds: int
@@ -197,7 +185,7 @@ def main() -> None:
 
     mode = "exact (float32)" if exact else f"fast ({sd_parts.fast_dtype('cpu')})"
     quiet = load_before[0] < 0.1
-    print(f"{cpu()}; {torch.get_num_threads()} threads; {mode}; full-size random weights; "
+    print(f"{cpu_description()}; {os.cpu_count()} cores; {mode}; full-size random weights; "
           f"median of {args.rounds} rounds")
     print(f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after: "
           + ("a quiet machine" if quiet else "NOT a quiet machine, compare only side by side")
