@@ -68,7 +68,10 @@ def assert_same_run(expected: tuple, actual: tuple, calls: int) -> None:
     our_images, our_steps = actual
     assert len(our_steps) == len(steps) == calls
     for ours, theirs in zip(our_steps, steps, strict=True):
-        torch.testing.assert_close(ours, theirs, atol=TOL, rtol=TOL)
+        # float32 rounding grows with the latents' size (a random tiny UNet's reach 20 and more),
+        # so each step is compared in units of its own spread
+        spread = theirs.std()
+        torch.testing.assert_close(ours / spread, theirs / spread, atol=TOL, rtol=TOL)
     torch.testing.assert_close(our_images, images, atol=TOL, rtol=0)
 
 
