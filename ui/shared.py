@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import atexit
 import html
+import os
 import re
 import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import gradio as gr
@@ -35,18 +37,35 @@ LABEL_ROOM = 30  # pixels: Gradio draws a component's label over the top-left of
 
 OUTPUT_DIR = Path(tempfile.mkdtemp(prefix="sd-parts-"))
 atexit.register(shutil.rmtree, OUTPUT_DIR, ignore_errors=True)
+SWEEP_EVERY_S = 1.0  # an answer asks for several files; the folder is swept once for all
+_last_sweep = 0.0
+# Pillow and numpy let go of the GIL while they encode and copy pixels, so the independent
+# pictures of one answer are drawn and written side by side, on the cores the model has just
+# finished with (``benchmarks/view_profile.py`` times an answer both ways).
+VIEW_THREADS = ThreadPoolExecutor(len(os.sched_getaffinity(0)), thread_name_prefix="views")
 
 
 def output_path(name: str, max_age_s: int) -> Path:
-    """A fresh file for a download; files older than max_age_s are removed first."""
+    """A fresh file for a download; files older than max_age_s are removed first (looked for
+    at most once every SWEEP_EVERY_S)."""
+    global _last_sweep
     now = time.time()
-    for old in OUTPUT_DIR.iterdir():
-        try:
-            if old.is_file() and now - old.stat().st_mtime > max_age_s:
-                old.unlink()  # (folders here, as the runs' Stop flags, keep their own)
-        except FileNotFoundError:  # removed meanwhile by a request in another session
-            pass
+    if now - _last_sweep >= SWEEP_EVERY_S:
+        _last_sweep = now
+        for old in OUTPUT_DIR.iterdir():
+            try:
+                if old.is_file() and now - old.stat().st_mtime > max_age_s:
+                    old.unlink()  # (folders here, as the runs' Stop flags, keep their own)
+            except FileNotFoundError:  # removed meanwhile by a request in another session
+                pass
     return OUTPUT_DIR / f"{uuid.uuid4().hex[:12]}-{name}"
+
+
+def in_parallel(jobs: Mapping[Hashable, Callable[[], object]]) -> dict[Hashable, object]:
+    """Each job's result under its key, the jobs run at once on ``VIEW_THREADS``; the first
+    job that raises raises here."""
+    futures = {key: VIEW_THREADS.submit(job) for key, job in jobs.items()}
+    return {key: future.result() for key, future in futures.items()}
 
 
 def random_banner(weights: str) -> str:
@@ -125,6 +144,19 @@ class PictureFiles:
             self._written[key] = (value, str(path))
         return self._written[key][1]
 
+    def answer(self, views: Mapping[object, object]) -> dict[object, object]:
+        """An answer (component -> value) as Gradio takes it: every picture written, side by
+        side, as the file its component shows (a ``gr.File`` gets a download)."""
+        pictures = {component: value for component, value in views.items()
+                    if isinstance(value, Picture | np.ndarray | Image.Image | Figure)}
+        jobs = {}  # one job per picture, however many components show it
+        for component, value in pictures.items():
+            key = (id(value), is_download(component))
+            jobs.setdefault(key, lambda value=value, download=key[1]: self(value, download))
+        written = in_parallel(jobs)
+        return {component: written[(id(value), is_download(component))]
+                if component in pictures else value for component, value in views.items()}
+
     def remove(self) -> None:
         for _, path in self._written.values():
             Path(path).unlink(missing_ok=True)
@@ -147,8 +179,7 @@ def send(max_age_s: int, answers: Iterable[Mapping[object, object]],
             if components is not None:
                 views = {components[name]: value for name, value in views.items()
                          if name in components}
-            yield {component: files(value, is_download(component))
-                   for component, value in views.items()}
+            yield files.answer(views)
     finally:
         files.remove()
 

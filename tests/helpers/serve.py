@@ -11,6 +11,7 @@ in ``Server.outbound``, so a test can prove that nothing leaves the machine.
 from __future__ import annotations
 
 import io
+import json
 import os
 import socket
 import subprocess
@@ -42,6 +43,30 @@ def fetch(value: dict) -> bytes:
 def picture(value: dict) -> np.ndarray:
     """An image output's pixels (H, W, 3)."""
     return np.asarray(Image.open(io.BytesIO(fetch(value))).convert("RGB"))
+
+
+def call_raw(http: httpx.Client, api_name: str, data: list) -> str:
+    """Call an endpoint as a bare HTTP client does; return the whole event stream as text."""
+    posted = http.post(f"gradio_api/call/{api_name}", json={"data": data})
+    posted.raise_for_status()
+    with http.stream("GET", f"gradio_api/call/{api_name}/{posted.json()['event_id']}") as events:
+        return "".join(events.iter_text())
+
+
+def answer(events: str) -> list:
+    """The output values of a ``call_raw`` event stream that completed."""
+    complete = events.rsplit("event: complete\n", 1)
+    if len(complete) != 2:
+        raise RuntimeError(f"the call did not complete: {events[-500:]}")
+    return json.loads(complete[1].split("data:", 1)[1].strip())
+
+
+def upload(http: httpx.Client, path: Path) -> dict:
+    """``path`` uploaded as a visitor's browser sends it; the value an image input takes."""
+    with path.open("rb") as file:
+        posted = http.post("gradio_api/upload", files={"files": (path.name, file)})
+    posted.raise_for_status()
+    return {"path": posted.json()[0], "meta": {"_type": "gradio.FileData"}}
 
 
 def free_port() -> int:

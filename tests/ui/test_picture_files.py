@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import gradio as gr
 import numpy as np
+import pytest
 from PIL import Image
 
-from ui.shared import LABEL_ROOM, PictureFiles
+from ui.shared import LABEL_ROOM, PictureFiles, in_parallel
 from viz.heatmap import heatmap
 from viz.plot import add_axes, new_figure
 
@@ -67,3 +69,34 @@ def test_each_object_is_written_once_and_removed_after() -> None:
     assert files("some text") == "some text" and files(None) is None  # not pictures: as they are
     files.remove()
     assert not Path(first).exists()
+
+
+def test_an_answer_writes_its_pictures_side_by_side_each_once() -> None:
+    """``answer`` writes every picture of an answer on the view threads: the same picture shown
+    by two components is one file, a download is a PNG, and other values pass as they are."""
+    shown, again, offered = gr.Image(), gr.Image(), gr.File()
+    text, other = gr.Markdown(), gr.Image()
+    array, second = _noise(12, 16), _noise(8, 8)
+    files = PictureFiles(3600)
+    try:
+        out = files.answer({shown: array, again: array, offered: array, text: "**note**",
+                            other: second})
+        assert out[shown] == out[again] and out[shown].endswith(".webp")
+        assert out[offered].endswith(".png") and out[text] == "**note**"
+        for component, expected in ((shown, array), (offered, array), (other, second)):
+            with Image.open(out[component]) as decoded:
+                assert np.array_equal(np.asarray(decoded.convert("RGB")), expected)
+        assert len({out[shown], out[offered], out[other]}) == 3
+    finally:
+        files.remove()
+    assert not any(Path(out[c]).exists() for c in (shown, offered, other))
+
+
+def test_jobs_in_parallel_keep_their_keys_and_raise_their_errors() -> None:
+    assert in_parallel({"b": lambda: 2, "a": lambda: 1}) == {"b": 2, "a": 1}
+
+    def broken() -> None:
+        raise ValueError("no such layer")
+
+    with pytest.raises(ValueError, match="no such layer"):
+        in_parallel({"fine": lambda: 1, "broken": broken})

@@ -23,7 +23,7 @@ from PIL import Image
 
 import app
 from tests.helpers.corpus import IMG_ONERROR, PROMPTS, SCRIPT, image_cases, write_image_cases
-from tests.helpers.serve import ROOT
+from tests.helpers.serve import ROOT, call_raw
 from ui import encoding
 from ui import server as app_server
 from ui.models import VAES, Settings, menu
@@ -104,14 +104,6 @@ def test_file_not_uploaded_by_the_user_is_refused(http):
         assert "event: error" in events
         assert PASSWD_MARK not in events and APP_SOURCE_MARK not in events
         assert "Traceback" not in events and "gradio_api/file=" not in events
-
-
-def call_raw(http: httpx.Client, api_name: str, data: list) -> str:
-    """Call an endpoint as a bare HTTP client does; return the whole event stream as text."""
-    posted = http.post(f"gradio_api/call/{api_name}", json={"data": data})
-    posted.raise_for_status()
-    with http.stream("GET", f"gradio_api/call/{api_name}/{posted.json()['event_id']}") as events:
-        return "".join(events.iter_text())
 
 
 def test_upload_larger_than_max_file_size_is_refused(server, http):

@@ -10,7 +10,7 @@ and column light up and the value is read out) and as a picture to download.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import gradio as gr
 import torch
@@ -18,7 +18,14 @@ import torch
 import sd_parts
 from ui.loading import ModelUnavailable
 from ui.models import Models
-from ui.shared import PictureFiles, answer_once, is_download, literal, output_path, random_banner
+from ui.shared import (
+    PictureFiles,
+    answer_once,
+    in_parallel,
+    literal,
+    output_path,
+    random_banner,
+)
 from viz import attention_html, export, text_encoder, tokens
 from viz.tokens import Tokens, read_tokens
 
@@ -57,13 +64,15 @@ def token_views(prompt: str, read: Tokens) -> dict[str, object]:
     }
 
 
-def attention_views(read: Tokens, output: sd_parts.CLIPTextOutput, layer: int, head: str,
-                    padding: bool) -> dict[str, object]:
+def attention_jobs(read: Tokens, output: sd_parts.CLIPTextOutput, layer: int, head: str,
+                   padding: bool) -> dict[str, Callable[[], object]]:
+    """How to draw each attention view (name -> job), for ``in_parallel``. The jobs get numpy
+    arrays: torch called from a view thread would start an OpenMP team of its own there."""
     count = len(read.rows) if padding else read.n_real
     labels = read.labels[:count]
-    layers = output.attentions
+    layers = [a[0, :, :count, :count] for a in output.attentions]  # each (heads, T, T)
     layer = min(max(int(layer), 1), len(layers))
-    weights = layers[layer - 1][0, :, :count, :count]  # (heads, T, T)
+    weights = layers[layer - 1]
     if head == MEAN_OVER_HEADS:
         single, title = weights.mean(0), f"Layer {layer}, mean over {weights.shape[0]} heads"
     else:
@@ -71,13 +80,14 @@ def attention_views(read: Tokens, output: sd_parts.CLIPTextOutput, layer: int, h
         if not 1 <= index <= weights.shape[0]:
             raise gr.Error(f"This text encoder has {weights.shape[0]} heads; pick one of them.")
         single, title = weights[index - 1], f"Layer {layer}, head {index}"
+    single, weights, layers = single.numpy(), weights.numpy(), [a.numpy() for a in layers]
     eos = read.n_real - 1
     return {
-        "attention": text_encoder.attention_view(single, labels, title),
-        "attention_map": attention_html.attention_html(single, labels, read.kinds[:count], title),
-        "heads": text_encoder.heads_view(weights, labels, layer),
-        "eos": text_encoder.eos_view([a[0, :, :count, :count] for a in layers], eos,
-                                     labels),
+        "attention": lambda: text_encoder.attention_view(single, labels, title),
+        "attention_map": lambda: attention_html.attention_html(single, labels,
+                                                               read.kinds[:count], title),
+        "heads": lambda: text_encoder.heads_view(weights, labels, layer),
+        "eos": lambda: text_encoder.eos_view(layers, eos, labels),
     }
 
 
@@ -102,13 +112,13 @@ def inspect_prompt(models: Models, prompt: str, layer: int, head: str, padding: 
     embeddings_file = export.embeddings_to_safetensors(
         last, torch.tensor(read.ids), output_path("embeddings.safetensors",
                                                   models.settings.output_max_age), prompt=prompt)
-    yield first | attention_views(read, output, layer, head, padding) | {
-        "embeddings": text_encoder.embedding_view(last, read.labels, read.n_real),
-        "norms": text_encoder.norms_view([h[0] for h in output.hidden_states], read.labels,
-                                         read.n_real),
-        "cosine": text_encoder.cosine_view(last[: read.n_real], read.labels[: read.n_real]),
-        "download": str(embeddings_file),
-    }
+    last, states = last.numpy(), [h[0].numpy() for h in output.hidden_states]
+    yield first | in_parallel(attention_jobs(read, output, layer, head, padding) | {
+        "embeddings": lambda: text_encoder.embedding_view(last, read.labels, read.n_real),
+        "norms": lambda: text_encoder.norms_view(states, read.labels, read.n_real),
+        "cosine": lambda: text_encoder.cosine_view(last[: read.n_real],
+                                                   read.labels[: read.n_real]),
+    }) | {"download": str(embeddings_file)}
 
 
 def update_attention(models: Models, prompt: str, layer: int, head: str, padding: bool
@@ -121,6 +131,11 @@ def update_attention(models: Models, prompt: str, layer: int, head: str, padding
     except ModelUnavailable:  # inspect_prompt has said why; nothing to draw
         return {}
     return attention_views(read, output, layer, head, padding)
+
+
+def attention_views(read: Tokens, output: sd_parts.CLIPTextOutput, layer: int, head: str,
+                    padding: bool) -> dict[str, object]:
+    return in_parallel(attention_jobs(read, output, layer, head, padding))
 
 
 def build(models: Models, tab: gr.Tab) -> None:
@@ -170,8 +185,7 @@ def build(models: Models, tab: gr.Tab) -> None:
         files = PictureFiles(settings.output_max_age)
         try:
             for views in inspect_prompt(models, prompt, layer, head, show_padding):
-                yield {out[name]: files(views.get(name), is_download(out[name]))
-                       for name in OUTPUTS}
+                yield files.answer({out[name]: views.get(name) for name in OUTPUTS})
         finally:  # Gradio asks for the next answer only after sending this one
             files.remove()
 
