@@ -29,7 +29,6 @@ from unittest.mock import patch
 
 import numpy as np
 import torch
-from matplotlib.figure import Figure
 from PIL import Image, ImageFont
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,11 +65,8 @@ def median_ms(run: Callable[[], object], rounds: int) -> float:
 
 
 def as_image(value: object) -> Image.Image:
-    """A view as the RGB image that is written: a Picture with its label strip, an array, a
-    figure rendered by its Agg canvas."""
-    if isinstance(value, Figure):
-        value.canvas.draw()
-        return Image.fromarray(np.asarray(value.canvas.buffer_rgba())[..., :3])
+    """A view as the RGB image that is written: a Picture (the histograms' charts too) with its
+    label strip, or an array."""
     if isinstance(value, Picture):
         return Image.fromarray(pad(value, top=LABEL_ROOM).pixels)
     return value if isinstance(value, Image.Image) else Image.fromarray(value)
@@ -126,7 +122,7 @@ def report(title: str, model_ms: float, views: dict[str, Callable[[], object]], 
     for number, (name, draw) in enumerate(views.items()):
         plain, remembered = drawn_ms(draw, rounds, False), drawn_ms(draw, rounds, True)
         value = draw()
-        if isinstance(value, Figure | Picture | np.ndarray | Image.Image):
+        if isinstance(value, Picture | np.ndarray | Image.Image):
             files = PictureFiles(3600)
 
             def write(value: object = value, files: PictureFiles = files) -> None:
@@ -139,8 +135,7 @@ def report(title: str, model_ms: float, views: dict[str, Callable[[], object]], 
                      for name, run in encodings(picture).items()}
             cells = [f"{ms:.1f} ms, {kb} kB" for ms, kb in timed.values()]
             size = f"{picture.width}x{picture.height}"
-            # before: a figure was written by savefig as PNG, level 1; so was every picture
-            png_before = written if isinstance(value, Figure) else timed["png 1"][0]
+            png_before = timed["png 1"][0]  # before: every picture was written as PNG, level 1
         else:
             written, png_before, cells, size = 0.0, 0.0, ["-"] * 3, "-"
         if number == 0:  # the whole answer's drawing: its parts follow
@@ -193,7 +188,7 @@ def main() -> None:
             latents.apply_rgb_map(latent, matrix, *space), fitted.size),
         "channels": lambda: latents.latent_channels_view(latent, vae.downscale, True),
         "stats table": lambda: latents.channel_stats(latent, *space),
-        "histogram": lambda: latents.latent_histogram_figure(latent, *space),
+        "histogram": lambda: latents.latent_histogram_view(latent, *space),
         "posterior std": lambda: latents.std_view(posterior.std[0], True),
         "fitted map": lambda: latents.enlarge_to(latents.apply_rgb_map(
             latent, latents.fit_rgb_map(latent, fitted, *space), *space), fitted.size),
@@ -251,7 +246,7 @@ def main() -> None:
                                                            64)),
         "reconstructions": lambda: last_views["reconstructions"],
         "errors": lambda: last_views["errors"],
-        "histogram": lambda: compare_views.latent_histograms_figure(
+        "histogram": lambda: compare_views.latent_histograms_view(
             [(c, r.model_latent) for c, r in done.items()]),
         "crop": lambda: last_views["crop"],
     }, args.rounds)

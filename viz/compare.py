@@ -10,7 +10,8 @@ difference in colour or length is a difference between the VAEs.
 
 Each function takes plain pictures (H, W, 3) uint8 and numbers; the VAEs are run by the caller.
 Pictures are drawn with Pillow (``viz.heatmap``) and record where each image lies
-(``Picture.maps``), so tests read the drawn pixels back; only the histogram uses matplotlib.
+(``Picture.maps``), so tests read the drawn pixels back; the histogram is a ``viz.chart`` density
+chart, which records its plot area and axis ranges for the same reason.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
 
+from viz.chart import Chart, density_chart
 from viz.heatmap import (
     GAP,
     INK,
@@ -38,9 +39,7 @@ from viz.heatmap import (
     heatmap,
     text_width,
 )
-from viz.latents import draw_densities
 from viz.metrics import abs_error_map
-from viz.plot import add_axes, new_figure
 
 Labelled = tuple[str, np.ndarray | Image.Image]  # (what it is, an RGB picture)
 
@@ -226,26 +225,18 @@ def table_to_csv(rows: Sequence[Sequence], path: str | Path) -> Path:
     return path
 
 
-def latent_histograms_figure(latents: Sequence[tuple[str, np.ndarray]]) -> Figure:
+def latent_histograms_view(latents: Sequence[tuple[str, np.ndarray]]) -> Chart:
     """The density of each VAE's latent in the diffusion model's space, all channels together,
     against the standard normal N(0, 1) that the noise schedule assumes.
 
     ``latents`` pairs a label with the latent as the diffusion model sees it: (z - shift) x scale
     for a KL VAE, the output itself for TAESD. One line per VAE on shared bins. The legend sits
-    under the axes, where it covers none of the curves (they all peak in the middle). The figure
-    leaves its top strip empty for the label Gradio draws there.
+    under the axes, where it covers none of the curves (they all peak in the middle).
     """
     if not latents:
         raise ValueError("no latents to draw")
     values = [np.asarray(latent, dtype=np.float64) for _, latent in latents]
-    below = 0.2 * (len(latents) + 1) + 0.1  # inches: a legend line per VAE and one for N(0, 1)
-    figure = new_figure(6.4, 3.8 + below)
-    axes = add_axes(figure, 0.7, 0.55 + below, 5.55, 2.75)
-    draw_densities(axes, [(f"{label}: mean {value.mean():+.2f}, std {value.std():.2f}", value)
-                          for (label, _), value in zip(latents, values, strict=True)], values)
-    axes.set_xlabel("value in the diffusion model's space, all channels", fontsize=10)
-    axes.set_ylabel("density", fontsize=10)
-    axes.tick_params(labelsize=9)
-    figure.legend(fontsize=8, loc="upper left", bbox_to_anchor=(0.7 / 6.4, below / (3.8 + below)),
-                  frameon=False)
-    return figure
+    return density_chart([(f"{label}: mean {value.mean():+.2f}, std {value.std():.2f}", value)
+                          for (label, _), value in zip(latents, values, strict=True)], values,
+                         "value in the diffusion model's space, all channels", (560, 275),
+                         legend_below=True)

@@ -15,17 +15,15 @@ already previews the image. ``LATENT_RGB_MAPS`` holds the published maps per VAE
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from matplotlib.axes import Axes
-from matplotlib.figure import Figure
 from PIL import Image
 
+from viz.chart import Chart, density_chart
 from viz.heatmap import Picture, add_colorbar, add_title, arrange, heatmap
-from viz.plot import DIVERGING, SEQUENTIAL, add_axes, new_figure
+from viz.plot import DIVERGING, SEQUENTIAL
 
 CHANNEL_STATS_HEADERS = ["channel", "mean", "std", "min", "max", "mean in model space",
                          "std in model space"]
@@ -271,34 +269,17 @@ def latent_space_text(scaling_factor: float, shift_factor: float, name: str = "z
     return f"{name} x {scaling_factor:g}"
 
 
-def draw_densities(axes: Axes, groups: Sequence[tuple[str, np.ndarray]],
-                   spread: Sequence[np.ndarray]) -> None:
-    """Each labelled group of values as a density (stepped line) on shared bins, and the
-    standard normal N(0, 1) dashed, over +-4 or further where the 99.9th percentile of
-    ``spread``'s sizes reaches beyond."""
-    extent = max(4.0, *(float(np.quantile(np.abs(values), 0.999)) for values in spread))
-    edges = np.linspace(-extent, extent, 81)
-    for label, group in groups:
-        density, _ = np.histogram(group, bins=edges, density=True)
-        axes.stairs(density, edges, label=label, linewidth=1.5)
-    x = np.linspace(-extent, extent, 200)
-    axes.plot(x, np.exp(-0.5 * x**2) / math.sqrt(2 * math.pi), "k--", label="N(0, 1)")
-
-
-def latent_histogram_figure(
+def latent_histogram_view(
     latent: torch.Tensor | np.ndarray, scaling_factor: float, shift_factor: float = 0.0
-) -> Figure:
+) -> Chart:
     """Histogram (density) of the latent in model space against the standard normal N(0, 1).
 
     The VAE's raw latent has a std of about 5 (SD v1); the scaling factor brings it to roughly
     unit variance, the scale the diffusion model's noise schedule assumes. One line per channel
     up to 4 channels; with more, all values together and the quietest and loudest channel.
-    The figure leaves its top strip empty for the label Gradio draws there.
     """
     scaled = model_space(latent, scaling_factor, shift_factor)
     channels = scaled.shape[0]
-    figure = new_figure(5.6, 3.6)
-    axes = add_axes(figure, 0.7, 0.55, 4.75, 2.55)
     if channels <= 4:
         groups = [(f"channel {c}", scaled[c]) for c in range(channels)]
     else:
@@ -306,11 +287,7 @@ def latent_histogram_figure(
         quiet, loud = int(stds.argmin()), int(stds.argmax())
         groups = [("all channels", scaled), (f"channel {quiet}", scaled[quiet]),
                   (f"channel {loud}", scaled[loud])]
-    draw_densities(axes, [(f"{label}: std {group.std():.2f}", group) for label, group in groups],
-                   [scaled])
     space = latent_space_text(scaling_factor, shift_factor, "latent")
-    axes.set_xlabel(f"value in model space: {space}", fontsize=10)
-    axes.set_ylabel("density", fontsize=10)
-    axes.tick_params(labelsize=9)
-    axes.legend(fontsize=9, loc="upper right")
-    return figure
+    return density_chart([(f"{label}: std {group.std():.2f}", group) for label, group in groups],
+                         [scaled], f"value in model space: {space}", (480, 255),
+                         legend_below=False)

@@ -5,12 +5,11 @@ the drawn data back."""
 from __future__ import annotations
 
 import csv
-import io
 
 import numpy as np
 import pytest
-from matplotlib.patches import StepPatch
 
+from tests.helpers.charts import assert_densities_drawn, assert_normal_drawn
 from viz import compare, latents
 from viz.heatmap import GAP, colorize
 from viz.metrics import GAUSSIAN_SSIM_SIDE, abs_error_map, ssim_gaussian
@@ -176,24 +175,24 @@ def test_histograms_draw_each_latent_against_the_standard_normal() -> None:
     rng = np.random.default_rng(0)
     latents = [("4 channels", rng.normal(0.5, 1.0, (4, 16, 16))),
                ("16 channels", rng.normal(0.0, 2.0, (16, 8, 8)))]
-    figure = compare.latent_histograms_figure(latents)
-    (axes,) = figure.axes
-    steps = [p for p in axes.patches if isinstance(p, StepPatch)]
-    assert len(steps) == 2
-    edges = steps[0].get_data().edges
-    for step, (label, values) in zip(steps, latents, strict=True):
-        data = step.get_data()
-        np.testing.assert_array_equal(data.edges, edges)  # shared bins
-        np.testing.assert_allclose(data.values, np.histogram(values, bins=edges, density=True)[0])
-        assert step.get_label().startswith(f"{label}: mean {values.mean():+.2f}")
-    (normal,) = axes.lines
-    x, y = normal.get_data()
-    np.testing.assert_allclose(y, np.exp(-0.5 * x**2) / np.sqrt(2 * np.pi))
-    figure.savefig(io.BytesIO(), format="png")
-    # the legend, a line per VAE and N(0, 1), lies under the axes and inside the figure: it
-    # covers no curve
-    (legend,) = figure.legends
-    assert [t.get_text() for t in legend.get_texts()] == [s.get_label() for s in steps] + [
-        "N(0, 1)"]
-    box, frame = legend.get_window_extent(), axes.get_window_extent()
-    assert box.y1 < frame.y0 and box.y0 >= 0 and box.x1 <= figure.bbox.x1
+    chart = compare.latent_histograms_view(latents)
+    values = [latent for _, latent in latents]
+    assert_densities_drawn(chart, values, values)  # shared bins spanning every latent
+    assert_normal_drawn(chart)
+    *entries, normal = chart.legend
+    assert normal.label == "N(0, 1)"
+    for entry, (label, latent) in zip(entries, latents, strict=True):
+        assert entry.label.startswith(f"{label}: mean {latent.mean():+.2f}, std ")
+    # the legend lies under the axes and inside the picture, a line per VAE and N(0, 1): the
+    # only curve colours in it are its own samples, each in its entry's colour
+    plot, (left, top, right, bottom) = chart.plot, chart.legend_box
+    height, width = chart.pixels.shape[:2]
+    assert top > plot.top + plot.height and bottom <= height and right <= width and left >= 0
+    legend = chart.pixels[top : bottom + 1, left : right + 1].copy()
+    for entry in chart.legend:
+        x0, y0, x1, y1 = entry.sample
+        sample = chart.pixels[y0 : y1 + 1, x0 : x1 + 1]
+        assert (sample == entry.colour).all(axis=2).mean() > 0.5  # dashed: 6 of every 10
+        legend[y0 - top : y1 - top + 1, x0 - left : x1 - left + 1] = 255
+    for colour in [entry.colour for entry in chart.legend]:
+        assert not (legend == colour).all(axis=2).any()

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import io
 import time
 
 import numpy as np
 import pytest
 import torch
-from matplotlib.patches import StepPatch
 from PIL import Image
 
+from tests.helpers.charts import assert_densities_drawn, assert_normal_drawn
 from viz.heatmap import colorize
 from viz.latents import (
     CHANNEL_STATS_HEADERS,
@@ -20,7 +19,7 @@ from viz.latents import (
     enlarge_to,
     fit_rgb_map,
     latent_channels_view,
-    latent_histogram_figure,
+    latent_histogram_view,
     model_space,
     rgb_map_for,
     std_view,
@@ -123,16 +122,36 @@ def test_channel_stats_rows_for_any_channel_count() -> None:
 
 @pytest.mark.parametrize("channels, lines", [(4, 4), (16, 3)])
 def test_histogram_draws_the_model_space_density(channels: int, lines: int) -> None:
-    latent = torch.randn(channels, 16, 16, generator=torch.Generator().manual_seed(3)) * 5
-    figure = latent_histogram_figure(latent, 0.18215)
-    (axes,) = figure.axes
-    steps = [p for p in axes.patches if isinstance(p, StepPatch)]
-    assert len(steps) == lines
-    first = steps[0].get_data()
-    group = model_space(latent, 0.18215)[0] if channels == 4 else model_space(latent, 0.18215)
-    expected, _ = np.histogram(group, bins=first.edges, density=True)
-    np.testing.assert_allclose(first.values, expected)
-    figure.savefig(io.BytesIO(), format="png")
+    # each channel its own spread, so the lines part; channel 0, the narrowest, peaks right of the
+    # middle, under the legend
+    spreads = torch.linspace(3.0, 9.0, channels)[:, None, None]
+    latent = torch.randn(channels, 24, 24, generator=torch.Generator().manual_seed(3)) * spreads
+    latent[0] += 14.0
+    chart = latent_histogram_view(latent, 0.18215)
+    scaled = model_space(latent, 0.18215)
+    if channels == 4:
+        groups = [("channel 0", scaled[0]), ("channel 1", scaled[1]), ("channel 2", scaled[2]),
+                  ("channel 3", scaled[3])]
+    else:  # all values, then the quietest and the loudest channel
+        groups = [("all channels", scaled), ("channel 0", scaled[0]), ("channel 15", scaled[15])]
+    assert len(groups) == lines
+    assert_densities_drawn(chart, [values for _, values in groups], [scaled])
+    assert_normal_drawn(chart)
+    assert [entry.label for entry in chart.legend] == [
+        f"{label}: std {values.std():.2f}" for label, values in groups] + ["N(0, 1)"]
+    # the legend sits inside the axes at the upper right, above every curve
+    plot, (left, top, right, bottom) = chart.plot, chart.legend_box
+    assert plot.top < top and bottom < plot.top + plot.height // 2
+    assert plot.left + plot.width // 2 < left and right < plot.left + plot.width
+    for entry in chart.legend:
+        x0, y0, x1, y1 = entry.sample
+        sample = chart.pixels[y0 : y1 + 1, x0 : x1 + 1]
+        assert (sample == entry.colour).all(axis=2).mean() > 0.5  # dashed: 6 of every 10
+    edges = np.linspace(*plot.x_range, 81)
+    under = edges[1:] > plot.value_at_column(left)  # the bins reaching under the legend
+    for _, values in groups:
+        density = np.histogram(values, bins=edges, density=True)[0]
+        assert plot.row(density[under].max()) > bottom
 
 
 def test_views_are_quick_at_the_app_default_size() -> None:

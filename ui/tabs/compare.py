@@ -179,7 +179,7 @@ def _views(models: Models, chosen: list[str], original: np.ndarray, done: dict[s
         "errors": compare.error_maps_view(original, reconstructions),
         "table": table,
         "csv": str(csv_file),
-        "histogram": compare.latent_histograms_figure(
+        "histogram": compare.latent_histograms_view(
             [(choice, result.model_latent) for choice, result in done.items()]),
         "crop": crop_region(record, x, y, crop_side)[1],
         "crop_x": x,

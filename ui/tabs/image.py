@@ -121,7 +121,7 @@ def _latent_views(latent: torch.Tensor, std: torch.Tensor, fitted: Image.Image, 
                                       fitted.size),
         "channels": latents.latent_channels_view(latent, downscale, shared_scale),
         "stats": latents.channel_stats(latent, *space),
-        "histogram": latents.latent_histogram_figure(latent, *space),
+        "histogram": latents.latent_histogram_view(latent, *space),
         "std": latents.std_view(std, shared_scale),
     }
 
