@@ -3,8 +3,9 @@ placed in inches.
 
 Figures are built with the object-oriented API on their own Agg canvas, never through pyplot, so
 nothing is kept in a global figure registry and a figure is freed once dropped; axes are placed
-in inches, because a layout engine would draw every figure twice. Only views that need numeric
-axes use matplotlib (the histogram); heat maps are drawn from arrays (``viz.heatmap``).
+in inches, because a layout engine would draw every figure twice. Only the figures a person
+reads once use matplotlib (the training schedule, the denoising loss, the vocabulary's norms);
+what a tab draws at every answer is drawn from arrays (``viz.heatmap``, ``viz.chart``).
 
 Conventions used by every view: heat maps of signed values use a diverging colour map centred on
 0 (red positive, blue negative); magnitudes use a sequential one.

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 
@@ -86,16 +84,6 @@ def test_arrange_bar_and_title_keep_every_map_readable() -> None:
 def test_characters_without_a_glyph_are_written_as_code_points() -> None:
     assert drawable("cat 🐱 é") == "cat 🐱 é"  # DejaVu Sans has these
     assert drawable("猫") == "U+732B"
-
-
-def test_a_labelled_map_is_quick() -> None:
-    values = np.random.default_rng(2).random((77, 77))
-    labels = [f"token{i}</w>" for i in range(77)]
-    heatmap(values, "viridis", (0, 1), (8, 8), labels, labels)  # fonts loaded once
-    start = time.perf_counter()
-    add_colorbar(heatmap(values, "viridis", (0, 1), (8, 8), labels, labels), "viridis", (0, 1),
-                 "weight")
-    assert time.perf_counter() - start < 0.25  # about 10 ms; a matplotlib figure takes 100+
 
 
 def test_a_remembered_text_mask_draws_the_pixels_a_fresh_rendering_does() -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -152,12 +150,3 @@ def test_histogram_draws_the_model_space_density(channels: int, lines: int) -> N
     for _, values in groups:
         density = np.histogram(values, bins=edges, density=True)[0]
         assert plot.row(density[under].max()) > bottom
-
-
-def test_views_are_quick_at_the_app_default_size() -> None:
-    latent = torch.randn(4, 48, 48) * 5  # 384 px through SD v1's VAE
-    latent_channels_view(latent, 8)
-    start = time.perf_counter()
-    latent_channels_view(latent, 8, shared_scale=False)
-    std_view(latent.abs())
-    assert time.perf_counter() - start < 0.3  # about 30 ms

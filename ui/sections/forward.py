@@ -98,7 +98,7 @@ def build(models: Models, exact: gr.Checkbox) -> None:
     def noise_image(image, timestep, seed, ask_unet, exact):
         files = PictureFiles(settings.output_max_age)
         views = forward_noise(models, image, timestep, seed, ask_unet, bool(exact))
-        return {fwd[k]: files(v) for k, v in views.items()}
+        return files.answer({fwd[k]: v for k, v in views.items()})
 
     gr.on([forward_button.click, t_slider.release], noise_image,
           [forward_image, t_slider, forward_seed, ask_unet, exact], list(fwd.values()),

@@ -267,7 +267,8 @@ def build(models: Models, tab: gr.Tab) -> None:
         files = PictureFiles(settings.output_max_age)
         try:
             for views in compare_vaes(models, image, size, vaes, bool(exact), region_side):
-                answer = {out[name]: files(views[name]) for name in OUTPUTS if name in views}
+                answer = files.answer({out[name]: views[name] for name in OUTPUTS
+                                       if name in views})
                 if "record" in views:
                     answer[record] = views["record"]
                 yield answer

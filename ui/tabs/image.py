@@ -194,7 +194,7 @@ def build(models: Models, tab: gr.Tab) -> None:
         try:
             for views in encode_image(models, image, vae, size, fit, latent_kind, seed,
                                       shared_colour_scale, exact):
-                answer = {out[name]: files(views.get(name)) for name in OUTPUTS}
+                answer = files.answer({out[name]: views.get(name) for name in OUTPUTS})
                 if "encoded" in views:
                     answer[lab] = latent_lab.remember(experiments, views["encoded"])
                 yield answer
