@@ -25,7 +25,7 @@ shares the process. The CPU (its bfloat16 flags) and the load average before and
 printed too: a machine whose load was above a tenth of a core before the run was not quiet, and
 its numbers are only comparable side by side.
 
-    python benchmarks/views.py               # ~3 minutes on 2 cores
+    python benchmarks/views.py               # ~3 minutes on 2 cores with bfloat16, ~12 on AVX2 only
     python benchmarks/views.py --rounds 7
 """
 
