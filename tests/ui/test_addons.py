@@ -19,14 +19,14 @@ from safetensors.torch import save_file
 import sd_parts
 from tests.helpers.addons import LAYERS, base_pipeline, kohya_lora
 from tests.helpers.references import save_tiny_pipeline
-from tests.helpers.serve import in_process
+from tests.helpers.serve import in_process, local_client
 from ui.models import Models, Settings
 from ui.tabs import addons as tab
 
 
 @pytest.fixture(scope="module")
 def client(tiny_server):
-    return Client(tiny_server.url, verbose=False, download_files=str(tiny_server.folder / "add"))
+    return local_client(tiny_server.url, download_files=str(tiny_server.folder / "add"))
 
 
 def call(client: Client, api_name: str, names: tuple[str, ...], *args: object) -> dict:
@@ -145,7 +145,7 @@ def test_a_second_checkpoint_is_compared_weight_by_weight(tmp_path, monkeypatch)
     save_tiny_pipeline(tmp_path)
     monkeypatch.setenv(tab.addons.ADDON_DIRS, str(tmp_path))
     with in_process(Settings(weights="tiny")) as url:
-        client = Client(url, verbose=False, download_files=str(tmp_path / "downloads"))
+        client = local_client(url, download_files=str(tmp_path / "downloads"))
         missing = load(client, "second checkpoint", str(tmp_path / "nothing"))
         assert "nothing: no such file or folder." in missing
         status = load(client, "second checkpoint", str(tmp_path), exact=True)

@@ -16,7 +16,7 @@ from safetensors import safe_open
 
 import sd_parts
 from tests.helpers.html_reader import MapReader
-from tests.helpers.serve import in_process
+from tests.helpers.serve import in_process, local_client
 from ui import encoding
 from ui.models import VAES, Models, Settings, menu
 from ui.shared import LABEL_ROOM
@@ -32,7 +32,7 @@ MODELS = Models(Settings(weights="tiny"))
 @pytest.fixture(scope="module")
 def client():
     with in_process(MODELS.settings) as url:
-        yield Client(url, verbose=False)
+        yield local_client(url)
 
 
 def encode(client: Client, path: str | Path, latent_kind: str = encoding.MEAN,

@@ -13,6 +13,7 @@ import pytest
 from gradio_client import Client, handle_file
 from PIL import Image
 
+from tests.helpers.serve import local_client
 from ui.models import Models, Settings
 from ui.shared import LABEL_ROOM
 from ui.tabs import compare as tab
@@ -26,7 +27,7 @@ SIZE = (96, 64)  # width, height: small, so every tiny VAE runs in a fraction of
 
 @pytest.fixture(scope="module")
 def client(tiny_server) -> Client:
-    return Client(tiny_server.url, verbose=False)
+    return local_client(tiny_server.url)
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +139,7 @@ def test_bad_inputs_get_a_message(client, tiny_server, picture, tmp_path) -> Non
     fake = tmp_path / "notes.png"
     fake.write_text("not a picture")
     assert "notes.png" in run(client, fake, CHOICES[:1])["status"]
-    fresh = Client(tiny_server.url, verbose=False)  # a new visitor has nothing to crop
+    fresh = local_client(tiny_server.url)  # a new visitor has nothing to crop
     status, crop = fresh.predict(5, 5, 32, api_name="/compare_crop")
     assert "Run a comparison first" in status and crop is None
     status, crop = client.predict(None, 5, 32, api_name="/compare_crop")

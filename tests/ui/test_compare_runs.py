@@ -13,7 +13,7 @@ import torch
 from gradio_client import Client
 from safetensors import safe_open
 
-from tests.helpers.serve import fetch, in_process, picture
+from tests.helpers.serve import fetch, in_process, local_client, picture
 from ui.models import Models, Settings
 from ui.sections import compare_runs
 from ui.shared import literal
@@ -27,7 +27,7 @@ GUIDANCE = (1.0, 3.0, 7.5, 12.0)
 @pytest.fixture(scope="module")
 def client():
     with in_process(MODELS.settings) as address:
-        yield Client(address, verbose=False, download_files=False)
+        yield local_client(address, download_files=False)
 
 
 def submit(client: Client, vary: str, values: str, steps: int = 3, scheduler: str = "DDIM",

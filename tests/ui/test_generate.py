@@ -23,7 +23,7 @@ from safetensors.torch import load
 
 import app
 from tests.helpers.references import reference_text_encoder, tiny_reference_vae
-from tests.helpers.serve import fetch, in_process, picture
+from tests.helpers.serve import fetch, in_process, local_client, picture
 from ui.models import Models, Settings
 from ui.sections import steps as steps_section
 from ui.tabs import generate
@@ -45,7 +45,7 @@ def url():
 def client(url) -> Client:
     """A visitor of their own (a session of their own). Files are fetched only when looked at:
     downloading every streamed picture would take most of the test's time."""
-    return Client(url, verbose=False, download_files=False)
+    return local_client(url, download_files=False)
 
 
 def step_latents(value: dict) -> dict[str, torch.Tensor]:
@@ -92,7 +92,7 @@ def marker_x(chart: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def first_run(url) -> tuple[list[dict], dict[str, torch.Tensor]]:
-    updates = run(Client(url, verbose=False, download_files=False), seed=0)
+    updates = run(local_client(url, download_files=False), seed=0)
     return updates, step_latents(updates[-1]["downloads"][1])
 
 
@@ -320,7 +320,7 @@ def test_a_missing_unet_gets_its_message(tmp_path, monkeypatch):
                            ).save_pretrained(tmp_path / "text_encoder")
     settings = Settings(vae=str(tmp_path / "vae"), text_encoder=str(tmp_path / "text_encoder"))
     with in_process(settings) as address:
-        (update,) = run(Client(address, verbose=False, download_files=False))
+        (update,) = run(local_client(address, download_files=False))
     assert update["status"].startswith("Could not load the UNet")
     assert "not in the local cache" in update["status"]
     assert all(update[name] is None for name in generate.OUTPUTS if name != "status")

@@ -23,7 +23,7 @@ from gradio_client import Client
 from PIL import Image
 from safetensors.torch import load
 
-from tests.helpers.serve import serve
+from tests.helpers.serve import local_client, serve
 from ui.models import Models, Settings
 from ui.tabs import generate
 
@@ -54,7 +54,7 @@ def fetch(http: httpx.Client, value: dict) -> bytes:
 
 def test_visitors_at_once_each_get_their_own_run(server):
     seeds = [11, 12, 13, 14]
-    clients = [Client(server.url, verbose=False, download_files=False) for _ in seeds]
+    clients = [local_client(server.url, download_files=False) for _ in seeds]
     with ThreadPoolExecutor(VISITORS) as pool:
         answers = list(pool.map(generate_image, clients, seeds))
     pipe = Models(Settings(weights="tiny")).pipeline(True)  # the server's weights
@@ -80,7 +80,7 @@ def test_visitors_at_once_each_get_their_own_run(server):
 
 
 def test_memory_stays_flat_over_many_runs(server):
-    clients = [Client(server.url, verbose=False, download_files=False) for _ in range(VISITORS)]
+    clients = [local_client(server.url, download_files=False) for _ in range(VISITORS)]
     resident = {}
     for run in range(1, RUNS + 1):
         answer = generate_image(clients[run % VISITORS], seed=100 + run)

@@ -17,7 +17,7 @@ from gradio_client import Client
 
 import sd_parts
 from sd_parts.schedulers import SAMPLERS, unet_evaluations
-from tests.helpers.serve import in_process, picture
+from tests.helpers.serve import in_process, local_client, picture
 from ui.models import Models, Settings
 from ui.sections import samplers
 from ui.shared import literal
@@ -32,7 +32,7 @@ NEW_KINDS = ["euler_a", "lms", "heun", "dpm2", "dpm2_a", "dpm++2m_sde", "dpm++3m
 @pytest.fixture(scope="module")
 def client():
     with in_process(MODELS.settings) as address:
-        yield Client(address, verbose=False, download_files=False)
+        yield local_client(address, download_files=False)
 
 
 def generate_image(client: Client, kind: str, **options: object) -> tuple[str, np.ndarray | None]:

@@ -8,10 +8,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from gradio_client import Client
 from safetensors.torch import load
 
-from tests.helpers.serve import fetch, in_process, picture
+from tests.helpers.serve import fetch, in_process, local_client, picture
 from ui.models import TINY_VAES, Models, Settings, menu
 from ui.shared import LABEL_ROOM
 from ui.tabs import generate
@@ -60,7 +59,7 @@ def test_taesd_preview_draws_the_decoded_latent():
 
 
 def test_streamed_previews_are_taesd_decodes_of_the_step_latents(url):
-    client = Client(url, verbose=False, download_files=False)
+    client = local_client(url, download_files=False)
     job = client.submit("a cat on a mat", "", STEPS, 7.5, "DDIM", False, 0, SIZE, SIZE, None, 0.8,
                         True, generate.TAESD_PREVIEW, api_name="/generate")
     job.result(timeout=120)
@@ -102,7 +101,7 @@ def test_streamed_previews_are_taesd_decodes_of_the_step_latents(url):
 
 def test_the_linear_map_stays_the_default(url):
     """A client that sends the twelve values of before gets the linear preview."""
-    client = Client(url, verbose=False, download_files=False)
+    client = local_client(url, download_files=False)
     parameters = client.view_api(print_info=False, return_format="dict")[
         "named_endpoints"]["/generate"]["parameters"]
     preview = next(p for p in parameters if p["parameter_name"] == "preview")

@@ -19,7 +19,7 @@ from PIL import Image
 from safetensors import safe_open
 
 import sd_parts
-from tests.helpers.serve import free_port
+from tests.helpers.serve import free_port, local_client
 from ui import encoding, server
 from ui.models import VAES, Models, Settings, menu
 from ui.sections import latent_lab
@@ -35,7 +35,7 @@ WIDTH, HEIGHT = 48, 40  # multiples of the tiny VAE's downscale (2): encoded as 
 
 @pytest.fixture(scope="module")
 def client(tiny_server) -> Client:
-    return Client(tiny_server.url, verbose=False,
+    return local_client(tiny_server.url,
                   download_files=str(tiny_server.folder / "lab-downloads"))
 
 
@@ -226,7 +226,7 @@ def test_the_experiments_start_from_the_tabs_latent(pictures, monkeypatch, tmp_p
     port = free_port()
     server.launch(demo, server_port=port, prevent_thread_lock=True, quiet=True)
     try:
-        client = Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=str(tmp_path))
+        client = local_client(f"http://127.0.0.1:{port}/", download_files=str(tmp_path))
         vae = VAES[0]
         source = settings(pictures[0], vae)
         tab = dict(zip(image.OUTPUTS, client.predict(*source[:-1], True, True,

@@ -16,21 +16,24 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from unittest.mock import patch
 
 import httpx
 import pytest
-from gradio_client import Client, handle_file
+from gradio_client import handle_file
 from gradio_client.utils import QueueError
 from PIL import Image
 
-from tests.helpers.serve import ROOT, folder_bytes, in_process, serve
+from tests.helpers.serve import ROOT, folder_bytes, in_process, local_client, serve
 from ui import encoding
 from ui.models import VAES, Settings, menu
 from ui.tabs import image, prompt
+from viz import text_encoder
 
 CLIENTS = 16
 WARM_UP, TOTAL = 32, 192
@@ -54,7 +57,7 @@ class Visitor:
 
     def __init__(self, index: int, url: str, folder: Path) -> None:
         self.index = index
-        self.client = Client(url, verbose=False, download_files=False)
+        self.client = local_client(url, download_files=False)
         self.http = httpx.Client(base_url=url, timeout=30, trust_env=False)
         self.size, self.colour = client_image(index)
         self.image = folder / f"client-{index}.png"
@@ -202,31 +205,45 @@ def test_many_clients_memory_and_disk(server, tmp_path):
 def test_full_queue_says_busy():
     """With room for 2 waiting requests, a burst of 12 gets 'busy' answers, and the rest finish.
 
-    The queue is Gradio's own, the same in-process as in a server process of its own."""
-    with in_process(Settings(weights="tiny", queue_size=2)) as url:
-        with httpx.Client(base_url=url, timeout=30, trust_env=False) as http:
-            client = Client(url, verbose=False, download_files=False)
-            data = ["a photo of a cat", 1, prompt.MEAN_OVER_HEADS, False]
-            answers = [http.post("gradio_api/call/inspect_prompt", json={"data": data})
-                       for _ in range(12)]
-            # gradio_client turns the same refusal into an exception with a plain message
-            with pytest.raises(QueueError, match="^Queue is full! Please try again.$"):
-                client.submit(*data, api_name="/inspect_prompt").result(REQUEST_TIMEOUT_S)
+    The queue is Gradio's own, the same in-process as in a server process of its own. The
+    running answers wait until every request has been sent, so the queue is still full when the
+    last one arrives however fast a tiny model answers."""
+    sent = threading.Event()
+    drawn = text_encoder.norms_view
 
-            codes = Counter(a.status_code for a in answers)
-            assert set(codes) <= {200, 503}
-            assert codes[503] >= 6 and codes[200] >= 3, codes  # 1 running + 2 waiting, at least
-            assert all(a.json()["detail"] == "Queue is full. Max size is 2 and size is 2."
-                       for a in answers if a.status_code == 503)
-            for answer in answers:  # every accepted request is answered in full
-                if answer.status_code == 200:
-                    event = answer.json()["event_id"]
-                    with http.stream("GET", f"gradio_api/call/inspect_prompt/{event}",
-                                     timeout=REQUEST_TIMEOUT_S) as stream:
-                        text = "".join(stream.iter_text())
-                    assert "event: complete" in text and "startoftext" in text
-            # the queue drained: the refused client is served now
-            values = client.predict(*data, api_name="/inspect_prompt")
-            assert len(values[0]) == 77
-            client.close()
+    def norms_view_after_the_burst(*args: object) -> object:
+        sent.wait(REQUEST_TIMEOUT_S)
+        return drawn(*args)
+
+    with in_process(Settings(weights="tiny", queue_size=2)) as url, \
+            patch.object(text_encoder, "norms_view", norms_view_after_the_burst):
+        try:
+            with httpx.Client(base_url=url, timeout=30, trust_env=False) as http:
+                client = local_client(url, download_files=False)
+                data = ["a photo of a cat", 1, prompt.MEAN_OVER_HEADS, False]
+                answers = [http.post("gradio_api/call/inspect_prompt", json={"data": data})
+                           for _ in range(12)]
+                # gradio_client turns the same refusal into an exception with a plain message
+                with pytest.raises(QueueError, match="^Queue is full! Please try again.$"):
+                    client.submit(*data, api_name="/inspect_prompt").result(REQUEST_TIMEOUT_S)
+                sent.set()
+
+                codes = Counter(a.status_code for a in answers)
+                assert set(codes) <= {200, 503}
+                assert codes[503] >= 6 and codes[200] >= 3, codes  # 1 running + 2 waiting, at least
+                assert all(a.json()["detail"] == "Queue is full. Max size is 2 and size is 2."
+                           for a in answers if a.status_code == 503)
+                for answer in answers:  # every accepted request is answered in full
+                    if answer.status_code == 200:
+                        event = answer.json()["event_id"]
+                        with http.stream("GET", f"gradio_api/call/inspect_prompt/{event}",
+                                         timeout=REQUEST_TIMEOUT_S) as stream:
+                            text = "".join(stream.iter_text())
+                        assert "event: complete" in text and "startoftext" in text
+                # the queue drained: the refused client is served now
+                values = client.predict(*data, api_name="/inspect_prompt")
+                assert len(values[0]) == 77
+                client.close()
+        finally:  # a failed check must not leave the answers waiting
+            sent.set()
 

@@ -12,6 +12,7 @@ from gradio_client import Client
 from PIL import Image
 
 import sd_parts
+from tests.helpers.serve import local_client
 from ui.models import Models, Settings
 from ui.shared import LABEL_ROOM
 from ui.tabs import prompt_lab
@@ -23,7 +24,7 @@ MODELS = Models(Settings(weights="tiny"))
 
 @pytest.fixture(scope="module")
 def client(tiny_server):
-    return Client(tiny_server.url, verbose=False,
+    return local_client(tiny_server.url,
                   download_files=str(tiny_server.folder / "prompt-lab"))
 
 

@@ -23,7 +23,7 @@ from PIL import Image
 
 import app
 from tests.helpers.corpus import IMG_ONERROR, PROMPTS, SCRIPT, image_cases, write_image_cases
-from tests.helpers.serve import ROOT, call_raw
+from tests.helpers.serve import ROOT, call_raw, local_client
 from ui import encoding
 from ui import server as app_server
 from ui.models import VAES, Settings, menu
@@ -44,7 +44,7 @@ def server(tiny_server):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return Client(server.url, verbose=False, download_files=str(server.folder / "downloads"))
+    return local_client(server.url, download_files=str(server.folder / "downloads"))
 
 
 @pytest.fixture(scope="module")

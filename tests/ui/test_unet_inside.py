@@ -14,7 +14,7 @@ from gradio_client import Client
 
 import sd_parts
 from sd_parts import UNetProbe, unet_blocks
-from tests.helpers.serve import picture, serving
+from tests.helpers.serve import local_client, picture, serving
 from tests.helpers.unet_section import MODELS, PROMPT, SIZE, STEPS, made, section_page
 from ui.models import Models, Settings
 from ui.sections import unet_inside
@@ -32,7 +32,7 @@ def url():
 
 @pytest.fixture(scope="module")
 def after_run(url) -> tuple[Client, object]:
-    client = Client(url, verbose=False, download_files=False)
+    client = local_client(url, download_files=False)
     client.predict(STEPS, SIZE, api_name="/make_run")
     return client, made[-1]
 
@@ -50,7 +50,7 @@ def probed(record, step: int, queries=()) -> UNetProbe:
 
 
 def test_every_endpoint_refuses_cleanly_before_a_run(url, capfd):
-    client = Client(url, verbose=False, download_files=False)  # a session without a run
+    client = local_client(url, download_files=False)  # a session without a run
     status, diagram, table, *_ = client.predict(2, True, api_name="/unet_inside")
     assert status == unet_inside.NO_RUN and diagram is None
     assert table["data"] in ([], [[]]) or table is None
