@@ -1,28 +1,24 @@
-"""The noise predictor (UNet): parity with diffusers on full-size random weights, cross-attention
-probabilities, SD 2.x layouts, loading, and behaviour on a tiny config."""
+"""The noise predictor (UNet): parity with diffusers on full-size random weights (its output and
+what the probe records), cross-attention probabilities, SD 2.x layouts, loading, and behaviour
+on a tiny config."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from sd_parts import UNetProbe
 from sd_parts.runtime import IM2COL_MAX_POSITIONS, ONEDNN_MIN_ROWS, conv3x3, linear
 from sd_parts.unet import TINY_UNET, UNet2DConditionModel, UNetConfig, guidance_embedding
 from sd_parts.weights import load_unet
 from tests.helpers.references import TINY_UNET_OVERRIDES, reference_unet
-
-TOL = 1e-4
-
-
-def assert_close_to(actual: torch.Tensor, expected: torch.Tensor, tol: float = TOL) -> None:
-    """Equal within ``tol`` of the reference's largest value (an absolute scale, rtol alike)."""
-    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol * expected.abs().max().item())
-
-
-def inputs(batch: int, h: int, w: int, context_dim: int, seed: int = 1):
-    generator = torch.Generator().manual_seed(seed)
-    latents = torch.randn(batch, 4, h, w, generator=generator)
-    return latents, torch.randn(batch, 77, context_dim, generator=generator)
+from tests.helpers.unet_reference import (
+    TOL,
+    assert_close_to,
+    assert_probe_matches,
+    diffusers_run,
+    inputs,
+)
 
 
 @pytest.fixture(scope="module")
@@ -37,14 +33,25 @@ def tiny_unet(tiny_reference) -> UNet2DConditionModel:
     return unet
 
 
-def test_matches_diffusers(sd_unet_folder):
+@pytest.fixture(scope="module")
+def full_size(sd_unet_folder) -> tuple[object, UNet2DConditionModel]:
+    """diffusers' SD v1.5 UNet with random weights and ours loaded from its folder: built once
+    here for both full-size parity tests (whichever test worker runs this module)."""
     reference, folder = sd_unet_folder
-    unet = load_unet(str(folder))
+    return reference, load_unet(str(folder))
+
+
+def test_matches_diffusers(full_size):
+    reference, unet = full_size
     assert unet.config == UNetConfig()
     assert sum(p.numel() for p in unet.parameters()) == 859_520_964
     assert len(unet.state_dict()) == 686
     # a square latent with one int timestep; a non-square one with a float timestep per sample,
-    # through the explicit cross-attention path, whose probabilities are collected
+    # through the explicit cross-attention path, whose probabilities are collected. Between them
+    # they take both paths of sd_parts.runtime at batch 2: Linears over at least 256 rows as 1x1
+    # convolutions (12x12 and up) and not (6x6, 3x3, the text's 77 tokens), 3x3 convolutions
+    # over at most 128 outputs as one matrix product (6x6, 3x3, 4x6 and below) and through
+    # oneDNN (12x12, 8x12 and up)
     sizes: list[tuple[int, int]] = []
 
     def collect(probs: torch.Tensor, size: tuple[int, int]) -> None:
@@ -52,7 +59,7 @@ def test_matches_diffusers(sd_unet_folder):
         torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:-1]))
         sizes.append(size)
 
-    cases = [((32, 32), 981, None), ((16, 24), torch.tensor([0.5, 640.25]), collect)]
+    cases = [((24, 24), 981, None), ((16, 24), torch.tensor([0.5, 640.25]), collect)]
     for (h, w), timestep, hook in cases:
         latents, context = inputs(2, h, w, 768)
         with torch.no_grad():
@@ -63,6 +70,29 @@ def test_matches_diffusers(sd_unet_folder):
     # 16 cross-attention layers in forward order: 6 down, 1 in the middle, 9 up
     assert sizes == [(16, 24)] * 2 + [(8, 12)] * 2 + [(4, 6)] * 2 + [(2, 3)] \
         + [(4, 6)] * 3 + [(8, 12)] * 3 + [(16, 24)] * 3
+
+
+def test_full_size_probe_matches_diffusers(full_size):
+    """SD v1.5's UNet at a 16 x 16 latent, its coarsest level 2 x 2: the probe records what
+    hooks on diffusers' same-named modules see (tiny configurations: test_unet_probe.py)."""
+    reference, unet = full_size
+    paths = ["conv_in", "time_proj", "time_embedding", "down_blocks.0", "down_blocks.1",
+             "down_blocks.2", "down_blocks.3", "down_blocks.1.resnets.0",
+             "down_blocks.1.attentions.0", "down_blocks.1.attentions.0.transformer_blocks.0.attn1",
+             "mid_block", "up_blocks.0", "up_blocks.1", "up_blocks.2", "up_blocks.3",
+             "up_blocks.2.attentions.1.proj_in", "conv_out"]
+    queries = [(0, 0), (13, 6)]
+    latents, context = inputs(1, 16, 16, 768)
+    expected = diffusers_run(reference, paths, latents, 700, context, queries)
+    probe = UNetProbe(keep=paths, queries=queries, cross_attention=True)
+    eps = unet(latents, 700, context, probe=probe)
+    assert_close_to(eps, expected["eps"])
+    assert_probe_matches(probe, expected, paths)
+    assert len(probe.skips) == 12 and len(probe.cross_attention) == 16
+    assert probe.self_attention["mid_block.attentions.0.transformer_blocks.0.attn1"].shape \
+        == (1, 8, 2, 2 * 2)
+    assert probe.cross_attention["up_blocks.3.attentions.2.transformer_blocks.0.attn2"].shape \
+        == (1, 8, 16 * 16, 77)
 
 
 class ProbsRecorder:

@@ -7,143 +7,18 @@ import threading
 
 import pytest
 import torch
-from torch import nn
 
 from sd_parts import UNetProbe, unet_blocks
 from sd_parts.unet import TINY_UNET, UNet2DConditionModel, UNetConfig
 from sd_parts.unet_probe import module_paths
 from sd_parts.unet_transformer import Attention, attention_probabilities
-from sd_parts.weights import load_unet
 from tests.helpers.references import TINY_UNET_OVERRIDES, reference_unet
-
-TOL = 1e-4
-
-
-def assert_close_to(actual: torch.Tensor, expected: torch.Tensor, tol: float = TOL) -> None:
-    """Equal within ``tol`` of the reference's largest value (an absolute scale, rtol alike)."""
-    assert actual.shape == expected.shape
-    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol * expected.abs().max().item())
-
-
-def inputs(batch: int, h: int, w: int, context_dim: int, seed: int = 1):
-    generator = torch.Generator().manual_seed(seed)
-    latents = torch.randn(batch, 4, h, w, generator=generator)
-    return latents, torch.randn(batch, 77, context_dim, generator=generator)
-
-
-def level_of(path: str, levels: int) -> int:
-    """The resolution level an attention layer runs at, read from its top-level block."""
-    block, index = path.split(".")[:2]
-    if block == "mid_block":
-        return levels - 1
-    return int(index) if block == "down_blocks" else levels - 1 - int(index)
-
-
-def first(output: object) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output
-
-
-def diffusers_run(reference: nn.Module, paths: list[str], latents: torch.Tensor, timestep: int,
-                  context: torch.Tensor, queries: list[tuple[int, int]]) -> dict:
-    """diffusers' UNet with forward hooks on ``paths``, the skip connections, and every
-    attention layer's inputs (through an attention processor that records them), from which
-    the probabilities are computed here with diffusers' own to_q and to_k."""
-    from diffusers.models.attention_processor import AttnProcessor2_0
-
-    modules = dict(reference.named_modules())
-    outputs: dict[str, torch.Tensor] = {}
-    skips: list[torch.Tensor] = []
-    attention_inputs: dict[str, tuple] = {}
-    grids: dict[str, tuple[int, int]] = {}
-
-    class Recording(AttnProcessor2_0):
-        def __init__(self, name: str):
-            super().__init__()
-            self.name = name
-
-        def __call__(self, attn, hidden_states, encoder_hidden_states=None, **kwargs):
-            attention_inputs[self.name] = (hidden_states.clone(), encoder_hidden_states)
-            return super().__call__(attn, hidden_states, encoder_hidden_states, **kwargs)
-
-    handles, processors = [], reference.attn_processors
-    for path in paths:
-        handles.append(modules[path].register_forward_hook(
-            lambda m, a, out, path=path: outputs.__setitem__(path, first(out).clone())))
-    handles.append(modules["conv_in"].register_forward_hook(
-        lambda m, a, out: skips.append(out.clone())))
-    for block in reference.down_blocks:
-        handles.append(block.register_forward_hook(
-            lambda m, a, out: skips.extend(s.clone() for s in out[1])))
-    for name, module in modules.items():
-        if name.endswith(("attn1", "attn2")):
-            module.set_processor(Recording(name))
-            transformer = name.rsplit(".", 3)[0]
-            handles.append(modules[transformer].register_forward_pre_hook(
-                lambda m, a, t=transformer: grids.__setitem__(t, tuple(a[0].shape[-2:]))))
-    try:
-        with torch.no_grad():
-            eps = reference(latents, timestep, context).sample
-    finally:
-        for handle in handles:
-            handle.remove()
-        reference.set_attn_processor(processors)
-
-    levels = len(reference.config.block_out_channels)
-    self_attention, cross_attention = {}, {}
-    with torch.no_grad():
-        for name, (x, text) in attention_inputs.items():
-            attn = modules[name]
-            B, N, C = x.shape
-            q = attn.to_q(x).view(B, N, attn.heads, -1).transpose(1, 2)  # (B, nh, N, hs)
-            keys = attn.to_k(x if text is None else text)
-            k = keys.view(B, keys.shape[1], attn.heads, -1).transpose(1, 2)
-            if name.endswith("attn1"):
-                h, w = grids[name.rsplit(".", 3)[0]]
-                s = 2 ** level_of(name, levels)
-                q = q[:, :, [(r // s) * w + c // s for r, c in queries]]
-                self_attention[name] = (q @ k.transpose(-1, -2) * attn.scale).softmax(-1)
-            else:
-                cross_attention[name] = (q @ k.transpose(-1, -2) * attn.scale).softmax(-1)
-    return dict(eps=eps, outputs=outputs, skips=skips, self_attention=self_attention,
-                cross_attention=cross_attention)
-
-
-def assert_probe_matches(probe: UNetProbe, expected: dict, paths: list[str]) -> None:
-    assert sorted(probe.outputs) == sorted(paths)
-    for path in paths:
-        assert_close_to(probe.outputs[path], expected["outputs"][path])
-    assert len(probe.skips) == len(expected["skips"])
-    for ours, theirs in zip(probe.skips, expected["skips"], strict=True):
-        assert_close_to(ours, theirs)
-    for kind in ("self_attention", "cross_attention"):
-        got = getattr(probe, kind)
-        assert sorted(got) == sorted(expected[kind]) and got
-        for path, probs in expected[kind].items():
-            assert got[path].dtype == torch.float32
-            torch.testing.assert_close(got[path], probs, rtol=0, atol=1e-5)
-
-
-def test_full_size_probe_matches_diffusers(sd_unet_folder):
-    """SD v1.5's UNet at a 16 x 16 latent: its coarsest level is 2 x 2."""
-    reference, folder = sd_unet_folder
-    unet = load_unet(str(folder))
-    paths = ["conv_in", "time_proj", "time_embedding", "down_blocks.0", "down_blocks.1",
-             "down_blocks.2", "down_blocks.3", "down_blocks.1.resnets.0",
-             "down_blocks.1.attentions.0", "down_blocks.1.attentions.0.transformer_blocks.0.attn1",
-             "mid_block", "up_blocks.0", "up_blocks.1", "up_blocks.2", "up_blocks.3",
-             "up_blocks.2.attentions.1.proj_in", "conv_out"]
-    queries = [(0, 0), (13, 6)]
-    latents, context = inputs(1, 16, 16, 768)
-    expected = diffusers_run(reference, paths, latents, 700, context, queries)
-    probe = UNetProbe(keep=paths, queries=queries, cross_attention=True)
-    eps = unet(latents, 700, context, probe=probe)
-    assert_close_to(eps, expected["eps"])
-    assert_probe_matches(probe, expected, paths)
-    assert len(probe.skips) == 12 and len(probe.cross_attention) == 16
-    assert probe.self_attention["mid_block.attentions.0.transformer_blocks.0.attn1"].shape \
-        == (1, 8, 2, 2 * 2)
-    assert probe.cross_attention["up_blocks.3.attentions.2.transformer_blocks.0.attn2"].shape \
-        == (1, 8, 16 * 16, 77)
+from tests.helpers.unet_reference import (
+    assert_close_to,
+    assert_probe_matches,
+    diffusers_run,
+    inputs,
+)
 
 
 @pytest.mark.parametrize("overrides, size", [({}, (7, 9)), ({"use_linear_projection": True},

@@ -1,12 +1,12 @@
 """Many visitors at once, on loopback: every answer arrives and belongs to its own request, the
 queue bound gives a clear "busy" answer, and memory and disk use stay bounded.
 
-One server with tiny random weights takes 192 requests from 16 concurrent clients, every one
-checked: 32 to warm up (two per client, so every worker thread has allocated), then 160 more.
+One server with tiny random weights takes 128 requests from 16 concurrent clients, every one
+checked: 32 to warm up (two per client, so every worker thread has allocated), then 96 more.
 Memory: the resident size may grow by at most 0.45 MB a request after the warm-up, a leak of a
 picture or a model output per request would be several times that. Measured: 0.19-0.33 MB a
 request while Gradio's caches fill (it levels off after about 270 requests); 0.37-0.50 without
-the app's cap on glibc's malloc arenas. Disk: with the cache age set to 12 s, no file the server
+the app's cap on glibc's malloc arenas. Disk: with the cache age set to 6 s, no file the server
 keeps may be older than the cache age plus one clean-up interval, and the warm-up's files must
 be gone by the end. The figures are written to
 ``test-output/load.json`` (the README's Reliability section quotes them).
@@ -36,9 +36,9 @@ from ui.tabs import image, prompt
 from viz import text_encoder
 
 CLIENTS = 16
-WARM_UP, TOTAL = 32, 192
+WARM_UP, TOTAL = 32, 128
 GROWTH_PER_REQUEST_MB = 0.45
-CACHE_MAX_AGE_S = 12  # SD_PARTS_CACHE_MAX_AGE for this server: Gradio cleans every 2 s
+CACHE_MAX_AGE_S = 6  # SD_PARTS_CACHE_MAX_AGE for this server: Gradio cleans every second
 REQUEST_TIMEOUT_S = 120  # one request, queued behind 15 others on 2 cores
 WORDS = ["cat", "dog", "horse", "boat", "tree", "house", "bird", "fish", "apple", "chair",
          "clock", "train", "bread", "moon", "lamp", "shoe"]  # one BPE token each
@@ -161,7 +161,8 @@ def server(tmp_path_factory):
 
 
 def test_many_clients_memory_and_disk(server, tmp_path):
-    visitors = [Visitor(i, server.url, tmp_path) for i in range(CLIENTS)]
+    with ThreadPoolExecutor(CLIENTS) as pool:  # each client reads the page's API first
+        visitors = list(pool.map(lambda i: Visitor(i, server.url, tmp_path), range(CLIENTS)))
     figures = {"clients": CLIENTS, "requests": TOTAL}
     try:
         figures["warm_up_s"] = run_requests(visitors, WARM_UP, 0)
@@ -170,9 +171,9 @@ def test_many_clients_memory_and_disk(server, tmp_path):
         figures["more_s"] = run_requests(visitors, TOTAL - WARM_UP, WARM_UP)
         figures["rss_after_all_mb"] = server.rss() / 2**20
         figures["files_after_all"] = kept_files(server)
-    finally:
-        for visitor in visitors:
-            visitor.close()
+    finally:  # each client waits up to a second for its heartbeat thread: close them at once
+        with ThreadPoolExecutor(CLIENTS) as pool:
+            list(pool.map(Visitor.close, visitors))
     done = sum((v.done for v in visitors), Counter())
     figures["answered"] = dict(done)
     figures["seconds_per_request"] = (figures["warm_up_s"] + figures["more_s"]) / TOTAL
