@@ -49,9 +49,9 @@ def test_matches_diffusers(full_size):
     # a square latent with one int timestep; a non-square one with a float timestep per sample,
     # through the explicit cross-attention path, whose probabilities are collected. Between them
     # they take both paths of sd_parts.runtime at batch 2: Linears over at least 256 rows as 1x1
-    # convolutions (12x12 and up) and not (6x6, 3x3, the text's 77 tokens), 3x3 convolutions
-    # over at most 128 outputs as one matrix product (6x6, 3x3, 4x6 and below) and through
-    # oneDNN (12x12, 8x12 and up)
+    # convolutions (12x12 and up) and not (8x12, 6x6 and below, the text's 77 tokens), 3x3
+    # convolutions over at most 128 outputs as one matrix product (6x6, 4x6 and below) and
+    # through oneDNN (12x12, 8x12 and up)
     sizes: list[tuple[int, int]] = []
 
     def collect(probs: torch.Tensor, size: tuple[int, int]) -> None:
