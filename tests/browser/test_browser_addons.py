@@ -48,14 +48,21 @@ def page(tiny_server) -> Iterator:
     assert page.errors == []
 
 
+def upload(page, path: Path) -> None:
+    """Upload ``path`` and wait for the finished upload's file row. (Its text is "style
+    .safetensors": the name and the extension are separate spans. The name as written is only
+    in the progress line shown while the upload runs, gone at once when it is quick.)"""
+    page.locator("#addon-upload input[type=file]").set_input_files(str(path))
+    page.locator("#addon-upload").get_by_label(path.name, exact=True).wait_for()
+
+
 def served(page, selector: str) -> np.ndarray:
     data = page.request.get(loaded_image(page, selector)["src"]).body()
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))[LABEL_ROOM:]
 
 
 def test_a_lora_is_loaded_measured_and_run(page, lora_file):
-    page.locator("#addon-upload input[type=file]").set_input_files(str(lora_file))
-    page.locator("#addon-upload").filter(has_text="style.safetensors").wait_for()
+    upload(page, lora_file)
     page.locator("#addon-load").click()
     page.locator("#addon-status").filter(has_text="Loaded LoRA").wait_for()
     page.locator("#addon-reading").filter(has_text="5 of").wait_for()
@@ -96,7 +103,7 @@ def test_a_learned_token_shows_its_neighbours_instead_of_weight_changes(page, tm
                           .manual_seed(5))
     save_file({"<my-style>": vectors}, path)
     page.locator("#addon-upload button[aria-label=Clear]").click()
-    page.locator("#addon-upload input[type=file]").set_input_files(str(path))
+    upload(page, path)
     page.get_by_role("radio", name="textual inversion").check()
     page.locator("#addon-load").click()
     page.locator("#addon-status").filter(has_text="Loaded textual inversion").wait_for()
