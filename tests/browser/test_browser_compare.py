@@ -131,10 +131,16 @@ def test_click_enlarges_the_region_in_every_reconstruction(page):
     # on a phone the strips keep their own size and scroll sideways, so their drawn titles stay
     # readable, and no label floats over a title
     page.set_viewport_size({"width": 400, "height": 900})
-    for picture_id in ("#compare-crop", "#compare-reconstructions"):
+    for picture_id in ("#compare-crop", "#compare-reconstructions", "#compare-errors"):
         shown, natural = page.locator(f"{picture_id} img").evaluate(
             "i => [i.getBoundingClientRect().width, i.naturalWidth]")
         assert abs(shown - natural) <= 1, (picture_id, shown, natural)
+        # wider than the page: its frame scrolls sideways to the rest of it
+        frame = page.locator(f"{picture_id} .image-container")
+        assert frame.evaluate("f => f.scrollWidth > f.clientWidth"), picture_id
+        frame.evaluate("f => { f.scrollLeft = f.scrollWidth; }")
+        assert frame.evaluate("f => f.scrollLeft > 0"), picture_id
+        frame.evaluate("f => { f.scrollLeft = 0; }")
     assert page.locator("#compare-original label[data-testid=block-label]").evaluate(
         "l => getComputedStyle(l).position") == "static"
     shot(page, "compare-tab-400")
