@@ -3,11 +3,21 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.helpers.references import reference_text_encoder, reference_unet, reference_vae, saved
+
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # the workers share the cores: each gets its share of threads (the servers they start and
+    # in-process launches too, through OMP_NUM_THREADS), not a team of threads per core that
+    # spin waiting for cores the other workers hold
+    THREADS = max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(THREADS)
+    torch.set_num_threads(THREADS)
 
 
 @pytest.fixture(scope="session")
