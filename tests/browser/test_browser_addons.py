@@ -18,11 +18,9 @@ from safetensors.torch import save_file
 import sd_parts
 from tests.helpers.addons import base_pipeline, kohya_lora
 from tests.helpers.browser import (
+    app_page,
     changed_image,
-    chromium_page,
     loaded_image,
-    open_tab,
-    require_chromium,
     shot,
 )
 from ui.addons import AddOn
@@ -37,15 +35,9 @@ def lora_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def page(tiny_server) -> Iterator:
-    require_chromium()
-    with chromium_page() as page:
-        page.errors = []
-        page.on("pageerror", lambda error: page.errors.append(str(error)))
-        page.goto(tiny_server.url)
-        open_tab(page, tab.TITLE)
+    with app_page(tiny_server.url, tab.TITLE) as page:
         page.locator("#addon-load").wait_for()
         yield page
-    assert page.errors == []
 
 
 def upload(page, path: Path) -> None:

@@ -16,11 +16,10 @@ import pytest
 from tests.helpers.browser import (
     PROMPT_TAB,
     SHOTS,
+    app_page,
     attention_map,
     changed_map,
-    chromium_page,
     inspect,
-    require_chromium,
     shot,
 )
 from viz.attention_html import HINT
@@ -32,16 +31,10 @@ COUNT = 7
 
 @pytest.fixture(scope="module")
 def page(tiny_server) -> Iterator:
-    require_chromium()
-    with chromium_page(has_touch=True) as page:
-        page.errors = []
-        page.on("pageerror", lambda error: page.errors.append(str(error)))
-        page.goto(tiny_server.url)
-        page.get_by_role("tab", name=PROMPT_TAB).click()
+    with app_page(tiny_server.url, PROMPT_TAB, has_touch=True) as page:
         inspect(page, PROMPT)
         attention_map(page)
         yield page
-    assert page.errors == []
 
 
 def readout(page) -> str:

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers.browser import chromium_page, loaded_image, require_chromium, shot
+from tests.helpers.browser import app_page, loaded_image, shot
 from ui.models import Settings
 from ui.shared import LABEL_ROOM
 from ui.tabs.compare import TITLE
@@ -31,15 +31,9 @@ SIZE = (160, 120)  # width, height of the upload: encoded as it is, every side a
 
 @pytest.fixture(scope="module")
 def page(tiny_server) -> Iterator:
-    require_chromium()
-    with chromium_page() as page:
-        page.errors = []
-        page.on("pageerror", lambda error: page.errors.append(str(error)))
-        page.goto(tiny_server.url)
-        page.get_by_role("tab", name=TITLE).click()
+    with app_page(tiny_server.url, TITLE) as page:
         page.locator("#compare-input").wait_for()
         yield page
-    assert page.errors == []
 
 
 def picture() -> np.ndarray:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.helpers.browser import chromium_page, loaded_image, open_tab, require_chromium, shot
+from tests.helpers.browser import app_page, loaded_image, shot
 from tests.helpers.serve import serve
 from ui.tabs.generate import TITLE
 
@@ -23,16 +23,10 @@ FIRST_ROW = ("() => [...document.querySelectorAll('#compare-table [data-testid^=
 
 @pytest.fixture(scope="module")
 def page(tmp_path_factory) -> Iterator:
-    require_chromium()
     with serve(tmp_path_factory.mktemp("browser-compare-runs")) as server, \
-            chromium_page() as page:
-        errors: list[str] = []
-        page.on("pageerror", lambda error: errors.append(str(error)))
-        page.goto(server.url)
-        open_tab(page, TITLE)
+            app_page(server.url, TITLE) as page:
         page.locator("#generate-prompt textarea").wait_for()
         yield page
-        assert errors == []
 
 
 def compare_status(page, pattern: str) -> str:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.helpers.browser import chromium_page, loaded_image, require_chromium, shot
+from tests.helpers.browser import app_page, loaded_image, require_chromium, shot
 from tests.helpers.serve import serve
 from ui.tabs.generate import TITLE
 
@@ -48,14 +48,9 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def page(server) -> Iterator:
     """One page on the generation tab, in a fresh profile."""
-    with chromium_page() as page:
-        page.errors = []
-        page.on("pageerror", lambda error: page.errors.append(str(error)))
-        page.goto(server.url)
-        page.get_by_role("tab", name=TITLE).click()
+    with app_page(server.url, TITLE) as page:
         page.locator("#generate-prompt textarea").wait_for()
         yield page
-    assert page.errors == []
 
 
 def set_number(page, label: str, value: int) -> None:

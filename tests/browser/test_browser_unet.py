@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import sd_parts
-from tests.helpers.browser import changed_image, chromium_page, loaded_image, require_chromium, shot
+from tests.helpers.browser import app_page, changed_image, loaded_image, require_chromium, shot
 from tests.helpers.serve import serving
 from tests.helpers.unet_section import MODELS, section_page
 from ui.shared import LABEL_ROOM
@@ -22,16 +22,12 @@ SIDE = 96  # pixels: the image, a 48 x 48 latent with the tiny VAE
 
 @pytest.fixture(scope="module")
 def page() -> Iterator:
-    require_chromium()
-    with serving(section_page(size=SIDE)) as url, chromium_page() as page:
-        page.errors = []
-        page.on("pageerror", lambda error: page.errors.append(str(error)))
-        page.goto(url)
+    require_chromium()  # before the page is built and served
+    with serving(section_page(size=SIDE)) as url, app_page(url) as page:
         page.locator("#make-run").click()
         page.locator("#make-status").filter(has_text="A run of").wait_for()
         page.get_by_text("Inside the UNet: one step's call").click()  # opening it runs the call
         yield page
-    assert page.errors == []
 
 
 def block_slots() -> dict[str, unet.Slot]:

@@ -48,6 +48,21 @@ def chromium_page(**options: object) -> Iterator:
             context.close()
 
 
+@contextmanager
+def app_page(url: str, tab: str = "", **options: object) -> Iterator:
+    """A page of the app at ``url`` (opened on ``tab``, if given) in a fresh Chromium profile; a
+    JavaScript error the page raised meanwhile fails the test that used it."""
+    require_chromium()
+    errors: list[str] = []
+    with chromium_page(**options) as page:
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(url)
+        if tab:
+            open_tab(page, tab)
+        yield page
+    assert errors == [], errors
+
+
 def require_chromium() -> None:
     problem = None
     try:
