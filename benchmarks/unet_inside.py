@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from sd_parts.pipeline import Trace  # noqa: E402
 from ui.models import Models, Settings  # noqa: E402
 from ui.runs import GenerationRequest, RunRecord  # noqa: E402
-from ui.sections import unet_inside  # noqa: E402
+from ui.sections import unet_calls  # noqa: E402
 
 PROMPT = "a photograph of an astronaut riding a horse"
 
@@ -67,23 +67,23 @@ def main() -> None:
     record = record_at(models, args.size)
     context = pipe.encode_prompt(["", PROMPT])
     latent = torch.cat([record.trace.latents[0][None]] * 2)
-    word = unet_inside.word_groups  # the first word's label, read from the probed call below
+    word = unet_calls.word_groups  # the first word's label, read from the probed call below
     cases = {
         "plain UNet call (batch 2)": lambda p: pipe.unet(latent, record.trace.timesteps[0],
                                                          context),
         "probed UNet call": None,
         "unet_inside views (diagram, table, guidance, timestep)":
-            lambda p: unet_inside.inside_views(models, p, True),
-        "unet_block views (up_blocks.2)": lambda p: unet_inside.block_views(p, "up_blocks.2"),
-        "self_attention views": lambda p: unet_inside.self_attention_views(p, 100, 60),
+            lambda p: unet_calls.inside_views(models, p, True),
+        "unet_block views (up_blocks.2)": lambda p: unet_calls.block_views(p, "up_blocks.2"),
+        "self_attention views": lambda p: unet_calls.self_attention_views(p, 100, 60),
         "cross_attention views (a word, one layer's heads)":
-            lambda p: unet_inside.cross_attention_views(p, word(p)[1][0], next(iter(p.cross))),
+            lambda p: unet_calls.cross_attention_views(p, word(p)[1][0], next(iter(p.cross))),
     }
     times: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(args.rounds):
-        unet_inside._cache.clear()
+        unet_calls._cache.clear()
         start = time.perf_counter()
-        probed = unet_inside.probe_step(models, record, 1, True)
+        probed = unet_calls.probe_step(models, record, 1, True)
         times["probed UNet call"].append(time.perf_counter() - start)
         for name, run in cases.items():
             if run is None:

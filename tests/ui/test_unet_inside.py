@@ -17,7 +17,7 @@ from sd_parts import UNetProbe, unet_blocks
 from tests.helpers.serve import local_client, picture, serving
 from tests.helpers.unet_section import MODELS, PROMPT, SIZE, STEPS, made, section_page
 from ui.models import Models, Settings
-from ui.sections import unet_inside
+from ui.sections import unet_calls
 from ui.shared import LABEL_ROOM
 from ui.tabs import generate
 from viz import unet
@@ -52,7 +52,7 @@ def probed(record, step: int, queries=()) -> UNetProbe:
 def test_every_endpoint_refuses_cleanly_before_a_run(url, capfd):
     client = local_client(url, download_files=False)  # a session without a run
     status, diagram, table, *_ = client.predict(2, True, api_name="/unet_inside")
-    assert status == unet_inside.NO_RUN and diagram is None
+    assert status == unet_calls.NO_RUN and diagram is None
     assert table["data"] in ([], [[]]) or table is None
     note, channels, _ = client.predict("mid_block", 2, True, api_name="/unet_block")
     assert note.startswith("Generate an image first") and channels is None
@@ -178,7 +178,7 @@ def test_stop_ends_the_denoising_loss_after_the_current_call(after_run):
 
     stop = threading.Event()
     stop.set()  # pressed while the first call runs
-    answers = list(unet_inside.denoising_losses(MODELS, Image.fromarray(record.image),
+    answers = list(unet_calls.denoising_losses(MODELS, Image.fromarray(record.image),
                                                 ["a cat"], True, stop))
     assert answers[0] == (1, {}) and answers[-1][0] == 1
     assert [len(v) for v in answers[-1][1].values()] == [1, 1]  # the call it was making
@@ -196,11 +196,11 @@ def test_a_distilled_unet_is_probed_as_its_run_called_it(tmp_path):
     request = GenerationRequest(PROMPT, "", 2, 4.0, "lcm", False, 0, SIZE, SIZE, None, 0.8)
     *_, last = generate.generate(models, request, True, threading.Event())
     record = last["record"]
-    probed = unet_inside.probe_step(models, record, 2, True)
+    probed = unet_calls.probe_step(models, record, 2, True)
     assert not probed.guided
     torch.testing.assert_close(probed.outputs["conv_out"][0], record.noise_text[1].float(),
                                rtol=1e-5, atol=1e-6)
-    views = unet_inside.inside_views(models, probed, True)
+    views = unet_calls.inside_views(models, probed, True)
     assert "guidance distilled into it" in views["status"] and views["guidance"] is None
 
 
@@ -214,7 +214,7 @@ def test_a_step_is_probed_on_the_input_its_sampler_scaled():
     *_, last = generate.generate(MODELS, request, True, threading.Event())
     record = last["record"]
     for step in (1, 2, 3):
-        probed = unet_inside.probe_step(MODELS, record, step, True)
+        probed = unet_calls.probe_step(MODELS, record, step, True)
         assert probed.guided and probed.timestep == record.trace.timesteps[step - 1]
         torch.testing.assert_close(probed.outputs["conv_out"][1],
                                    record.noise_text[step - 1].float(), rtol=1e-5, atol=1e-6)
