@@ -17,6 +17,8 @@ from __future__ import annotations
 import copy
 import functools
 import os
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,7 +161,21 @@ def _random_config(choices: tuple[Choice, ...], label: str, what: str, weights: 
     return configs[label]
 
 
-def _seeded(module: torch.nn.Module, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+# Module constructors draw their random weights from torch's one global generator.
+_SEEDING = threading.Lock()
+
+
+def _seeded(build: Callable[[], torch.nn.Module], dtype: torch.dtype = torch.float32
+            ) -> torch.nn.Module:
+    """The model ``build`` makes, its random weights drawn from seed 0, in inference mode.
+
+    One build at a time: threads that build models at once (the example run at start-up and a
+    visitor's first request, say) would otherwise draw from the generator in turns, each model
+    getting weights that no other process rebuilds from the seed.
+    """
+    with _SEEDING:
+        torch.manual_seed(0)
+        module = build()
     return module.eval().requires_grad_(False).to(dtype)
 
 
@@ -177,8 +193,7 @@ def get_vae(settings: Settings, label: str, exact: bool) -> sd_parts.Autoencoder
     dtype = torch.float32 if exact else sd_parts.fast_dtype("cpu")
     if settings.random:
         config = _random_config(VAES, label, "VAE", settings.weights)
-        torch.manual_seed(0)
-        return _seeded(sd_parts.AutoencoderKL(config), dtype)
+        return _seeded(lambda: sd_parts.AutoencoderKL(config), dtype)
     if settings.pipeline and not settings.vae and label == settings.vae_choices[0]:
         return copy.deepcopy(_single_file(settings.pipeline, True).vae).to(dtype)
     source, subfolder = menu(VAES, "hub").get(label, (label, None))
@@ -192,8 +207,7 @@ def get_tiny_vae(settings: Settings, label: str, exact: bool) -> sd_parts.Autoen
     dtype = torch.float32 if exact else sd_parts.fast_dtype("cpu")
     if settings.random:
         config = _random_config(TINY_VAES, label, "tiny autoencoder", settings.weights)
-        torch.manual_seed(0)
-        return _seeded(sd_parts.AutoencoderTiny(config), dtype)
+        return _seeded(lambda: sd_parts.AutoencoderTiny(config), dtype)
     sources = menu(TINY_VAES, "hub")
     if label not in sources:
         raise loading.ModelUnavailable(f"No tiny autoencoder is called {label!r}; the choices "
@@ -206,8 +220,7 @@ def get_tiny_vae(settings: Settings, label: str, exact: bool) -> sd_parts.Autoen
 @functools.lru_cache(maxsize=1)
 def get_text_encoder(settings: Settings) -> sd_parts.CLIPTextEncoder:
     if settings.random:
-        torch.manual_seed(0)
-        return _seeded(sd_parts.CLIPTextEncoder(settings.clip_config))
+        return _seeded(lambda: sd_parts.CLIPTextEncoder(settings.clip_config))
     if settings.pipeline:
         return _single_file(settings.pipeline, True).text_encoder
     source = settings.text_encoder
@@ -227,8 +240,8 @@ def get_tokenizer(settings: Settings) -> sd_parts.CLIPTokenizer:
 def get_unet(settings: Settings, exact: bool) -> sd_parts.UNet2DConditionModel:
     dtype = torch.float32 if exact else sd_parts.fast_dtype(DEVICE)
     if settings.random:
-        torch.manual_seed(0)
-        return _seeded(sd_parts.UNet2DConditionModel(settings.unet_config), dtype).to(DEVICE)
+        return _seeded(lambda: sd_parts.UNet2DConditionModel(settings.unet_config),
+                       dtype).to(DEVICE)
     if settings.pipeline:
         return _single_file(settings.pipeline, exact).unet.to(DEVICE)
     source = settings.unet

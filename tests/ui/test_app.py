@@ -4,6 +4,7 @@ tabs' own functions, whose pictures are checked against the tensors they show.""
 from __future__ import annotations
 
 import dataclasses
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ import sd_parts
 from tests.helpers.html_reader import MapReader
 from tests.helpers.serve import in_process, local_client
 from ui import encoding
+from ui import models as catalogue
 from ui.models import VAES, Models, Settings, menu
 from ui.shared import LABEL_ROOM
 from ui.tabs import image, prompt
@@ -215,3 +217,34 @@ def test_uploads_from_the_wild_reach_the_tab_with_what_was_done(client, tmp_path
     Image.fromarray(grey).save(deep)
     out = encode(client, deep)
     assert out["status"] is None and "291" in out["size"] and "694" in out["size"]
+
+
+def test_models_built_at_once_get_the_seeded_weights():
+    """Random weights come from seed 0 whatever else is built meanwhile: threads that build models
+    at once (the example run at start-up, a visitor's first request) each get the weights another
+    process rebuilds from the seed, as the tests that recompute a server's answer do."""
+    settings = Settings(weights="tiny")
+    cached = (catalogue.get_unet, catalogue.get_text_encoder, catalogue.get_vae)
+    builds = (lambda: catalogue.get_unet(settings, True),
+              lambda: catalogue.get_text_encoder(settings),
+              lambda: catalogue.get_vae(settings, settings.vae_choices[0], True))
+
+    def weights() -> list[dict[str, torch.Tensor]]:
+        return [build().state_dict() for build in builds]
+
+    for function in cached:
+        function.cache_clear()
+    alone = weights()
+    for _ in range(3):
+        for function in cached:
+            function.cache_clear()
+        barrier = threading.Barrier(len(builds))
+        threads = [threading.Thread(target=lambda build=build, barrier=barrier: (
+            barrier.wait(), build())) for build in builds]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for built, expected in zip(weights(), alone, strict=True):
+            assert built.keys() == expected.keys()
+            assert all(torch.equal(built[name], expected[name]) for name in expected)
