@@ -19,8 +19,7 @@ import sd_parts
 from tests.helpers.html_reader import MapReader
 from tests.helpers.serve import in_process, local_client
 from ui import encoding
-from ui import models as catalogue
-from ui.models import VAES, Models, Settings, menu
+from ui.models import VAES, Models, Settings, get_text_encoder, get_unet, get_vae, menu
 from ui.shared import LABEL_ROOM
 from ui.tabs import image, prompt
 from viz.heatmap import colorize, pad
@@ -224,10 +223,9 @@ def test_models_built_at_once_get_the_seeded_weights():
     at once (the example run at start-up, a visitor's first request) each get the weights another
     process rebuilds from the seed, as the tests that recompute a server's answer do."""
     settings = Settings(weights="tiny")
-    cached = (catalogue.get_unet, catalogue.get_text_encoder, catalogue.get_vae)
-    builds = (lambda: catalogue.get_unet(settings, True),
-              lambda: catalogue.get_text_encoder(settings),
-              lambda: catalogue.get_vae(settings, settings.vae_choices[0], True))
+    cached = (get_unet, get_text_encoder, get_vae)
+    builds = (lambda: get_unet(settings, True), lambda: get_text_encoder(settings),
+              lambda: get_vae(settings, settings.vae_choices[0], True))
 
     def weights() -> list[dict[str, torch.Tensor]]:
         return [build().state_dict() for build in builds]
