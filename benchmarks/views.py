@@ -59,6 +59,9 @@ from viz import pixels, upload  # noqa: E402
 
 PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
 EXAMPLE = encoding.ASSETS / "astronaut.png"
+MODEL_OF = {"prompt": "text", "layer": "text", "image": "vae", "compare": "vaes", "lab": "pair"}
+CASES = tuple(MODEL_OF)
+SESSION = "one-visitors-page"  # a browser's page makes all its calls in one session
 
 
 def paired(model: Callable[[int], object], tab: Callable[[int], object], rounds: int
@@ -129,10 +132,12 @@ def model_runs(models: Models, size: int) -> tuple[dict[str, Callable[[int], obj
     return runs, {"exact": exact, "fitted": fitted, "ticked": ticked}
 
 
-def fresh_process_times(rounds: int, size: int) -> dict[str, float]:
+def fresh_process_times(rounds: int, size: int, cases: list[str] | None
+                        ) -> dict[str, float]:
     """The models' median seconds in a new process that runs nothing else."""
     answer = subprocess.run([sys.executable, __file__, "--models-only", "--rounds", str(rounds),
-                             "--size", str(size)], check=True, capture_output=True, text=True)
+                             "--size", str(size), *(["--cases", *cases] if cases else [])],
+                            check=True, capture_output=True, text=True)
     return json.loads(answer.stdout.strip().splitlines()[-1])
 
 
@@ -141,16 +146,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--size", type=int, default=384, choices=compare.SIZES,
                         help="the longer side of the image (a size both tabs offer)")
+    parser.add_argument("--cases", nargs="+", choices=CASES, help="only these (default: all)")
     parser.add_argument("--models-only", action="store_true",
                         help="time the models alone and print their medians as JSON")
     args = parser.parse_args()
     settings = Settings(weights="random")
     if args.models_only:
         runs, _ = model_runs(Models(settings), args.size)
-        print(json.dumps({name: median_s(run, args.rounds) for name, run in runs.items()}))
+        keys = {MODEL_OF[case] for case in args.cases or CASES}
+        print(json.dumps({key: median_s(runs[key], args.rounds) for key in keys}))
         return
     load_before = os.getloadavg()
-    fresh = fresh_process_times(args.rounds, args.size)
+    fresh = fresh_process_times(args.rounds, args.size, args.cases)
     models = Models(settings)
     demo = app.build_demo(settings)
     port = free_port()
@@ -158,33 +165,31 @@ def main() -> None:
     http = httpx.Client(base_url=f"http://127.0.0.1:{port}/", timeout=600, trust_env=False)
 
     def call(api_name: str, *data: object) -> list:
-        return http_calls.answer(http_calls.call_raw(http, api_name, list(data)))
+        return http_calls.answer(http_calls.call_raw(http, api_name, list(data), SESSION))
 
     runs, known = model_runs(models, args.size)
     exact, fitted, ticked = known["exact"], known["fitted"], known["ticked"]
+    # (name, title, model's key, model's name, target, the tab's call)
+    calls = [
+        ("prompt", "prompt tab, new prompt", "text", "text encoder", "2x", lambda i: call(
+            "inspect_prompt", f"{PROMPT}, take {i + 1}", 1, prompt.MEAN_OVER_HEADS, False)),
+        ("layer", "prompt tab, another layer", "text", "text encoder", "-", lambda i: call(
+            "attention_view", PROMPT, 2 + i % 10, prompt.MEAN_OVER_HEADS, False)),
+        ("image", f"image tab {fitted.width}x{fitted.height}", "vae", "VAE encode + decode",
+         "+15%", lambda _: call("encode_image", http_calls.upload(http, EXAMPLE),
+                                settings.vae_choices[0], args.size, "crop", encoding.MEAN, 0,
+                                True, exact)),
+        ("compare", f"compare tab, {len(ticked)} VAEs", "vaes", "their encode + decode", "+20%",
+         lambda _: call("compare", http_calls.upload(http, EXAMPLE), args.size, ticked, exact,
+                        64)),
+        ("lab", "prompt lab, two prompts", "pair", "text encoder, both", "-", lambda i: call(
+            "compare_prompts", f"{PROMPT}, take {i + 1}", f"{PROMPT}, take {i + 1}, at night",
+            True)),
+    ]
     try:
-        cases = [
-            ("prompt tab, new prompt", "text", "text encoder", "2x", paired(
-                runs["text"], lambda i: call(
-                    "inspect_prompt", f"{PROMPT}, take {i + 1}", 1, prompt.MEAN_OVER_HEADS,
-                    False), args.rounds)),
-            ("prompt tab, another layer", "text", "text encoder", "-", paired(
-                runs["text"], lambda i: call(
-                    "attention_view", PROMPT, 2 + i % 10, prompt.MEAN_OVER_HEADS, False),
-                args.rounds)),
-            (f"image tab {fitted.width}x{fitted.height}", "vae", "VAE encode + decode", "+15%",
-             paired(runs["vae"], lambda _: call(
-                 "encode_image", http_calls.upload(http, EXAMPLE), settings.vae_choices[0],
-                 args.size, "crop", encoding.MEAN, 0, True, exact), args.rounds)),
-            (f"compare tab, {len(ticked)} VAEs", "vaes", "their encode + decode", "+20%",
-             paired(runs["vaes"], lambda _: call(
-                 "compare", http_calls.upload(http, EXAMPLE), args.size, ticked, exact, 64),
-                 args.rounds)),
-            ("prompt lab, two prompts", "pair", "text encoder, both", "-", paired(
-                runs["pair"], lambda i: call(
-                    "compare_prompts", f"{PROMPT}, take {i + 1}",
-                    f"{PROMPT}, take {i + 1}, at night", True), args.rounds)),
-        ]
+        cases = [(title, key, model, target, paired(runs[key], tab, args.rounds))
+                 for name, title, key, model, target, tab in calls
+                 if not args.cases or name in args.cases]
     finally:
         http.close()
         demo.close()

@@ -46,9 +46,15 @@ def picture(value: dict) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(fetch(value))).convert("RGB"))
 
 
-def call_raw(http: httpx.Client, api_name: str, data: list) -> str:
-    """Call an endpoint as a bare HTTP client does; return the whole event stream as text."""
-    posted = http.post(f"gradio_api/call/{api_name}", json={"data": data})
+def call_raw(http: httpx.Client, api_name: str, data: list, session: str | None = None) -> str:
+    """Call an endpoint as a bare HTTP client does; return the whole event stream as text.
+
+    Without ``session`` each call is a session of its own, for which Gradio builds the state of
+    every component on the page anew (some 40 ms with this app's 400-odd blocks); a browser's
+    page makes all its calls in one session, named by ``session``.
+    """
+    body = {"data": data} | ({"session_hash": session} if session else {})
+    posted = http.post(f"gradio_api/call/{api_name}", json=body)
     posted.raise_for_status()
     with http.stream("GET", f"gradio_api/call/{api_name}/{posted.json()['event_id']}") as events:
         return "".join(events.iter_text())
