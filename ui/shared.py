@@ -61,10 +61,15 @@ def output_path(name: str, max_age_s: int) -> Path:
     return OUTPUT_DIR / f"{uuid.uuid4().hex[:12]}-{name}"
 
 
-def in_parallel(jobs: Mapping[Hashable, Callable[[], object]]) -> dict[Hashable, object]:
+def in_parallel(jobs: Mapping[Hashable, Callable[[], object]],
+                then: Callable[[Hashable, object], object] | None = None) -> dict[Hashable, object]:
     """Each job's result under its key, the jobs run at once on ``VIEW_THREADS``; the first
-    job that raises raises here."""
-    futures = {key: VIEW_THREADS.submit(job) for key, job in jobs.items()}
+    job that raises raises here. With ``then``, each result is ``then(key, result)``, run on the
+    job's own thread as soon as the job is done: a handler writes each picture while the others
+    are still being drawn, rather than waiting for the last one."""
+    def run(key: Hashable, job: Callable[[], object]) -> object:
+        return job() if then is None else then(key, job())
+    futures = {key: VIEW_THREADS.submit(run, key, job) for key, job in jobs.items()}
     return {key: future.result() for key, future in futures.items()}
 
 

@@ -83,8 +83,19 @@ def colorize(
 
 
 def enlarge(rgb: np.ndarray, cell_height: int, cell_width: int) -> np.ndarray:
-    """Every pixel as a block of cell_height x cell_width identical pixels (nearest neighbour)."""
-    return np.repeat(np.repeat(rgb, cell_height, axis=0), cell_width, axis=1)
+    """Every pixel as a block of cell_height x cell_width identical pixels (nearest neighbour),
+    in a new array.
+
+    Each step assigns a broadcast view, which numpy copies a row at a time: some 10 times faster
+    than ``np.repeat`` along the columns of an RGB picture, which copies one 3-byte pixel at a
+    time.
+    """
+    height, width, rest = rgb.shape[0], rgb.shape[1], rgb.shape[2:]
+    wide = np.empty((height, width * cell_width, *rest), rgb.dtype)
+    wide.reshape(height, width, cell_width, *rest)[...] = rgb[:, :, None]
+    tall = np.empty((height * cell_height, width * cell_width, *rest), rgb.dtype)
+    tall.reshape(height, cell_height, width * cell_width, *rest)[...] = wide[:, None]
+    return tall
 
 
 class RememberingFont(ImageFont.FreeTypeFont):

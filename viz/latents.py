@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from viz.chart import Chart, density_chart
-from viz.heatmap import Picture, add_colorbar, add_title, arrange, heatmap
+from viz.heatmap import Picture, add_colorbar, add_title, arrange, enlarge, heatmap
 from viz.plot import DIVERGING, SEQUENTIAL
 
 CHANNEL_STATS_HEADERS = ["channel", "mean", "std", "min", "max", "mean in model space",
@@ -258,7 +258,7 @@ def enlarge_to(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     height, width = pixels.shape[:2]
     if size[0] % width or size[1] % height:
         raise ValueError(f"{width}x{height} does not divide {size[0]}x{size[1]}")
-    return np.repeat(np.repeat(pixels, size[1] // height, axis=0), size[0] // width, axis=1)
+    return enlarge(pixels, size[1] // height, size[0] // width)
 
 
 def latent_space_text(scaling_factor: float, shift_factor: float, name: str = "z") -> str:

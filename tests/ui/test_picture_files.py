@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import gradio as gr
@@ -100,3 +101,15 @@ def test_jobs_in_parallel_keep_their_keys_and_raise_their_errors() -> None:
 
     with pytest.raises(ValueError, match="no such layer"):
         in_parallel({"fine": lambda: 1, "broken": broken})
+
+
+def test_then_makes_each_result_on_the_thread_that_ran_its_job() -> None:
+    def job(value: int):
+        return lambda: (value, threading.get_ident())
+
+    def then(key: str, result: tuple[int, int]) -> tuple[str, int, bool]:
+        value, job_thread = result
+        return key, value * 10, job_thread == threading.get_ident()
+
+    assert in_parallel({"a": job(1), "b": job(2)}, then) == {"a": ("a", 10, True),
+                                                              "b": ("b", 20, True)}

@@ -13,6 +13,7 @@ from viz.heatmap import (
     colorize,
     colormap_table,
     drawable,
+    enlarge,
     heatmap,
 )
 
@@ -104,3 +105,12 @@ def test_a_remembered_text_mask_draws_the_pixels_a_fresh_rendering_does() -> Non
     first, again = draw(remembered), draw(remembered)  # the second drawing reuses the masks
     assert np.array_equal(first, draw(ImageFont.truetype(str(FONT_FILE), 11)))
     assert np.array_equal(again, first) and remembered._masks
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (5, 7, 3), (1, 9, 4), (6, 1, 3)])
+def test_enlarge_repeats_every_pixel_into_its_block(shape: tuple[int, ...]) -> None:
+    pixels = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    for cell in ((1, 1), (3, 1), (1, 4), (9, 2)):
+        expected = np.repeat(np.repeat(pixels, cell[0], axis=0), cell[1], axis=1)
+        enlarged = enlarge(pixels, *cell)
+        assert np.array_equal(enlarged, expected) and not np.shares_memory(enlarged, pixels)

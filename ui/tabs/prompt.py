@@ -22,6 +22,7 @@ from ui.shared import (
     PictureFiles,
     answer_once,
     in_parallel,
+    is_download,
     literal,
     output_path,
     random_banner,
@@ -91,9 +92,12 @@ def attention_jobs(read: Tokens, output: sd_parts.CLIPTextOutput, layer: int, he
     }
 
 
-def inspect_prompt(models: Models, prompt: str, layer: int, head: str, padding: bool
+def inspect_prompt(models: Models, prompt: str, layer: int, head: str, padding: bool,
+                   then: Callable[[str, object], object] | None = None
                    ) -> Iterator[dict[str, object]]:
-    """Yield the tokens first, then every view of the text encoder's output, keyed by OUTPUTS."""
+    """Yield the tokens first, then every view of the text encoder's output, keyed by OUTPUTS;
+    ``then(name, view)``, if given, is each view's value instead, made on the thread that drew
+    it (the handler writes the picture there)."""
     prompt = prompt or ""
     try:
         read = read_tokens(models.tokenizer(), prompt)
@@ -118,7 +122,7 @@ def inspect_prompt(models: Models, prompt: str, layer: int, head: str, padding: 
         "norms": lambda: text_encoder.norms_view(states, read.labels, read.n_real),
         "cosine": lambda: text_encoder.cosine_view(last[: read.n_real],
                                                    read.labels[: read.n_real]),
-    }) | {"download": str(embeddings_file)}
+    }, then) | {"download": str(embeddings_file)}
 
 
 def update_attention(models: Models, prompt: str, layer: int, head: str, padding: bool
@@ -183,9 +187,12 @@ def build(models: Models, tab: gr.Tab) -> None:
     def inspect_handler(prompt, layer, head, show_padding,
                         progress=gr.Progress(track_tqdm=True)):  # Hub downloads show here
         files = PictureFiles(settings.output_max_age)
+
+        def write(name: str, view: object) -> object:
+            return files(view, is_download(out[name]))
         try:
-            for views in inspect_prompt(models, prompt, layer, head, show_padding):
-                yield files.answer({out[name]: views.get(name) for name in OUTPUTS})
+            for views in inspect_prompt(models, prompt, layer, head, show_padding, write):
+                yield {out[name]: views.get(name) for name in OUTPUTS}
         finally:  # Gradio asks for the next answer only after sending this one
             files.remove()
 
