@@ -123,7 +123,7 @@ def report(title: str, model_ms: float, views: dict[str, Callable[[], object]], 
         plain, remembered = drawn_ms(draw, rounds, False), drawn_ms(draw, rounds, True)
         value = draw()
         if isinstance(value, Picture | np.ndarray | Image.Image):
-            files = PictureFiles(3600)
+            files = PictureFiles()
 
             def write(value: object = value, files: PictureFiles = files) -> None:
                 files._written.clear()  # every round writes the picture anew

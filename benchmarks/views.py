@@ -2,16 +2,19 @@
 
 The app runs in this process with ``--weights random`` (SD v1's VAE and CLIP text encoder,
 seeded random weights: the same arithmetic as the real ones) and is called over HTTP as a
-visitor's browser calls it: one kept-alive connection, the upload, the call queued and its event
-stream read until the answer is complete, so the times include Gradio's queue and the encoding
-of every picture. (``gradio_client`` builds a new TLS context for every call, some 40 ms of CPU
-that this process's server would share and that a browser never spends.) Each round times the
-model alone and then the tab, one right after the other, so a busy neighbour slows both alike;
-the ratios are the medians of the rounds' ratios.
+visitor's browser calls it: one kept-alive connection, every call in one session (a page's calls
+share one: without it Gradio builds every component's state anew for each call), the upload, the
+call queued and its event stream read until the answer is complete, so the times include
+Gradio's queue and the encoding of every picture. (``gradio_client`` builds a new TLS context
+for every call, some 40 ms of CPU that this process's server would share and that a browser
+never spends.) Each round times the model alone and then the tab, one right after the other, so
+a busy neighbour slows both alike; the ratios are the medians of the rounds' ratios.
 
 - Prompt tab: the time of ``inspect_prompt`` (a new prompt each round, so the text encoder runs
   every time) against the text encoder's own forward pass with hidden states and attention maps.
   Target: at most 2x.
+- Prompt tab, another layer: ``attention_view`` for another layer of the same prompt, whose
+  encoder output the tab keeps: the attention views alone, beside the text encoder's time.
 - Image tab: the time of ``encode_image`` at 384 px against the VAE's own encode + decode of the
   same image in the same mode. Target: the views add at most 15%.
 - Compare tab: ``compare`` with the VAEs it ticks at first (SD v1's, FLUX.1's 16-channel one and
@@ -27,6 +30,7 @@ its numbers are only comparable side by side.
 
     python benchmarks/views.py               # ~3 minutes on 2 cores with bfloat16, ~12 on AVX2 only
     python benchmarks/views.py --rounds 7
+    python benchmarks/views.py --cases prompt layer --rounds 9   # some of the cases only
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ from tests.helpers import serve as http_calls  # noqa: E402
 from tests.helpers.serve import free_port  # noqa: E402
 from ui import encoding, server  # noqa: E402
 from ui.models import Models, Settings  # noqa: E402
+from ui.shared import on_own_thread  # noqa: E402
 from ui.tabs import compare, prompt  # noqa: E402
 from viz import pixels, upload  # noqa: E402
 
@@ -167,7 +172,11 @@ def main() -> None:
     def call(api_name: str, *data: object) -> list:
         return http_calls.answer(http_calls.call_raw(http, api_name, list(data), SESSION))
 
-    runs, known = model_runs(models, args.size)
+    # built and timed on threads of their own, as the tabs run them: a model run on this thread
+    # would leave it an OpenMP team, and a second team slows every model call in the process
+    # (ui.shared.on_own_thread). The fresh process runs them on its main thread, its one team.
+    built, known = on_own_thread(lambda: model_runs(models, args.size))
+    runs = {key: lambda i, run=run: on_own_thread(lambda: run(i)) for key, run in built.items()}
     exact, fitted, ticked = known["exact"], known["fitted"], known["ticked"]
     # (name, title, model's key, model's name, target, the tab's call)
     calls = [

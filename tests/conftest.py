@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,12 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     THREADS = max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
     os.environ["OMP_NUM_THREADS"] = str(THREADS)
     torch.set_num_threads(THREADS)
+
+# The apps built in the tests' own processes write their uploads and pictures into a folder of
+# this run, removed when it ends, not into the machine's shared Gradio folder. (A server process
+# started by tests/helpers/serve.py gets a folder of its own.)
+os.environ["GRADIO_TEMP_DIR"] = tempfile.mkdtemp(prefix="sd-parts-tests-gradio-")
+atexit.register(shutil.rmtree, os.environ["GRADIO_TEMP_DIR"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -8,16 +8,19 @@ Gradio would mark each output box with a bare "Error" badge.
 from __future__ import annotations
 
 import atexit
+import contextvars
 import html
 import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import gradio as gr
 import numpy as np
@@ -33,6 +36,8 @@ from viz.heatmap import Picture, pad
 # (lossless keeps every RGB value; "exact" keeps them under transparent pixels too).
 WEBP_OPTIONS = {"lossless": True, "quality": 0, "method": 0, "exact": True}
 WEBP_MAX_SIDE = 16383  # pixels: the longest side the WebP format can hold
+T = TypeVar("T")
+SERVED_FOLDER = "sd-parts-views"  # in Gradio's upload folder: see served_path
 LABEL_ROOM = 30  # pixels: Gradio draws a component's label over the top-left of its picture
 
 OUTPUT_DIR = Path(tempfile.mkdtemp(prefix="sd-parts-"))
@@ -59,6 +64,50 @@ def output_path(name: str, max_age_s: int) -> Path:
             except FileNotFoundError:  # removed meanwhile by a request in another session
                 pass
     return OUTPUT_DIR / f"{uuid.uuid4().hex[:12]}-{name}"
+
+
+def served_path(name: str) -> Path:
+    """A fresh file for a picture of an answer, in Gradio's own upload folder.
+
+    Gradio serves a file there as it is; one from anywhere else it first hashes and copies into
+    that folder, on the server's event loop, while the answer waits to be sent (6 ms for the
+    prompt tab's seven files on an AVX2-only AMD EPYC). The cache cleaner (``ui.server``)
+    removes these files with the uploads once the cache's age has passed: a browser fetches
+    each picture after its answer has arrived, so none can be removed sooner.
+    """
+    folder = Path(gr.utils.get_upload_folder()) / SERVED_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)  # each time: the cleaner removes it when empty
+    return folder / f"{uuid.uuid4().hex[:12]}-{name}"
+
+
+def on_own_thread(work: Callable[[], T]) -> T:
+    """``work()`` run on a thread made for it, which ends with it; what it raises is raised here.
+
+    Every thread that runs torch keeps an OpenMP team of worker threads for as long as it lives.
+    Once the process holds more of them than it has cores, libgomp has every team's workers
+    sleep between parallel regions, not spin, and each of the thousands of regions of a model
+    call then waits to wake them: the UNet's step at 256 px took 4.34-4.68 s instead of
+    4.05-4.12 s on a 2-core AMD EPYC once a second team existed (10,700 voluntary context
+    switches a run instead of 60). Gradio runs handlers on threads that live on after them, so
+    the models run on threads of their own, which take their teams with them when they end.
+    The context goes along: a Hub download's progress still reaches the visitor's page.
+    """
+    context = contextvars.copy_context()
+    result: list[T] = []
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(context.run(work))
+        except BaseException as exc:  # noqa: BLE001 - raised again on the caller's thread
+            failed.append(exc)
+
+    thread = threading.Thread(target=run, name="model", daemon=True)
+    thread.start()
+    thread.join()
+    if failed:
+        raise failed[0]
+    return result[0]
 
 
 def in_parallel(jobs: Mapping[Hashable, Callable[[], object]],
@@ -114,15 +163,13 @@ class PictureFiles:
     Gradio encodes an array or a figure again at every yield, so a handler that yields the
     latent's views first and everything at the end would pay for them twice. Here each picture
     is written once, as lossless WebP at its fastest setting (``WEBP_OPTIONS``): the very pixels,
-    in about half the time of PNG at zlib level 1 and fewer bytes for Gradio to copy and send
-    (``benchmarks/view_profile.py`` measures both). The same object gets the same file. Heat
-    maps get a strip at the top left free for the label Gradio draws over the picture. Gradio
-    copies each file into its own cache as it sends it, so ``remove`` deletes them once the
-    handler's last answer is out.
+    in about half the time of PNG at zlib level 1 and fewer bytes for Gradio to send
+    (``benchmarks/view_profile.py`` measures both), into Gradio's own folder (``served_path``).
+    The same object gets the same file. Heat maps get a strip at the top left free for the label
+    Gradio draws over the picture.
     """
 
-    def __init__(self, max_age_s: int) -> None:
-        self.max_age_s = max_age_s
+    def __init__(self) -> None:
         # (id, download) -> (the object, kept alive; its file)
         self._written: dict[tuple[int, bool], tuple[object, str]] = {}
 
@@ -133,7 +180,7 @@ class PictureFiles:
             return value
         key = (id(value), download)
         if key not in self._written:
-            path = output_path("view.png" if download else "view.webp", self.max_age_s)
+            path = served_path("view.png" if download else "view.webp")
             if isinstance(value, Figure):
                 value.savefig(path, format=path.suffix[1:],
                               **({} if download else {"pil_kwargs": WEBP_OPTIONS}))
@@ -162,31 +209,22 @@ class PictureFiles:
         return {component: written[(id(value), is_download(component))]
                 if component in pictures else value for component, value in views.items()}
 
-    def remove(self) -> None:
-        for _, path in self._written.values():
-            Path(path).unlink(missing_ok=True)
-        self._written.clear()
 
-
-def send(max_age_s: int, answers: Iterable[Mapping[object, object]],
+def send(answers: Iterable[Mapping[object, object]],
          components: Mapping[str, object] | None = None) -> Iterator[dict[object, object]]:
     """A handler's answers as Gradio takes them, each picture written once as a file by
-    ``PictureFiles``, and the files removed once the last answer is out (Gradio asks for the next
-    answer only after sending this one, and closes the generator when the client leaves).
+    ``PictureFiles``.
 
     With ``components`` (output name -> component) the answers are keyed by output name, and
     names without a component (a value for the tab's own state, say) are left out; without it
     they are keyed by component already.
     """
-    files = PictureFiles(max_age_s)
-    try:
-        for views in answers:
-            if components is not None:
-                views = {components[name]: value for name, value in views.items()
-                         if name in components}
-            yield files.answer(views)
-    finally:
-        files.remove()
+    files = PictureFiles()
+    for views in answers:
+        if components is not None:
+            views = {components[name]: value for name, value in views.items()
+                     if name in components}
+        yield files.answer(views)
 
 
 def is_download(component: object) -> bool:
@@ -194,9 +232,9 @@ def is_download(component: object) -> bool:
     return isinstance(component, gr.File)
 
 
-def answer_once(max_age_s: int, views: Mapping[object, object]) -> Iterator[dict[object, object]]:
-    """A handler's one answer (component -> value), its picture files removed once it is out."""
-    return send(max_age_s, [views])
+def answer_once(views: Mapping[object, object]) -> Iterator[dict[object, object]]:
+    """A handler's one answer (component -> value), each picture written as a file."""
+    return send([views])
 
 
 def on_zero_gpu(handler: Callable) -> Callable:

@@ -267,7 +267,7 @@ class CompareRuns:
             out["downloads"] = gr.File(label="Download: every run's start latent, x0 at the "
                                        "matched levels and final latent (.safetensors)",
                                        file_count="multiple", interactive=False)
-        stops, max_age = Stops(), models.settings.output_max_age
+        stops = Stops()
 
         def compare_runs(prompt, negative_prompt, num_inference_steps, guidance_scale,
                          scheduler, use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas,
@@ -313,7 +313,7 @@ class CompareRuns:
                 answers = [failure(OUTPUTS, "status", str(exc))]
             else:
                 answers = compare(models, runs, varied, bool(is_exact), flag, show_for)
-            yield from send(max_age, answers, out)
+            yield from send(answers, out)
 
         def request_stop(request: gr.Request) -> str:
             """Stop this visitor's comparison after the current step."""

@@ -72,7 +72,6 @@ def schedule_signal(alphas_cumprod: torch.Tensor, t: int) -> str:
 
 def build(models: Models, exact: gr.Checkbox) -> None:
     """The section's layout and events, inside the generation tab's ``gr.Blocks``."""
-    settings = models.settings
     with gr.Accordion("The forward process: noise added to an image, and the UNet's guess",
                       open=False):
         gr.Markdown("Training noises a clean latent x_0 to any timestep t in one jump, "
@@ -96,7 +95,7 @@ def build(models: Models, exact: gr.Checkbox) -> None:
                 fwd["forward_schedule"] = gr.Image(label="The schedule, t marked", format="png")
 
     def noise_image(image, timestep, seed, ask_unet, exact):
-        files = PictureFiles(settings.output_max_age)
+        files = PictureFiles()
         views = forward_noise(models, image, timestep, seed, ask_unet, bool(exact))
         return files.answer({fwd[k]: v for k, v in views.items()})
 

@@ -343,7 +343,7 @@ def build(models: Models, source: Sequence[gr.components.Component], preview: gr
             views, new_lab = experiment(models, new_lab, *values)
         except REFUSED as exc:
             views = failure(outputs, next(iter(outputs)), str(exc))
-        yield from answer_once(settings.output_max_age, {
+        yield from answer_once({
             outputs[name]: views.get(name) for name in outputs} | {lab: new_lab})
 
     def run_receptive_field(experiments, image, vae, size, fit, latent_kind, seed, exact,

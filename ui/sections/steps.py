@@ -180,14 +180,13 @@ class StepsSection:
             label="Downloads: the image (PNG with its settings), the latents of every step "
             "(.safetensors)", file_count="multiple", interactive=False)
         self.follow = scrub_out | {"scrubber": scrubber, "last_step": last_step}
-        max_age = models.settings.output_max_age
 
         def show_step(run_record, step):
-            yield from send(max_age, [scrub(run_record, step)], scrub_out)
+            yield from send([scrub(run_record, step)], scrub_out)
 
         def show_word_maps(run_record, first_step, last_step, resolution):
             views = {"word_maps": word_maps(run_record, first_step, last_step, resolution)}
-            yield from send(max_age, [views], self.outputs)
+            yield from send([views], self.outputs)
 
         scrubber.change(show_step, [record, scrubber], list(scrub_out.values()),
                         api_name="scrub", show_progress="hidden")
@@ -202,5 +201,5 @@ class StepsSection:
     def follow_run(self, run_record: RunRecord | None):
         """After a run, or an example shown: the scrubber over its steps (see
         scrubber_after_run)."""
-        yield from send(self.models.settings.output_max_age, [scrubber_after_run(run_record)],
+        yield from send([scrubber_after_run(run_record)],
                         self.follow)

@@ -56,7 +56,6 @@ class UNetSection:
     def __init__(self, models: Models, record: gr.State, exact: gr.Checkbox,
                  scrubber: gr.Slider) -> None:
         self.models = models
-        max_age = models.settings.output_max_age
         stops: dict[str, threading.Event] = {}
         with gr.Accordion("Inside the UNet: one step's call, block by block", open=False,
                           elem_id="unet-inside") as accordion:
@@ -124,7 +123,7 @@ class UNetSection:
                 step: the step whose UNet evaluation to open, 1 to the run's steps.
                 exact: float32 numerics (else the fast dtype).
             """
-            yield from send(max_age, [self.inside(run_record, step, exact)],
+            yield from send([self.inside(run_record, step, exact)],
                             out | {"slots": slots})
 
         def unet_block(run_record, block, step, exact):
@@ -139,7 +138,7 @@ class UNetSection:
                 yield {c: gr.skip() for c in blk.values()}
                 return
             # a generator: the picture files are removed once Gradio has sent them
-            yield from send(max_age, [self.answer(BLOCK, run_record, step, exact,
+            yield from send([self.answer(BLOCK, run_record, step, exact,
                                                   lambda p: block_views(p, block))], blk)
 
         def self_attention(run_record, x, y, step, exact):
@@ -154,7 +153,7 @@ class UNetSection:
             if x is None or y is None:
                 yield {sa["self_note"]: "Click a position of the image.", sa["self_maps"]: None}
                 return
-            yield from send(max_age, [self.answer(SELF, run_record, step, exact,
+            yield from send([self.answer(SELF, run_record, step, exact,
                                                   lambda p: self_attention_views(p, x, y))], sa)
 
         def cross_attention(run_record, word, layer, step, exact):
@@ -169,7 +168,7 @@ class UNetSection:
             if not word and run_record is not None:
                 yield {c: gr.skip() for c in ca.values()}
                 return
-            yield from send(max_age, [self.answer(
+            yield from send([self.answer(
                 CROSS, run_record, step, exact,
                 lambda p: cross_attention_views(p, word, layer))], ca)
 
@@ -190,7 +189,7 @@ class UNetSection:
             flag = stops[session] = threading.Event()
             texts = [c.strip() for c in (caption_1, caption_2, caption_3, caption_4)
                      if c and c.strip()]
-            yield from send(max_age, self.losses(run_record, image, texts, exact, flag), loss)
+            yield from send(self.losses(run_record, image, texts, exact, flag), loss)
 
         def pick_block(diagram_slots, event: gr.SelectData):
             x, y = event.index[0], event.index[1] - LABEL_ROOM

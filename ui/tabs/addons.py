@@ -220,7 +220,6 @@ def x0_frames(pipe: sd_parts.StableDiffusionPipeline, result: sd_parts.Generatio
 def build(models: Models, tab: gr.Tab) -> None:
     """The tab's layout and events, inside an open ``gr.Blocks``."""
     settings = models.settings
-    age = settings.output_max_age
     if settings.random:
         gr.Markdown(random_banner(settings.weights), elem_classes="banner")
     gr.Markdown("Load a **LoRA** (kohya/AUTOMATIC1111 or diffusers/PEFT `.safetensors`), a "
@@ -306,16 +305,16 @@ def build(models: Models, tab: gr.Tab) -> None:
     # the handlers' parameter names are the endpoints' (diffusers' where it has one)
     def load_handler(addon, kind, file, source, token, lora_scale, exact):
         loaded, views = load(models, addon, kind, file, source, token, lora_scale, exact)
-        yield from send(age, [views | {"state": loaded}], out | {"state": state})
+        yield from send([views | {"state": loaded}], out | {"state": state})
 
     def changes_handler(addon, lora_scale):
-        yield from send(age, [weight_views(addon, lora_scale)], out)
+        yield from send([weight_views(addon, lora_scale)], out)
 
     def run_handler(addon, prompt, negative_prompt, seed, num_inference_steps, guidance_scale,
                     scheduler, lora_scale):
         views = run_views(models, addon, prompt, negative_prompt, seed, num_inference_steps,
                           guidance_scale, scheduler, lora_scale)
-        yield from send(age, [views], out)
+        yield from send([views], out)
 
     model_event = {"concurrency_id": "models", "concurrency_limit": 1}
     private = {"api_visibility": "private"}

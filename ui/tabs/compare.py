@@ -26,7 +26,15 @@ import sd_parts
 from ui.encoding import EXAMPLE_IMAGES, MAX_PIXELS
 from ui.loading import ModelUnavailable, fixes, split_fix, with_one_fix
 from ui.models import Models
-from ui.shared import PictureFiles, failure, literal, mode_note, output_path, random_banner
+from ui.shared import (
+    PictureFiles,
+    failure,
+    literal,
+    mode_note,
+    on_own_thread,
+    output_path,
+    random_banner,
+)
 from viz import compare, latents, metrics, pixels, upload
 
 TITLE = "Compare VAEs"
@@ -108,7 +116,7 @@ def compare_vaes(models: Models, path: str | None, max_side: int, choices: Seque
         yield {name: None for name in OUTPUTS if number == 1} | {
             "status": f"Loading {literal(choice)} ({number} of {len(chosen)})..."}
         try:
-            loaded[choice] = _load(models, choice, exact)
+            loaded[choice] = on_own_thread(lambda choice=choice: _load(models, choice, exact))
         except (ModelUnavailable, ValueError) as exc:  # that VAE's row says why; others run
             problems.append(str(exc))
             rows[choice] = compare.failure_row(choice, split_fix(str(exc))[0])
@@ -131,7 +139,7 @@ def compare_vaes(models: Models, path: str | None, max_side: int, choices: Seque
         yield {"status": f"Running {literal(choice)} ({number} of {len(loaded)})...",
                "original": fitted}
         try:
-            result = round_trip(vae, fitted)
+            result = on_own_thread(lambda vae=vae: round_trip(vae, fitted))
         except (RuntimeError, ValueError) as exc:  # e.g. out of memory: the row says so
             rows[choice] = compare.failure_row(choice, f"failed while running: {exc}")
             continue
@@ -264,21 +272,17 @@ def build(models: Models, tab: gr.Tab) -> None:
     record = gr.State(None, time_to_live=settings.cache_max_age)
 
     def run_compare(image, size, vaes, exact, region_side, progress=gr.Progress(track_tqdm=True)):
-        files = PictureFiles(settings.output_max_age)
-        try:
-            for views in compare_vaes(models, image, size, vaes, bool(exact), region_side):
-                answer = files.answer({out[name]: views[name] for name in OUTPUTS
-                                       if name in views})
-                if "record" in views:
-                    answer[record] = views["record"]
-                yield answer
-        finally:  # Gradio asks for the next answer only after sending this one
-            files.remove()
+        files = PictureFiles()
+        for views in compare_vaes(models, image, size, vaes, bool(exact), region_side):
+            answer = files.answer({out[name]: views[name] for name in OUTPUTS if name in views})
+            if "record" in views:
+                answer[record] = views["record"]
+            yield answer
 
     def show_crop(comparison, x, y, region_side):
         status, picture = crop_region(comparison, x, y, region_side)
         return {crop_status: literal(status),
-                out["crop"]: PictureFiles(settings.output_max_age)(picture)}
+                out["crop"]: PictureFiles()(picture)}
 
     def clicked(event: gr.SelectData):
         return event.index[0], event.index[1]

@@ -44,7 +44,7 @@ from ui.sections.steps import (
     record_views,
     step_word,
 )
-from ui.shared import REFUSED, failure, mode_note, on_zero_gpu, random_banner, send
+from ui.shared import REFUSED, failure, mode_note, on_own_thread, on_zero_gpu, random_banner, send
 from viz import diffusion, latents, pixels, upload
 
 TITLE = "Prompt → UNet + scheduler → latent → image"
@@ -170,7 +170,9 @@ def generate(models: Models, request: GenerationRequest, exact: bool, stop,
     """Yield the views of every step as it finishes, then everything, keyed by OUTPUTS; the
     last also holds "record", the RunRecord the scrubber and the word maps read."""
     try:
-        pipe, init, record = prepare(models, request, exact, preview)
+        # the models' work on threads of their own (ui.shared.on_own_thread): a Gradio thread
+        # that ran torch would keep an OpenMP team, and slow the next run's every step
+        pipe, init, record = on_own_thread(lambda: prepare(models, request, exact, preview))
     except REFUSED as exc:
         yield failure(OUTPUTS, "status", str(exc))
         return
@@ -199,7 +201,8 @@ def generate(models: Models, request: GenerationRequest, exact: bool, stop,
                                                     state.pred_original[0], levels, state.index,
                                                     pipe.latent_downscale)
         elif isinstance(event, Finished):
-            yield final_views(models, record, event, pipe, exact, len(timesteps))
+            yield on_own_thread(lambda event=event: final_views(models, record, event, pipe,
+                                                                exact, len(timesteps)))
 
 
 def final_views(models: Models, record: RunRecord, finished: Finished,
@@ -287,7 +290,6 @@ def build(models: Models, tab: gr.Tab) -> None:
     forward.build(models, exact)
     unet_inside.build(models, record, exact, shown.follow["scrubber"])
     stops = Stops()
-    max_age = settings.output_max_age
 
     def show_for(preview: str, request: GenerationRequest, is_exact: bool) -> Preview:
         return previewer(models, preview, request, is_exact)
@@ -342,7 +344,7 @@ def build(models: Models, tab: gr.Tab) -> None:
             exact, preview = values[11:13]
             answers = example_runs.answers(models, parsed, bool(exact), preview, stop, generate,
                                            show_for, multiple)
-        for answer in send(max_age, answers, out | {"record": record}):
+        for answer in send(answers, out | {"record": record}):
             yield {component: answer.get(component) for component in outputs}
 
     def request_stop(request: gr.Request) -> str:
@@ -354,7 +356,7 @@ def build(models: Models, tab: gr.Tab) -> None:
         """The example run kept on disk, for a visitor who has none of their own."""
         answers = first.views(run_record)
         sent = False
-        for answer in send(max_age, answers, out | {"record": record}):
+        for answer in send(answers, out | {"record": record}):
             sent = True
             yield answer
         if not sent:  # the visitor's own run stays as it is

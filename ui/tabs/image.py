@@ -32,7 +32,15 @@ from ui.encoding import (
 )
 from ui.models import Models
 from ui.sections import latent_lab
-from ui.shared import REFUSED, PictureFiles, failure, mode_note, output_path, random_banner
+from ui.shared import (
+    REFUSED,
+    PictureFiles,
+    failure,
+    mode_note,
+    on_own_thread,
+    output_path,
+    random_banner,
+)
 from viz import export, latents, metrics, pixels, upload
 
 TITLE = "Image → latent → image"
@@ -54,7 +62,7 @@ def encode_image(models: Models, path: str | None, choice: str, max_side: int, f
     try:
         loaded = upload.load_image_with_notes(path, MAX_PIXELS)  # notes: what was done to it
         image = loaded.image
-        vae = models.vae(choice, bool(exact))
+        vae = on_own_thread(lambda: models.vae(choice, bool(exact)))
     except REFUSED as exc:
         yield failure(OUTPUTS, "status", str(exc))
         return
@@ -63,7 +71,7 @@ def encode_image(models: Models, path: str | None, choice: str, max_side: int, f
     size_note = " ".join(filter(None, [loaded.note, size_note]))
     tiled = uses_tiles(fitted)
     start = time.perf_counter()
-    posterior = vae.encode(pixels.image_to_tensor(fitted), tiled=tiled)
+    posterior = on_own_thread(lambda: vae.encode(pixels.image_to_tensor(fitted), tiled=tiled))
     latent = choose_latent(posterior, latent_kind, seed)
     encode_s = time.perf_counter() - start
     latent_views = _latent_views(latent, posterior.std[0], fitted, size_note, space,
@@ -71,7 +79,7 @@ def encode_image(models: Models, path: str | None, choice: str, max_side: int, f
     yield latent_views | {"metrics": f"Encoded in {encode_s:.2f} s. Decoding..."}
 
     start = time.perf_counter()
-    decoded = vae.decode(latent[None], tiled=tiled)[0]
+    decoded = on_own_thread(lambda: vae.decode(latent[None], tiled=tiled)[0])
     reconstruction = pixels.tensor_to_image(decoded)
     decode_s = time.perf_counter() - start
     max_age = models.settings.output_max_age
@@ -190,16 +198,13 @@ def build(models: Models, tab: gr.Tab) -> None:
 
     def encode(image, vae, size, fit, latent_kind, seed, shared_colour_scale, exact, experiments,
                progress=gr.Progress(track_tqdm=True)):  # track_tqdm: Hub downloads show here
-        files = PictureFiles(settings.output_max_age)
-        try:
-            for views in encode_image(models, image, vae, size, fit, latent_kind, seed,
-                                      shared_colour_scale, exact):
-                answer = files.answer({out[name]: views.get(name) for name in OUTPUTS})
-                if "encoded" in views:
-                    answer[lab] = latent_lab.remember(experiments, views["encoded"])
-                yield answer
-        finally:  # Gradio asks for the next answer only after sending this one
-            files.remove()
+        files = PictureFiles()
+        for views in encode_image(models, image, vae, size, fit, latent_kind, seed,
+                                  shared_colour_scale, exact):
+            answer = files.answer({out[name]: views.get(name) for name in OUTPUTS})
+            if "encoded" in views:
+                answer[lab] = latent_lab.remember(experiments, views["encoded"])
+            yield answer
 
     inputs = [image_file, choice, max_side, fit, latent_kind, seed, shared_scale, exact, lab]
     outputs = [*(out[name] for name in OUTPUTS), lab]

@@ -24,6 +24,7 @@ from ui.shared import (
     in_parallel,
     is_download,
     literal,
+    on_own_thread,
     output_path,
     random_banner,
 )
@@ -46,10 +47,12 @@ KIND_COLOURS = {"BOS": "green", "EOS": "red", "padding": "gray", "token": "blue"
 
 @functools.lru_cache(maxsize=8)  # changing layer or head re-draws without re-encoding
 def run_text_encoder(models: Models, input_ids: tuple[int, ...]) -> sd_parts.CLIPTextOutput:
-    encoder = models.text_encoder()
-    with torch.inference_mode():
-        return encoder(torch.tensor([input_ids]), output_hidden_states=True,
-                       output_attentions=True)
+    def encode() -> sd_parts.CLIPTextOutput:
+        encoder = models.text_encoder()
+        with torch.inference_mode():
+            return encoder(torch.tensor([input_ids]), output_hidden_states=True,
+                           output_attentions=True)
+    return on_own_thread(encode)
 
 
 def token_views(prompt: str, read: Tokens) -> dict[str, object]:
@@ -186,15 +189,12 @@ def build(models: Models, tab: gr.Tab) -> None:
 
     def inspect_handler(prompt, layer, head, show_padding,
                         progress=gr.Progress(track_tqdm=True)):  # Hub downloads show here
-        files = PictureFiles(settings.output_max_age)
+        files = PictureFiles()
 
         def write(name: str, view: object) -> object:
             return files(view, is_download(out[name]))
-        try:
-            for views in inspect_prompt(models, prompt, layer, head, show_padding, write):
-                yield {out[name]: views.get(name) for name in OUTPUTS}
-        finally:  # Gradio asks for the next answer only after sending this one
-            files.remove()
+        for views in inspect_prompt(models, prompt, layer, head, show_padding, write):
+            yield {out[name]: views.get(name) for name in OUTPUTS}
 
     shown = gr.State(False)  # whether this visitor's page has shown a prompt yet
 
@@ -209,8 +209,7 @@ def build(models: Models, tab: gr.Tab) -> None:
 
     def attention_handler(prompt, layer, head, show_padding):
         views = update_attention(models, prompt, layer, head, show_padding)
-        yield from answer_once(settings.output_max_age,
-                               {out[name]: views.get(name) for name in ATTENTION_OUTPUTS})
+        yield from answer_once({out[name]: views.get(name) for name in ATTENTION_OUTPUTS})
 
     controls = [prompt, layer, head, padding]
     gr.on([inspect.click, prompt.submit], inspect_handler, controls,

@@ -20,7 +20,7 @@ import sd_parts
 from sd_parts.tokenizer import BOS_TOKEN, EOS_TOKEN, context_ids
 from ui.loading import ModelUnavailable
 from ui.models import Models
-from ui.shared import answer_once, failure, literal, random_banner
+from ui.shared import answer_once, failure, literal, on_own_thread, random_banner
 from viz import prompt_lab as lab
 from viz import tokens
 from viz.tokens import read_tokens
@@ -62,8 +62,10 @@ SKIP_NOTE = ("The web UIs' **CLIP skip 2** = diffusers' `clip_skip=1` = **one la
 
 @functools.lru_cache(maxsize=4)  # switching the padding toggle re-draws without re-encoding
 def run_encoder(models: Models, rows: tuple[tuple[int, ...], ...]) -> sd_parts.CLIPTextOutput:
-    with torch.inference_mode():
-        return models.text_encoder()(torch.tensor(rows), output_hidden_states=True)
+    def encode() -> sd_parts.CLIPTextOutput:
+        with torch.inference_mode():
+            return models.text_encoder()(torch.tensor(rows), output_hidden_states=True)
+    return on_own_thread(encode)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,8 +182,10 @@ def weighting_views(tokenizer: sd_parts.CLIPTokenizer, encoder: sd_parts.CLIPTex
     ids = context_ids(tokenizer.convert_tokens_to_ids(pieces), limit, tokenizer.bos_token_id,
                       tokenizer.eos_token_id, tokenizer.pad_token_id)
     position_weights = [1.0, *weights[:kept]] + [1.0] * (limit - 1 - kept)  # BOS, EOS, padding: 1
-    with torch.inference_mode():
-        context = encoder(torch.tensor([ids])).last_hidden_state
+    def encode() -> torch.Tensor:
+        with torch.inference_mode():
+            return encoder(torch.tensor([ids])).last_hidden_state
+    context = on_own_thread(encode)
     try:
         weighted = sd_parts.apply_weights(context, position_weights)
     except ValueError as exc:
@@ -254,7 +258,6 @@ def build(models: Models, tab: gr.Tab) -> None:
     """The tab's layout and events, inside an open ``gr.Blocks`` (in ``tab``, the page's tab
     that holds the lab, if there is one: opening it shows the first comparison)."""
     settings = models.settings
-    age = settings.output_max_age
     if settings.random:
         gr.Markdown(random_banner(settings.weights), elem_classes="banner")
     out: dict[str, gr.components.Component] = {}
@@ -340,7 +343,7 @@ def build(models: Models, tab: gr.Tab) -> None:
         return [out[name] for name in names]
 
     def answer(names: tuple[str, ...], views: dict[str, object]) -> Iterator[dict]:
-        return answer_once(age, {out[name]: views.get(name) for name in names})
+        return answer_once({out[name]: views.get(name) for name in names})
 
     def compare_handler(prompt_a, prompt_b, show_padding):
         views = compare_prompts(models, prompt_a, prompt_b, show_padding)
