@@ -7,10 +7,16 @@ order swapping each round, so a busy neighbour slows both alike; the ratio is th
 the rounds' ratios):
 
 - the pipeline's own run: ``StableDiffusionPipeline.__call__``, no trace; a callback only notes
-  the time of each step;
+  the time of each step. It runs on a thread of its own, as the tab's run does, and so are the
+  models built: the main thread never runs torch, so no second OpenMP team slows either
+  (``benchmarks/omp_teams.py``);
 - the tab's ``generate``, as the page runs it: the trace on, the views of every step drawn and
   each picture written as the PNG file Gradio is given, then the final views, the word maps and
   the downloads.
+
+Besides the whole runs' ratio it prints the median step of each run against the pipeline's (a
+busy neighbour's burst moves a median step less than a total) and the CPU time of every thread
+of the process, tab against pipeline.
 
 Targets: the tab adds at most 5% to the pipeline's time (the previews are a linear map of the
 latent to RGB, no VAE decode per step); the first preview (the start latent, shown before the
@@ -23,9 +29,13 @@ first UNet call) appears within one step time of the start.
 from __future__ import annotations
 
 import argparse
+import atexit
 import itertools
+import os
+import shutil
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -35,6 +45,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# the pictures written here go to a folder of this run, removed when it ends
+os.environ["GRADIO_TEMP_DIR"] = tempfile.mkdtemp(prefix="sd-parts-benchmark-")
+atexit.register(shutil.rmtree, os.environ["GRADIO_TEMP_DIR"], ignore_errors=True)
 
 from generation import cpu_name  # noqa: E402
 
@@ -94,7 +107,6 @@ def tab_run(models: Models, request: GenerationRequest, exact: bool
         last = views
     total, cpu = time.perf_counter() - start, time.process_time() - start_cpu
     views_cpu = time.thread_time() - start_views
-    files.remove()
     if last.get("final") is None:
         raise RuntimeError(f"the tab's run failed: {last.get('status')}")
     return Timing(total, cpu, marks), first, views_cpu

@@ -16,12 +16,15 @@ and these is Gradio's own work: its queue, copying each file into its cache, and
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import functools
 import io
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +36,9 @@ from PIL import Image, ImageFont
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# the pictures written here go to a folder of this run, removed when it ends
+os.environ["GRADIO_TEMP_DIR"] = tempfile.mkdtemp(prefix="sd-parts-benchmark-")
+atexit.register(shutil.rmtree, os.environ["GRADIO_TEMP_DIR"], ignore_errors=True)
 
 import sd_parts  # noqa: E402
 from benchmarks.unet import cpu_description  # noqa: E402
@@ -129,7 +135,6 @@ def report(title: str, model_ms: float, views: dict[str, Callable[[], object]], 
                 files._written.clear()  # every round writes the picture anew
                 files(value)
             written = median_ms(write, rounds)
-            files.remove()
             picture = as_image(value)
             timed = {name: (median_ms(run, rounds), run() // 1024)
                      for name, run in encodings(picture).items()}

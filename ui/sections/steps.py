@@ -201,5 +201,4 @@ class StepsSection:
     def follow_run(self, run_record: RunRecord | None):
         """After a run, or an example shown: the scrubber over its steps (see
         scrubber_after_run)."""
-        yield from send([scrubber_after_run(run_record)],
-                        self.follow)
+        yield from send([scrubber_after_run(run_record)], self.follow)

@@ -123,8 +123,7 @@ class UNetSection:
                 step: the step whose UNet evaluation to open, 1 to the run's steps.
                 exact: float32 numerics (else the fast dtype).
             """
-            yield from send([self.inside(run_record, step, exact)],
-                            out | {"slots": slots})
+            yield from send([self.inside(run_record, step, exact)], out | {"slots": slots})
 
         def unet_block(run_record, block, step, exact):
             """One block of the step's UNet call: its channels and their statistics.
@@ -137,9 +136,8 @@ class UNetSection:
             if not block and run_record is not None:
                 yield {c: gr.skip() for c in blk.values()}
                 return
-            # a generator: the picture files are removed once Gradio has sent them
             yield from send([self.answer(BLOCK, run_record, step, exact,
-                                                  lambda p: block_views(p, block))], blk)
+                                         lambda p: block_views(p, block))], blk)
 
         def self_attention(run_record, x, y, step, exact):
             """Where a position of the final image looks in every self-attention layer.
@@ -154,7 +152,7 @@ class UNetSection:
                 yield {sa["self_note"]: "Click a position of the image.", sa["self_maps"]: None}
                 return
             yield from send([self.answer(SELF, run_record, step, exact,
-                                                  lambda p: self_attention_views(p, x, y))], sa)
+                                         lambda p: self_attention_views(p, x, y))], sa)
 
         def cross_attention(run_record, word, layer, step, exact):
             """Where a word of the prompt is looked at, layer by layer, and one layer's heads.
