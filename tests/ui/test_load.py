@@ -72,18 +72,25 @@ class Visitor:
         self.prompt = f"a photo of a {WORDS[index]} on a table"
         self.attention_png: str | None = None  # the map of our prompt at layer 1, all heads
         self.done = Counter()
+        self.uploaded_again = 0  # uploads the cache cleaner removed before their turn
 
     def request(self, kind: str) -> None:
         getattr(self, kind)()
         self.done[kind] += 1
 
     def image_round_trip(self) -> None:
-        values = self.client.submit(handle_file(str(self.image)), TINY, 256, "crop", encoding.MEAN,
-                                    0, True, True, api_name="/encode_image"
-                                    ).result(REQUEST_TIMEOUT_S)
-        out = dict(zip(image.OUTPUTS, values, strict=True))
+        for attempt in range(2):
+            values = self.client.submit(handle_file(str(self.image)), TINY, 256, "crop",
+                                        encoding.MEAN, 0, True, True, api_name="/encode_image"
+                                        ).result(REQUEST_TIMEOUT_S)
+            out = dict(zip(image.OUTPUTS, values, strict=True))
+            # An upload that waited in the queue longer than this server's short cache age is
+            # gone by its turn; the tab says to upload it again, and a visitor does.
+            if out["size"] or "upload the image again" not in (out["status"] or "") or attempt:
+                break
+            self.uploaded_again += 1
         width, height = self.size
-        assert f"Kept {width}x{height}" in out["size"], (self.index, out["size"])
+        assert out["size"] and f"Kept {width}x{height}" in out["size"], (self.index, out["status"])
         original = self.http.get(out["original"]["url"])
         original.raise_for_status()
         seen = Image.open(io.BytesIO(original.content)).convert("RGB")
@@ -189,6 +196,7 @@ def test_many_clients_memory_and_disk(server, tmp_path):
             list(pool.map(Visitor.close, visitors))
     done = sum((v.done for v in visitors), Counter())
     figures["answered"] = dict(done)
+    figures["uploaded_again"] = sum(v.uploaded_again for v in visitors)
     figures["requests"] = sent
     figures["seconds_per_request"] = (figures["warm_up_s"] + figures["more_s"]) / sent
     growth = figures["rss_after_all_mb"] - figures["rss_after_warm_up_mb"]
