@@ -20,13 +20,10 @@ run (a run whose OpenMP workers sleep between regions has thousands).
 from __future__ import annotations
 
 import argparse
-import atexit
-import os
+import itertools
 import resource
-import shutil
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -36,21 +33,19 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-# the pictures written here go to a folder of this run, removed when it ends
-os.environ["GRADIO_TEMP_DIR"] = tempfile.mkdtemp(prefix="sd-parts-benchmark-")
-atexit.register(shutil.rmtree, os.environ["GRADIO_TEMP_DIR"], ignore_errors=True)
+
+# generate_tab gives this run its own Gradio folder as it is imported
+from generate_tab import PROMPT, pipeline_run, tab_run  # noqa: E402
 
 from benchmarks.unet import cpu_description  # noqa: E402
 from ui.models import Models, Settings  # noqa: E402
 from ui.runs import Stepped, run_in_background  # noqa: E402
-from ui.shared import PictureFiles, on_own_thread  # noqa: E402
+from ui.shared import on_own_thread  # noqa: E402
 from ui.tabs import generate  # noqa: E402
-
-PROMPT = "a photograph of an astronaut riding a horse"
 
 
 def intervals(marks: list[float]) -> list[float]:
-    return [b - a for a, b in zip(marks, marks[1:], strict=False)]
+    return [b - a for a, b in itertools.pairwise(marks)]
 
 
 def main() -> None:
@@ -64,37 +59,21 @@ def main() -> None:
     request = generate.parse_request(PROMPT, "", args.steps, 7.5, "pndm", False, 0, args.size,
                                      args.size, None, 0.8, 8)
 
-    def pipeline() -> list[float]:
-        marks: list[float] = []
-        on_own_thread(lambda: pipe(
-            request.prompt, "", request.num_inference_steps, request.guidance_scale,
-            request.height, request.width, torch.Generator().manual_seed(request.seed),
-            request.scheduler, callback=lambda *_: marks.append(time.perf_counter())))
-        return intervals(marks)
-
     def background(trace: bool) -> list[float]:
         marks = [time.perf_counter() for event in run_in_background(
             pipe, request, threading.Event(), None, trace=trace) if isinstance(event, Stepped)]
         return intervals(marks)
 
-    def tab() -> list[float]:
-        files, marks = PictureFiles(), []
-        for views in generate.generate(models, request, True, threading.Event()):
-            for name in generate.OUTPUTS:
-                files(views.get(name))
-            if views.get("x0_preview") is not None and views.get("final") is None:
-                marks.append(time.perf_counter())
-        return intervals(marks)
-
     ways: dict[str, Callable[[], list[float]]] = {
-        "the pipeline's own run": pipeline,
+        "the pipeline's own run": lambda: intervals(pipeline_run(models, request, True).marks),
         "in the background, as the tab runs it": lambda: background(False),
         "with the trace": lambda: background(True),
-        "the whole tab, every step's views written": tab,
+        "the whole tab, every step's views written":
+            lambda: intervals(tab_run(models, request, True)[0].marks),
     }
     print(f"{cpu_description()}; torch {torch.__version__}; float32; {args.size} px, "
           f"{args.steps} PNDM steps, guidance 7.5; {args.rounds} rounds")
-    pipeline()  # warm-up
+    ways["the pipeline's own run"]()  # warm-up
     steps: dict[str, list[float]] = {name: [] for name in ways}
     switches: dict[str, list[int]] = {name: [] for name in ways}
     for round_ in range(args.rounds):

@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
@@ -92,22 +91,8 @@ def on_own_thread(work: Callable[[], T]) -> T:
     the models run on threads of their own, which take their teams with them when they end.
     The context goes along: a Hub download's progress still reaches the visitor's page.
     """
-    context = contextvars.copy_context()
-    result: list[T] = []
-    failed: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            result.append(context.run(work))
-        except BaseException as exc:  # noqa: BLE001 - raised again on the caller's thread
-            failed.append(exc)
-
-    thread = threading.Thread(target=run, name="model", daemon=True)
-    thread.start()
-    thread.join()
-    if failed:
-        raise failed[0]
-    return result[0]
+    with ThreadPoolExecutor(1, thread_name_prefix="model") as thread:  # joined as it closes
+        return thread.submit(contextvars.copy_context().run, work).result()
 
 
 def in_parallel(jobs: Mapping[Hashable, Callable[[], object]],
